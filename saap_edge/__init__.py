@@ -1,0 +1,5 @@
+"""saap-edge: structurally-aware adaptive pruning of LLaMA-family models for edge devices."""
+
+__version__ = "0.1.0"
+
+from saap_edge.models import slim as _slim  # noqa: F401  registers the slim model with the Auto classes

@@ -1,0 +1,61 @@
+"""Checkpoint: the compressed model directory, written whole or not at all.
+
+Layout: config.json (per-layer lists) + model.safetensors + slim.py (for trust_remote_code)
++ tokenizer files + prune_plan.json + report.json + layers.png.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+from saap_edge.errors import UserError
+
+PLAN_FILE, REPORT_FILE, CHART_FILE = "prune_plan.json", "report.json", "layers.png"
+
+
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    """Refuse, before any work, an output directory that holds results or cannot be written."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a directory; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"--out {out} already holds results; pass --overwrite or choose another --out")
+    parent = out.resolve().parent
+    if not parent.exists():
+        raise UserError(f"--out {out}: the parent directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"--out {out}: cannot write in {parent}; choose a writable --out")
+
+
+@contextmanager
+def atomic_dir(out: Path, overwrite: bool):
+    """Yield a temporary sibling directory; on success it replaces `out`, on failure it goes."""
+    check_output_dir(out, overwrite)
+    out = out.resolve()
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=1, default=str) + "\n")
+
+
+def save_model(directory: Path, model, tokenizer) -> None:
+    """Weights as safetensors (no pickles), config with per-layer sizes, tokenizer files."""
+    model.save_pretrained(directory, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)

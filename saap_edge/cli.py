@@ -1,0 +1,128 @@
+"""The saap-edge command line: argv -> settings dataclasses -> stage functions.
+
+Each subcommand is an (add_arguments, run) pair in COMMANDS; adding one is one entry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from saap_edge.config import METHODS, PruneSettings, RunSettings
+from saap_edge.errors import UserError
+from saap_edge.models.load import DEFAULT_MODEL
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N (default: %(default)s)")
+    p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16 (default: %(default)s)")
+    p.add_argument("--data-dir", default=None, help="folder with local copies of named datasets (default: $SAAP_EDGE_DATA_DIR, else the hub)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _run_settings(a: argparse.Namespace) -> RunSettings:
+    return RunSettings(device=a.device, dtype=a.dtype, data_dir=a.data_dir, progress=not a.no_progress)
+
+
+def add_compress(p: argparse.ArgumentParser) -> None:
+    d = PruneSettings()
+    p.add_argument("--model", default=DEFAULT_MODEL, help="HF directory or hub id, LLaMA .gguf file, or alias (default: %(default)s)")
+    p.add_argument("--ratio", type=float, default=d.ratio, help="share of ALL parameters to remove (default: %(default)s)")
+    p.add_argument("--method", default=d.method, choices=METHODS, help="pruning method (default: %(default)s)")
+    p.add_argument("--calib", default=d.calib, help="calibration text: books, wikitext2, ptb, or a .txt file / folder (default: %(default)s)")
+    p.add_argument("--calib-samples", type=int, default=d.calib_samples, help="calibration samples (default: %(default)s)")
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per calibration sample (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the calibration draw and of random (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=Path("saap-out"), help="output directory (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    g = p.add_argument_group("SAAP settings")
+    g.add_argument("--fusion", default=d.fusion, help="adaptive (eq. 9, l^2 = mean), learned (l by gradient descent), sum, vector, element (default: %(default)s)")
+    g.add_argument("--fusion-scope", default=d.fusion_scope, help="global: fuse/standardise per module type over all layers; layer: per layer (default: %(default)s)")
+    g.add_argument("--weight-norm", default=d.weight_norm, help="||W||^2 of eq. 10 over the whole group, or out (output projection only) (default: %(default)s)")
+    g.add_argument("--direction", default=d.direction, help="high: prune the most volatile units first (paper); low: the least (default: %(default)s)")
+    g.add_argument("--no-stability", action="store_true", help="rank by mean fused importance instead of the fluctuation indicator (ablation)")
+    g.add_argument("--taylor", default=d.taylor, help="llm-pruner importance: vectorize or param_mix (default: %(default)s)")
+    g.add_argument("--keep-first", type=int, default=d.keep_first, help="first layers never pruned (default: %(default)s)")
+    g.add_argument("--keep-last", type=int, default=d.keep_last, help="last layers never pruned (default: %(default)s)")
+    g.add_argument("--align", type=int, default=d.align, help="kept MLP widths are multiples of this (default: %(default)s)")
+    e = p.add_argument_group("quick check")
+    e.add_argument("--eval-ppl", nargs="*", default=["wikitext2"], help="datasets scored before and after, 128-token windows (default: %(default)s; none to skip)")
+    e.add_argument("--eval-limit", type=int, default=64, help="windows per dataset for that check, 0 for all (default: %(default)s)")
+    _add_run_args(p)
+
+
+def run_compress(a: argparse.Namespace) -> int:
+    from saap_edge.compress import CompressJob, compress
+    from saap_edge.report import before_after_table
+
+    settings = PruneSettings(
+        method=a.method, ratio=a.ratio, calib=a.calib, calib_samples=a.calib_samples, seq_len=a.seq_len,
+        seed=a.seed, keep_first=a.keep_first, keep_last=a.keep_last, align=a.align, fusion=a.fusion,
+        fusion_scope=a.fusion_scope, weight_norm=a.weight_norm, direction=a.direction,
+        stability=not a.no_stability, taylor=a.taylor,
+    )
+    eval_ppl = [] if a.eval_ppl in ([], ["none"]) else a.eval_ppl
+    job = CompressJob(a.model, a.out, settings, _run_settings(a), a.overwrite, eval_ppl, a.eval_limit or None)
+    report = compress(job)
+    print(before_after_table(report))
+    print(f"saved the slim model, prune_plan.json, report.json and layers.png to {a.out}")
+    return 0
+
+
+def add_eval(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="saap-edge output directory, HF directory or hub id, .gguf file, or alias")
+    p.add_argument("--ppl", nargs="+", required=True, help="wikitext2, ptb, or a text file path (one or more)")
+    p.add_argument("--split", default="test", help="dataset split (default: %(default)s)")
+    p.add_argument("--window", type=int, default=128, help="tokens per non-overlapping window (default: %(default)s; e.g. 2048 for long context)")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N windows (default: all)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: %(default)s)")
+    p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    _add_run_args(p)
+
+
+def run_eval(a: argparse.Namespace) -> int:
+    from saap_edge.eval.ppl import evaluate_ppl
+    from saap_edge.models.load import load_model
+    from saap_edge.report import format_table
+
+    loaded = load_model(a.model, a.device, a.dtype)
+    results = evaluate_ppl(loaded.model, loaded.tokenizer, a.ppl, a.split, a.window, a.limit, a.data_dir)
+    rows = [[name, r["ppl"], r["windows"], r["window"], r["tokens_scored"]] for name, r in results.items()]
+    print(format_table(["dataset", "perplexity", "windows", "window", "tokens scored"], rows))
+    if a.json:
+        tmp = a.json.with_name(a.json.name + ".tmp")
+        tmp.write_text(json.dumps({"model": loaded.source, "split": a.split, "ppl": results}, indent=1) + "\n")
+        tmp.replace(a.json)
+    return 0
+
+
+COMMANDS = {
+    "compress": (add_compress, run_compress, "prune a LLaMA-family model with SAAP (or a baseline) into a slim model"),
+    "eval": (add_eval, run_eval, "perplexity of a model on WikiText-2, PTB or a text file"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="saap-edge", description="Compress LLaMA-family models for edge devices (SAAP).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (add, _, help_text) in COMMANDS.items():
+        add(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command][1](args)
+    except UserError as exc:
+        print(f"saap-edge {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"saap-edge {args.command}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

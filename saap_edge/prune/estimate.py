@@ -1,0 +1,169 @@
+"""Estimation: run the calibration samples through the model and collect per-unit statistics.
+
+Gradient statistics (Taylor scores) are taken one sample at a time. Each projection weight of
+a prunable layer carries a post-accumulate-grad hook that folds its gradient into per-unit
+sums (fp32) and frees it at once, so no full copy of the gradients is ever held: peak memory
+is the model, the activations of one sample and one parameter's gradient.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from saap_edge.errors import UserError
+from saap_edge.prune.groups import MEMBERS, OUTPUT_PROJ, LayerShape, decoder_layers, submodule, unit_reduce
+from saap_edge.prune.importance import Key, Scores
+
+
+@dataclass
+class TaylorStats:
+    """Per-sample Taylor sums. vector[k][d] is the signed sum of g*w (I_V is its magnitude);
+    element[k][d] the sum of |g*w - (g*w)^2/2|. param_mix[k] is LLM-Pruner's element-wise
+    score over the whole set (mean gradient, mean squared gradient), only when asked for."""
+
+    vector: Scores
+    element: Scores
+    param_mix: Scores = field(default_factory=dict)
+    losses: list[float] = field(default_factory=list)
+
+
+@contextmanager
+def _only_grads_for(model: nn.Module, params: list[nn.Parameter]):
+    """Gradients only for `params` during the block; the old flags come back afterwards."""
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in saved:
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+            p.grad = None
+
+
+def _members(model: nn.Module, shapes: list[LayerShape], layers: list[int]):
+    """(key, name, weight, axis, n_units) for every coupled projection of the given layers."""
+    blocks = decoder_layers(model)
+    for i in layers:
+        for kind, members in MEMBERS.items():
+            for path, axis, _ in members:
+                weight = submodule(blocks[i], path).weight
+                yield (i, kind), f"layer {i} {path}", weight, axis, shapes[i].n_units(kind)
+
+
+class _TaylorHooks:
+    """Folds each gradient into per-unit sums for sample `self.sample`, then frees it."""
+
+    def __init__(self, n_samples: int, with_mix: bool):
+        self.n_samples, self.with_mix, self.sample = n_samples, with_mix, 0
+        self.vector: Scores = {}
+        self.element: Scores = {}
+        self.grad_sum: dict[int, torch.Tensor] = {}
+        self.grad_sq: dict[int, torch.Tensor] = {}
+        self.bad: str | None = None
+
+    def make(self, key: Key, name: str, axis: str, n_units: int):
+        for store in (self.vector, self.element):
+            store.setdefault(key, torch.zeros(self.n_samples, n_units, dtype=torch.float32))
+
+        def hook(param: nn.Parameter) -> None:
+            grad = param.grad.float()
+            param.grad = None
+            if self.bad is None and not torch.isfinite(grad).all():
+                self.bad = name
+            gw = grad * param.detach().float()
+            self.vector[key][self.sample] += unit_reduce(gw, axis, n_units).cpu()
+            self.element[key][self.sample] += unit_reduce((gw - 0.5 * gw * gw).abs(), axis, n_units).cpu()
+            if self.with_mix:  # LLM-Pruner param_mix needs whole-set element-wise gradients
+                pid = id(param)
+                self.grad_sum[pid] = self.grad_sum.get(pid, 0) + grad
+                self.grad_sq[pid] = self.grad_sq.get(pid, 0) + grad * grad
+
+        return hook
+
+
+def _param_mix(model, shapes, layers, hooks: _TaylorHooks, n: int) -> Scores:
+    """LLM-Pruner's param_mix: sum |w * g_mean - w^2 * mean(g^2) / 2| over each unit's weights."""
+    scores: Scores = {}
+    for key, _, weight, axis, n_units in _members(model, shapes, layers):
+        w = weight.detach().float()
+        g_mean, g2_mean = hooks.grad_sum.pop(id(weight)) / n, hooks.grad_sq.pop(id(weight)) / n
+        salience = (w * g_mean - 0.5 * w * w * g2_mean).abs()
+        scores[key] = scores.get(key, 0) + unit_reduce(salience, axis, n_units).double().cpu()
+    return scores
+
+
+def collect_taylor(
+    model: nn.Module,
+    samples: torch.Tensor,
+    shapes: list[LayerShape],
+    layers: list[int],
+    with_param_mix: bool = False,
+    progress: bool = True,
+) -> TaylorStats:
+    """Forward + backward each calibration sample [D, T] and gather per-unit Taylor sums."""
+    device = next(model.parameters()).device
+    hooks = _TaylorHooks(samples.shape[0], with_param_mix)
+    members = list(_members(model, shapes, layers))
+    handles = []
+    losses = []
+    with _only_grads_for(model, [m[2] for m in members]):
+        try:
+            for key, name, weight, axis, n_units in members:
+                handles.append(weight.register_post_accumulate_grad_hook(hooks.make(key, name, axis, n_units)))
+            for d in tqdm(range(samples.shape[0]), desc="importance", disable=not progress):
+                hooks.sample = d
+                ids = samples[d : d + 1].to(device)
+                loss = model(input_ids=ids, labels=ids).loss
+                if not torch.isfinite(loss):
+                    raise UserError(f"loss is {loss.item()} on calibration sample {d}: the model or its dtype overflows; try --dtype float32")
+                loss.backward()
+                losses.append(loss.item())
+                if hooks.bad:
+                    raise UserError(f"NaN or inf in the gradients of {hooks.bad} (sample {d}); try --dtype float32 or other calibration text")
+        finally:
+            for h in handles:
+                h.remove()
+    mix = _param_mix(model, shapes, layers, hooks, samples.shape[0]) if with_param_mix else {}
+    return TaylorStats(hooks.vector, hooks.element, mix, losses)
+
+
+@torch.inference_mode()
+def collect_inputs(
+    model: nn.Module, samples: torch.Tensor, layers: list[int], progress: bool = True
+) -> dict[Key, tuple[torch.Tensor, torch.Tensor, int]]:
+    """Per input feature of each output projection (o_proj, down_proj): (sum x, sum x^2, tokens),
+    accumulated in float64 over all calibration tokens. FLAP and Wanda-sp read these."""
+    device = next(model.parameters()).device
+    stats: dict[Key, list] = {}
+    blocks = decoder_layers(model)
+
+    def make(key: Key):
+        def hook(module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            entry = stats.setdefault(key, [0, 0, 0])
+            entry[0] = entry[0] + x.sum(0).cpu()
+            entry[1] = entry[1] + (x * x).sum(0).cpu()
+            entry[2] += x.shape[0]
+
+        return hook
+
+    handles = [
+        submodule(blocks[i], OUTPUT_PROJ[kind]).register_forward_pre_hook(make((i, kind)))
+        for i in layers
+        for kind in OUTPUT_PROJ
+    ]
+    try:
+        for d in tqdm(range(samples.shape[0]), desc="activations", disable=not progress):
+            model(input_ids=samples[d : d + 1].to(device))
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: (v[0], v[1], v[2]) for k, v in stats.items()}

@@ -1,0 +1,128 @@
+"""Discovery: the coupled structures (units) of a LLaMA decoder layer that are pruned together.
+
+An attention unit is one KV group: KV head j, the query heads that read it, the matching
+rows of q/k/v_proj and the matching input columns of o_proj. transformers' `repeat_kv`
+expands KV head j to query heads j*n_rep ... (j+1)*n_rep-1, so query head h belongs to KV
+group h // n_rep and a group's q rows (and o_proj columns) are one contiguous block.
+With MHA (n_rep = 1) a unit is one head. An MLP unit is one intermediate channel: a row of
+gate_proj and up_proj and a column of down_proj. The hidden size is never pruned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+ATTN, MLP = "attn", "mlp"
+
+# Coupled projections of each unit kind: (module path in the decoder layer, axis that holds
+# the unit: "out" = weight rows, "in" = weight columns, which slice of the unit it holds).
+MEMBERS: dict[str, tuple[tuple[str, str, str], ...]] = {
+    ATTN: (
+        ("self_attn.q_proj", "out", "q"),
+        ("self_attn.k_proj", "out", "kv"),
+        ("self_attn.v_proj", "out", "kv"),
+        ("self_attn.o_proj", "in", "q"),
+    ),
+    MLP: (
+        ("mlp.gate_proj", "out", "ch"),
+        ("mlp.up_proj", "out", "ch"),
+        ("mlp.down_proj", "in", "ch"),
+    ),
+}
+# The projection whose input columns a unit owns (FLAP / Wanda-sp read their inputs).
+OUTPUT_PROJ = {ATTN: "self_attn.o_proj", MLP: "mlp.down_proj"}
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """Sizes of one decoder layer, read from its real weights."""
+
+    layer: int
+    n_heads: int
+    n_kv: int
+    head_dim: int
+    ffn: int
+    hidden: int
+
+    @property
+    def n_rep(self) -> int:
+        return self.n_heads // self.n_kv
+
+    def n_units(self, kind: str) -> int:
+        return self.n_kv if kind == ATTN else self.ffn
+
+    def unit_width(self, part: str) -> int:
+        """Rows/columns one unit owns in a member holding `part` ("q", "kv" or "ch")."""
+        return {"q": self.n_rep * self.head_dim, "kv": self.head_dim, "ch": 1}[part]
+
+
+def submodule(layer: nn.Module, path: str) -> nn.Linear:
+    module = layer
+    for name in path.split("."):
+        module = getattr(module, name)
+    return module
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a LLaMA causal LM (or of its base model)."""
+    base = getattr(model, "model", model)
+    return base.layers
+
+
+def layer_shape(layer: nn.Module, index: int, head_dim: int) -> LayerShape:
+    attn, mlp = layer.self_attn, layer.mlp
+    return LayerShape(
+        layer=index,
+        n_heads=attn.q_proj.weight.shape[0] // head_dim,
+        n_kv=attn.k_proj.weight.shape[0] // head_dim,
+        head_dim=head_dim,
+        ffn=mlp.gate_proj.weight.shape[0],
+        hidden=attn.q_proj.weight.shape[1],
+    )
+
+
+def model_head_dim(model: nn.Module) -> int:
+    config = model.config
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def discover(model: nn.Module) -> list[LayerShape]:
+    """The shape of every decoder layer of `model`, from the weights themselves."""
+    head_dim = model_head_dim(model)
+    return [layer_shape(layer, i, head_dim) for i, layer in enumerate(decoder_layers(model))]
+
+
+def unit_reduce(values: torch.Tensor, axis: str, n_units: int) -> torch.Tensor:
+    """Sum a per-weight tensor (out x in) into one value per unit (rows or columns in blocks)."""
+    per_line = values.sum(dim=1 if axis == "out" else 0)
+    return per_line.reshape(n_units, -1).sum(dim=1)
+
+
+def member_index(units: torch.Tensor, shape: LayerShape, part: str) -> torch.Tensor:
+    """Row (or column) indices of the given units inside a member holding `part`."""
+    width = shape.unit_width(part)
+    offsets = torch.arange(width)
+    return (units.long()[:, None] * width + offsets[None, :]).reshape(-1)
+
+
+def member_params(member: nn.Linear, axis: str, n_units: int) -> int:
+    """Parameters one unit owns in this member (weight lines plus bias entries)."""
+    rows, cols = member.weight.shape
+    per_unit = (cols * rows // n_units) if axis == "out" else (rows * cols // n_units)
+    if member.bias is not None and axis == "out":
+        per_unit += rows // n_units
+    return per_unit
+
+
+def unit_cost(layer: nn.Module, shape: LayerShape, kind: str) -> int:
+    """Parameters removed with one unit of `kind` from this layer, counted from real shapes."""
+    n = shape.n_units(kind)
+    return sum(member_params(submodule(layer, path), axis, n) for path, axis, _ in MEMBERS[kind])
+
+
+def total_params(model: nn.Module) -> int:
+    """Parameters of the model, tied weights counted once."""
+    return sum(p.numel() for p in model.parameters())

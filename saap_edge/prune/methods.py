@@ -1,0 +1,144 @@
+"""Methods: SAAP and the baselines, each turning calibration statistics into keep-scores.
+
+Every method returns a Ranking: keep-scores per (layer, kind) (higher = keep) and the
+allocation the search uses. Baselines follow their papers within this framework:
+- llm-pruner: Taylor importance summed over the coupled group (vectorize: |sum g*w| with the
+  whole-set mean gradient; param_mix: sum |g*w - w^2 E[g^2]/2|), uniform ratio per layer;
+- flap: fluctuation of each output projection's input feature (variance over tokens) times
+  the squared column norm, standardised per module type, one global ranking (no bias
+  compensation: LLaMA's o_proj / down_proj carry no bias to absorb it);
+- wanda-sp: sum over the unit's output-projection columns of |W| x ||x_j||, uniform;
+- magnitude: squared L2 norm of the unit's weights, uniform;
+- random: seeded uniform scores, uniform.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from saap_edge.config import PruneSettings
+from saap_edge.prune import importance as imp
+from saap_edge.prune.estimate import collect_inputs, collect_taylor
+from saap_edge.prune.groups import MEMBERS, OUTPUT_PROJ, LayerShape, decoder_layers, submodule, unit_reduce
+from saap_edge.prune.importance import Scores
+
+METHODS = ("saap", "llm-pruner", "flap", "wanda-sp", "magnitude", "random")
+
+
+class Statistics:
+    """Calibration statistics of one model and sample set, collected once on first use, so
+    that methods (and benchmark variants) sharing a statistic share its cost."""
+
+    def __init__(self, model: nn.Module, samples, shapes: list[LayerShape], layers: list[int], progress: bool = True):
+        self.model, self.samples, self.shapes, self.layers, self.progress = model, samples, shapes, layers, progress
+        self._taylor = None
+        self._inputs = None
+
+    def taylor(self, with_param_mix: bool = False):
+        if self._taylor is None or (with_param_mix and not self._taylor.param_mix):
+            self._taylor = collect_taylor(self.model, self.samples, self.shapes, self.layers, with_param_mix, self.progress)
+        return self._taylor
+
+    def inputs(self):
+        if self._inputs is None:
+            self._inputs = collect_inputs(self.model, self.samples, self.layers, self.progress)
+        return self._inputs
+
+
+@dataclass
+class Ranking:
+    keep: Scores
+    allocation: str  # "global" or "uniform"
+    details: dict
+
+
+def weight_norm2(model: nn.Module, shapes: list[LayerShape], layers: list[int], extent: str) -> Scores:
+    """||W_unit||^2 per unit: over every coupled weight ("group") or the output projection's
+    columns only ("out", FLAP's choice)."""
+    blocks = decoder_layers(model)
+    out: Scores = {}
+    for i in layers:
+        for kind, members in MEMBERS.items():
+            paths = [m for m in members if extent == "group" or m[0] == OUTPUT_PROJ[kind]]
+            total = 0
+            for path, axis, _ in paths:
+                w = submodule(blocks[i], path).weight.detach().double()
+                total = total + unit_reduce(w * w, axis, shapes[i].n_units(kind)).cpu()
+            out[(i, kind)] = total
+    return out
+
+
+def rank_saap(st: Statistics, s: PruneSettings) -> Ranking:
+    model, shapes, layers = st.model, st.shapes, st.layers
+    stats = st.taylor()
+    iv = {k: v.abs() for k, v in stats.vector.items()}
+    fused = imp.fuse(iv, stats.element, s.fusion, s.fusion_scope)
+    if s.stability:
+        norms = weight_norm2(model, shapes, layers, s.weight_norm)
+        m = {k: imp.fluctuation(v, norms[k]) for k, v in fused.items()}
+        z = imp.standardize(m, s.fusion_scope)
+        keep = {k: -v if s.direction == "high" else v for k, v in z.items()}
+    else:  # ablation: rank by mean fused importance, no stability indicator
+        keep = imp.standardize({k: v.mean(0) for k, v in fused.items()}, s.fusion_scope)
+    return Ranking(keep, "global", {"calib_loss": sum(stats.losses) / len(stats.losses)})
+
+
+def rank_llm_pruner(st: Statistics, s: PruneSettings) -> Ranking:
+    mix = s.taylor == "param_mix"
+    stats = st.taylor(with_param_mix=mix)
+    if mix:
+        keep = stats.param_mix
+    else:  # |sum over the group of w * mean-gradient| = |mean over samples of the signed sums|
+        keep = {k: v.double().mean(0).abs() for k, v in stats.vector.items()}
+    return Ranking(keep, "uniform", {"calib_loss": sum(stats.losses) / len(stats.losses)})
+
+
+def _output_columns(st: Statistics, feature) -> Scores:
+    """Per-unit sum over the output projection's columns of feature(W, x-stats) (per column)."""
+    blocks, shapes, inputs = decoder_layers(st.model), st.shapes, st.inputs()
+    out: Scores = {}
+    for i in st.layers:
+        for kind, path in OUTPUT_PROJ.items():
+            w = submodule(blocks[i], path).weight.detach().double().cpu()
+            per_column = feature(w, *inputs[(i, kind)])
+            out[(i, kind)] = per_column.reshape(shapes[i].n_units(kind), -1).sum(1)
+    return out
+
+
+def rank_flap(st: Statistics, s: PruneSettings) -> Ranking:
+
+    def fluct(w, x_sum, x_sq, n):
+        variance = (x_sq - x_sum * x_sum / n) / max(n - 1, 1)
+        return variance * (w * w).sum(0)
+
+    keep = imp.standardize(_output_columns(st, fluct), "global")
+    return Ranking(keep, "global", {})
+
+
+def rank_wanda_sp(st: Statistics, s: PruneSettings) -> Ranking:
+    keep = _output_columns(st, lambda w, x_sum, x_sq, n: w.abs().sum(0) * x_sq.sqrt())
+    return Ranking(keep, "uniform", {})
+
+
+def rank_magnitude(st: Statistics, s: PruneSettings) -> Ranking:
+    return Ranking(weight_norm2(st.model, st.shapes, st.layers, "group"), "uniform", {})
+
+
+def rank_random(st: Statistics, s: PruneSettings) -> Ranking:
+    gen = torch.Generator().manual_seed(s.seed)
+    keep = {(i, k): torch.rand(st.shapes[i].n_units(k), generator=gen, dtype=torch.float64) for i in st.layers for k in MEMBERS}
+    return Ranking(keep, "uniform", {})
+
+
+RANKERS = {
+    "saap": rank_saap,
+    "llm-pruner": rank_llm_pruner,
+    "flap": rank_flap,
+    "wanda-sp": rank_wanda_sp,
+    "magnitude": rank_magnitude,
+    "random": rank_random,
+}
+NEEDS_CALIBRATION = {"saap", "llm-pruner", "flap", "wanda-sp"}

@@ -1,0 +1,163 @@
+"""Search: turn per-unit keep-scores into a PrunePlan that removes a share of TOTAL parameters.
+
+Keep-scores: higher means keep. Two allocations:
+- global: one ranking across every prunable layer; candidates are removed lowest score first,
+  each charged its real parameter cost, until the requested parameters are gone (SAAP, FLAP);
+- uniform: every prunable layer loses the same fraction of KV groups and of MLP channels,
+  the smallest fraction that reaches the target (LLM-Pruner, Wanda-sp, magnitude, random).
+Constraints the exporters need: each layer keeps >= 1 KV group and >= one alignment block of
+MLP channels, and MLP channels leave in alignment blocks so kept widths stay multiples of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from saap_edge.errors import UserError
+from saap_edge.prune.groups import ATTN, MLP, LayerShape
+from saap_edge.prune.importance import Scores
+from saap_edge.prune.plan import LayerPlan, PrunePlan
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """Units that leave together: one KV group, or one alignment block of MLP channels."""
+
+    layer: int
+    kind: str
+    units: tuple[int, ...]
+    cost: int
+    score: float
+    rank: int  # position in its layer's removal order (blocks must leave in this order)
+
+
+def _blocks(keep: torch.Tensor, align: int) -> list[tuple[tuple[int, ...], float]]:
+    """MLP channels, least important first, cut into removal blocks. A first block of
+    ffn % align channels makes the remaining width a multiple of align; the most important
+    block is never offered, so a layer keeps at least one."""
+    order = torch.argsort(keep.double(), stable=True).tolist()
+    sizes = ([len(order) % align] if len(order) % align else []) + [align] * (len(order) // align)
+    blocks, start = [], 0
+    for size in sizes[:-1]:
+        chunk = order[start : start + size]
+        blocks.append((tuple(chunk), float(keep[chunk].double().mean())))
+        start += size
+    return blocks
+
+
+def candidates(
+    keep: Scores, shapes: list[LayerShape], costs: dict[tuple[int, str], int], align: int
+) -> list[Candidate]:
+    """Every removable candidate of the prunable layers (the keys of `keep`)."""
+    out: list[Candidate] = []
+    for (layer, kind), scores in sorted(keep.items()):
+        unit_cost = costs[(layer, kind)]
+        if kind == ATTN:
+            order = torch.argsort(scores.double(), stable=True).tolist()[:-1]
+            groups = [((u,), float(scores[u])) for u in order]
+        else:
+            groups = _blocks(scores, align)
+        out += [Candidate(layer, kind, units, unit_cost * len(units), score, rank) for rank, (units, score) in enumerate(groups)]
+    return out
+
+
+def max_removable(cands: list[Candidate]) -> int:
+    return sum(c.cost for c in cands)
+
+
+def check_feasible(ratio: float, cands: list[Candidate], total_params: int) -> None:
+    limit = max_removable(cands) / total_params
+    if not 0 < ratio < limit:
+        raise UserError(
+            f"--ratio {ratio} is outside (0, {limit:.4f}): the prunable layers can give up at most "
+            f"{limit:.2%} of all parameters; lower --ratio or --keep-first/--keep-last"
+        )
+
+
+def search_global(cands: list[Candidate], target: int) -> list[Candidate]:
+    """Lowest keep-score first across all layers until `target` parameters are removed."""
+    chosen, removed = [], 0
+    for cand in sorted(cands, key=lambda c: (c.score, c.layer, c.kind, c.rank)):
+        if removed >= target:
+            break
+        chosen.append(cand)
+        removed += cand.cost
+    return chosen
+
+
+def _uniform_pick(cands: list[Candidate], fractions: dict[str, float], shapes: list[LayerShape]) -> list[Candidate]:
+    """Per layer and kind, the first candidates in removal order whose unit count comes
+    closest to fractions[kind] of the layer's units."""
+    by_layer: dict[tuple[int, str], list[Candidate]] = {}
+    for c in cands:
+        by_layer.setdefault((c.layer, c.kind), []).append(c)
+    chosen = []
+    for (layer, kind), group in by_layer.items():
+        want, taken = fractions[kind] * shapes[layer].n_units(kind), 0
+        for c in sorted(group, key=lambda c: c.rank):
+            if abs(taken + len(c.units) - want) >= abs(taken - want):
+                break
+            chosen.append(c)
+            taken += len(c.units)
+    return chosen
+
+
+def _cost(cands: list[Candidate]) -> int:
+    return sum(c.cost for c in cands)
+
+
+def search_uniform(cands: list[Candidate], target: int, shapes: list[LayerShape]) -> list[Candidate]:
+    """Every prunable layer loses the same fraction of its KV groups and of its MLP channels.
+
+    KV groups come in few units per layer, so their fraction takes a few values k / n_kv; for
+    each, bisection finds the smallest MLP fraction that reaches `target`, and the pair with
+    the two fractions closest together (then the smallest overshoot) wins."""
+    kv_counts = {shapes[c.layer].n_kv for c in cands if c.kind == ATTN} or {1}
+    levels = sorted({k / n for n in kv_counts for k in range(n)})
+    best = None
+    for f_attn in levels:
+        if _cost(_uniform_pick(cands, {ATTN: f_attn, MLP: 1.0}, shapes)) < target:
+            continue
+        lo, hi = 0.0, 1.0
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            hit = _cost(_uniform_pick(cands, {ATTN: f_attn, MLP: mid}, shapes)) >= target
+            lo, hi = (lo, mid) if hit else (mid, hi)
+        picked = _uniform_pick(cands, {ATTN: f_attn, MLP: hi}, shapes)
+        key = (abs(f_attn - hi), _cost(picked) - target)
+        if best is None or key < best[0]:
+            best = (key, picked)
+    return best[1]
+
+
+def build_plan(shapes: list[LayerShape], removed: list[Candidate]) -> PrunePlan:
+    plan = PrunePlan.keep_all(shapes)
+    gone: dict[tuple[int, str], set[int]] = {}
+    for c in removed:
+        gone.setdefault((c.layer, c.kind), set()).update(c.units)
+    for i, lp in enumerate(plan.layers):
+        lp.kv_groups = [u for u in lp.kv_groups if u not in gone.get((i, ATTN), set())]
+        lp.channels = [u for u in lp.channels if u not in gone.get((i, MLP), set())]
+    return plan
+
+
+def search(
+    keep: Scores,
+    shapes: list[LayerShape],
+    costs: dict[tuple[int, str], int],
+    total_params: int,
+    ratio: float,
+    allocation: str,
+    align: int,
+) -> PrunePlan:
+    """A plan removing at least `ratio` of `total_params` under the layer constraints."""
+    cands = candidates(keep, shapes, costs, align)
+    check_feasible(ratio, cands, total_params)
+    target = int(round(ratio * total_params))
+    if allocation == "global":
+        removed = search_global(cands, target)
+    else:
+        removed = search_uniform(cands, target, shapes)
+    return build_plan(shapes, removed)

@@ -1,0 +1,65 @@
+"""Human-facing output of compress: the before/after table and the per-layer chart."""
+
+from __future__ import annotations
+
+import resource
+from pathlib import Path
+
+import torch
+
+from saap_edge.prune.plan import PrunePlan
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak memory of this process: the CUDA allocator's peak, else the peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def format_table(headers: list[str], rows: list[list]) -> str:
+    """A Markdown table (also readable in a terminal)."""
+    cells = [[str(c) for c in headers]] + [[_fmt(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return "-" if value is None else str(value)
+
+
+def before_after_table(report: dict) -> str:
+    params = report["params"]
+    rows = [["parameters", params["before"], params["after"]]]
+    rows.append(["removed share", None, f"{params['removed_share']:.2%} (asked {report['settings']['ratio']:.0%})"])
+    for name, result in report.get("ppl", {}).items():
+        rows.append([f"PPL {name} ({result['after']['windows']} x {result['after']['window']} tok)", result["before"]["ppl"], result["after"]["ppl"]])
+    return format_table(["", "dense", report["settings"]["method"]], rows)
+
+
+def plot_layers(plan: PrunePlan, path: Path, title: str) -> None:
+    """Bars of query heads and MLP width per layer, dense vs kept."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = plan.summary_rows()
+    layers = [r[0] for r in rows]
+    fig, axes = plt.subplots(2, 1, figsize=(max(6, len(layers) * 0.3), 5), sharex=True)
+    for ax, (before, after, label) in zip(axes, ((1, 2, "query heads"), (3, 4, "MLP width"))):
+        ax.bar(layers, [r[before] for r in rows], color="#d0d0d0", label="dense")
+        ax.bar(layers, [r[after] for r in rows], color="#2f6db5", label="kept")
+        ax.set_ylabel(label)
+    axes[0].legend(loc="lower right", fontsize=8)
+    axes[0].set_title(title, fontsize=10)
+    axes[1].set_xlabel("decoder layer")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
