@@ -1,13 +1,55 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures: the offline data folder and tiny LLaMA models built in the test."""
 
 import os
 from pathlib import Path
 
 import pytest
+import torch
+
+DATA_DIR = Path(os.environ.get("SAAP_EDGE_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
 
 
 @pytest.fixture
 def data_dir() -> Path:
-    """The offline data folder: $SAAP_EDGE_DATA_DIR, else /work/shared/data next to the repo."""
-    env = os.environ.get("SAAP_EDGE_DATA_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+    """The offline data folder: $SAAP_EDGE_DATA_DIR, else ../shared/data beside the repo."""
+    return DATA_DIR
+
+
+def tiny_llama(n_heads=8, n_kv=4, layers=6, hidden=64, ffn=128, vocab=512, seed=0):
+    """A random LLaMA causal LM small enough for CPU unit tests (GQA when n_kv < n_heads)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+        num_attention_heads=n_heads, num_key_value_heads=n_kv, max_position_embeddings=256,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def book_text(chars: int = 60_000) -> str:
+    return (DATA_DIR / "text" / "books" / "botchan.txt").read_text(encoding="utf-8-sig")[:chars]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer (vocab 512) trained here on book text: no hub download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    tok.train_from_iterator([book_text()], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """An HF directory (safetensors + tokenizer) of a tiny GQA LLaMA, for CLI tests."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama().save_pretrained(path, safe_serialization=True)
+    tiny_tokenizer.save_pretrained(path)
+    return path

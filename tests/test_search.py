@@ -1,0 +1,86 @@
+"""Search: share of total parameters, layer constraints, ranking direction, determinism."""
+
+import pytest
+import torch
+
+from conftest import tiny_llama
+from saap_edge.config import PruneSettings
+from saap_edge.errors import UserError
+from saap_edge.prune import prune, unit_costs
+from saap_edge.prune.groups import ATTN, MLP, discover, total_params
+from saap_edge.prune.search import search
+
+
+def _scores(shapes, layers, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {(i, k): torch.rand(shapes[i].n_units(k), generator=g, dtype=torch.float64) for i in layers for k in (ATTN, MLP)}
+
+
+@pytest.mark.parametrize("allocation", ["global", "uniform"])
+@pytest.mark.parametrize("ratio", [0.1, 0.25, 0.35])
+def test_plan_reaches_ratio_under_constraints(allocation, ratio):
+    model = tiny_llama(n_heads=8, n_kv=4, layers=6, ffn=160)
+    shapes, layers = discover(model), [1, 2, 3, 4]
+    total = total_params(model)
+    costs = unit_costs(model, shapes, layers)
+    plan = search(_scores(shapes, layers), shapes, costs, total, ratio, allocation, align=32)
+    removed = sum(
+        (s.n_kv - len(lp.kv_groups)) * costs.get((i, ATTN), 0) + (s.ffn - len(lp.channels)) * costs.get((i, MLP), 0)
+        for i, (s, lp) in enumerate(zip(shapes, plan.layers))
+    )
+    assert removed >= ratio * total - 1
+    biggest_step = max(costs[(i, MLP)] * 32 for i in layers) + max(costs[(i, ATTN)] for i in layers)
+    if allocation == "global":
+        assert removed - ratio * total <= biggest_step
+    for i, lp in enumerate(plan.layers):
+        assert len(lp.kv_groups) >= 1 and len(lp.channels) >= 32 and len(lp.channels) % 32 == 0
+        if i not in layers:
+            assert len(lp.kv_groups) == 4 and len(lp.channels) == 160
+
+
+def test_global_search_removes_the_lowest_scores_first():
+    model = tiny_llama(layers=4)
+    shapes, layers = discover(model), [1, 2]
+    scores = _scores(shapes, layers)
+    scores[(2, ATTN)][:] = -1.0  # layer 2's KV groups are the least important
+    plan = search(scores, shapes, unit_costs(model, shapes, layers), total_params(model), 0.05, "global", 32)
+    assert len(plan.layers[2].kv_groups) < 4 and len(plan.layers[1].kv_groups) == 4
+
+
+def test_uniform_search_prunes_every_layer_alike():
+    model = tiny_llama(n_kv=4, layers=6, ffn=256)
+    shapes, layers = discover(model), [1, 2, 3, 4]
+    plan = search(_scores(shapes, layers), shapes, unit_costs(model, shapes, layers), total_params(model), 0.3, "uniform", 32)
+    assert len({(len(plan.layers[i].kv_groups), len(plan.layers[i].channels)) for i in layers}) == 1
+
+
+def test_infeasible_ratio_is_refused():
+    model = tiny_llama(layers=4)
+    shapes, layers = discover(model), [1, 2]
+    with pytest.raises(UserError, match="outside"):
+        search(_scores(shapes, layers), shapes, unit_costs(model, shapes, layers), total_params(model), 0.9, "global", 32)
+
+
+@pytest.mark.parametrize("method", ["saap", "llm-pruner", "flap", "wanda-sp", "magnitude", "random"])
+def test_plans_are_deterministic(method):
+    model = tiny_llama(layers=6, ffn=256)
+    samples = torch.randint(0, 512, (4, 16))
+    s = PruneSettings(method=method, ratio=0.25, keep_first=1, keep_last=1)
+    a, b = prune(model, samples, s, progress=False), prune(model, samples, s, progress=False)
+    assert a.plan.layers == b.plan.layers
+    assert a.plan.params["removed_share"] >= 0.25
+
+
+def test_saap_direction_setting_reverses_the_choice():
+    model = tiny_llama(layers=6, ffn=256)
+    samples = torch.randint(0, 512, (4, 16))
+    high = prune(model, samples, PruneSettings(ratio=0.1, keep_first=1, keep_last=1, direction="high"), progress=False)
+    low = prune(model, samples, PruneSettings(ratio=0.1, keep_first=1, keep_last=1, direction="low"), progress=False)
+    assert high.plan.layers != low.plan.layers
+
+
+def test_random_plan_depends_on_seed():
+    model = tiny_llama(layers=6, ffn=256)
+    a = prune(model, None, PruneSettings(method="random", ratio=0.3, keep_first=1, keep_last=1, seed=0), progress=False)
+    b = prune(model, None, PruneSettings(method="random", ratio=0.3, keep_first=1, keep_last=1, seed=1), progress=False)
+    assert a.plan.layers != b.plan.layers

@@ -1,0 +1,89 @@
+"""Slicing: keep-all changes nothing, slicing equals masking, slim models save and reload."""
+
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+from conftest import tiny_llama
+from saap_edge.prune.groups import discover
+from saap_edge.prune.plan import PrunePlan
+from saap_edge.prune.slicing import apply_plan, mask_units
+
+
+def _uneven_plan(model) -> PrunePlan:
+    plan = PrunePlan.keep_all(discover(model))
+    plan.layers[1].kv_groups = [1, 3]
+    plan.layers[1].channels = list(range(0, 128, 2))
+    plan.layers[2].kv_groups = [2]
+    plan.layers[3].channels = list(range(96))
+    return plan
+
+
+def test_keep_all_plan_changes_no_logits():
+    model = tiny_llama()
+    x = torch.randint(0, 512, (2, 20))
+    slim = apply_plan(model, PrunePlan.keep_all(discover(model)))
+    assert torch.equal(slim(x).logits, model(x).logits)
+
+
+def test_slicing_equals_masking_the_same_units():
+    model = tiny_llama()
+    x = torch.randint(0, 512, (2, 20))
+    plan = _uneven_plan(model)
+    slim = apply_plan(model, plan)
+    assert slim.config.num_attention_heads_per_layer == [8, 4, 2, 8, 8, 8]
+    assert slim.config.num_key_value_heads_per_layer == [4, 2, 1, 4, 4, 4]
+    assert slim.config.intermediate_size_per_layer == [128, 64, 128, 96, 128, 128]
+    mask_units(model, plan)
+    torch.testing.assert_close(slim(x).logits, model(x).logits, rtol=0, atol=1e-5)
+
+
+def test_generate_with_kv_cache_matches_full_forward():
+    model = tiny_llama()
+    slim = apply_plan(model, _uneven_plan(model))
+    x = torch.randint(3, 512, (1, 6))
+    out = slim.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=8, do_sample=False, pad_token_id=0)
+    # greedy with the cache == argmax of a full forward over the generated prefix at each step
+    for t in range(6, out.shape[1]):
+        assert slim(out[:, :t]).logits[0, -1].argmax().item() == out[0, t].item()
+
+
+def test_save_from_pretrained_in_fresh_process_gives_same_logits(tmp_path):
+    model = tiny_llama()
+    slim = apply_plan(model, _uneven_plan(model))
+    slim.save_pretrained(tmp_path, safe_serialization=True)
+    assert not list(tmp_path.glob("*.bin")) and (tmp_path / "model.safetensors").is_file()
+    x = torch.randint(0, 512, (1, 10))
+    torch.save(x, tmp_path / "x.pt")
+    torch.save(slim(x).logits.detach(), tmp_path / "ref.pt")
+    code = textwrap.dedent(f"""
+        import torch, saap_edge
+        from transformers import AutoModelForCausalLM
+        m = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r})
+        x = torch.load({str(tmp_path / 'x.pt')!r})
+        assert torch.equal(m(x).logits, torch.load({str(tmp_path / 'ref.pt')!r}))
+        assert m.config.intermediate_size_per_layer == [128, 64, 128, 96, 128, 128]
+        m.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=3, do_sample=False, pad_token_id=0)
+        # and without saap_edge's registration, through the copied modeling file
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+
+
+def test_remote_code_loading_without_saap_edge(tmp_path):
+    model = tiny_llama(layers=2)
+    plan = PrunePlan.keep_all(discover(model))
+    plan.layers[0].kv_groups = [0]
+    slim = apply_plan(model, plan)
+    slim.save_pretrained(tmp_path)
+    code = (
+        "import sys; sys.modules['saap_edge'] = None\n"  # importing saap_edge now fails
+        "from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, trust_remote_code=True)\n"
+        "print(m.config.num_key_value_heads_per_layer)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0 and "[1, 4]" in result.stdout, result.stderr[-2000:]
