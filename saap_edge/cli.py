@@ -88,7 +88,10 @@ def run_eval(a: argparse.Namespace) -> int:
     from saap_edge.report import format_table
 
     loaded = load_model(a.model, a.device, a.dtype)
-    results = evaluate_ppl(loaded.model, loaded.tokenizer, a.ppl, a.split, a.window, a.limit, a.data_dir)
+    results = evaluate_ppl(
+        loaded.model, loaded.tokenizer, a.ppl, a.split, a.window, a.limit, a.data_dir,
+        batch_size=a.batch_size, progress=not a.no_progress,
+    )
     rows = [[name, r["ppl"], r["windows"], r["window"], r["tokens_scored"]] for name, r in results.items()]
     print(format_table(["dataset", "perplexity", "windows", "window", "tokens scored"], rows))
     if a.json:
@@ -114,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # our own messages say what matters; keep HF's notices out
     try:
         return COMMANDS[args.command][1](args)
     except UserError as exc:

@@ -38,7 +38,10 @@ def versions() -> dict:
 
 
 def _quick_ppl(model, tokenizer, job: CompressJob, device) -> dict:
-    return evaluate_ppl(model, tokenizer, job.eval_ppl, window=128, limit=job.eval_limit, data_dir=job.run.data_dir, device=device)
+    return evaluate_ppl(
+        model, tokenizer, job.eval_ppl, window=128, limit=job.eval_limit, data_dir=job.run.data_dir,
+        device=device, progress=job.run.progress,
+    )
 
 
 def compress(job: CompressJob) -> dict:

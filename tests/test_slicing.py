@@ -4,6 +4,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 from conftest import tiny_llama
@@ -87,3 +88,17 @@ def test_remote_code_loading_without_saap_edge(tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0 and "[1, 4]" in result.stdout, result.stderr[-2000:]
+
+
+def test_plan_json_round_trip_and_checks(tmp_path):
+    from saap_edge.errors import UserError
+
+    model = tiny_llama()
+    plan = _uneven_plan(model)
+    plan.settings = {"method": "saap"}
+    plan.save(tmp_path / "plan.json")
+    again = PrunePlan.load(tmp_path / "plan.json")
+    assert again == plan
+    torch.testing.assert_close(apply_plan(model, again)(torch.arange(8)[None]).logits, apply_plan(model, plan)(torch.arange(8)[None]).logits)
+    with pytest.raises(UserError, match="different sizes"):
+        apply_plan(tiny_llama(n_kv=2), plan)

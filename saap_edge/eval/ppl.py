@@ -78,10 +78,12 @@ def evaluate_ppl(
     limit: int | None = None,
     data_dir: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
 ) -> dict[str, dict[str, float | int]]:
     """Perplexity on each source (dataset name or .txt path), keyed by the source as given."""
     return {
-        source: perplexity(model, tokenizer, load_text(source, split, data_dir),
-                           window=window, limit=limit, device=device)
+        source: perplexity(model, tokenizer, load_text(source, split, data_dir), window=window,
+                           limit=limit, batch_size=batch_size, device=device, progress=progress)
         for source in sources
     }

