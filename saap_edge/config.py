@@ -24,10 +24,11 @@ class PruneSettings:
     keep_last: int = 1  # last decoder layers never pruned
     align: int = 32  # kept MLP widths are multiples of this
     fusion: str = "adaptive"  # adaptive | learned | sum | vector | element (SAAP eq. 9 and ablations)
-    fusion_scope: str = "global"  # global: per module type over all layers; layer: per layer
+    fusion_scope: str = "global"  # all units | global: per module kind | layer: per layer and kind
+    indicator: str = "fluctuation"  # fluctuation (eq. 10) | bound (mean + std) | none (mean)
     weight_norm: str = "group"  # ||W||^2 in eq. 10 over the whole group, or "out" projection only
-    direction: str = "high"  # high: prune the most volatile units first (paper); low: least
-    stability: bool = True  # False ranks by mean fused importance (Table XI ablation)
+    direction: str = "high"  # fluctuation only. high: prune the most volatile first (paper); low
+    cost_exponent: float = 0.0  # rank by score / (unit parameter cost) ** this
     taylor: str = "param_mix"  # llm-pruner: vectorize | param_mix
     version: int = SETTINGS_VERSION
 
@@ -35,7 +36,8 @@ class PruneSettings:
         choices = {
             "method": METHODS,
             "fusion": ("adaptive", "learned", "sum", "vector", "element"),
-            "fusion_scope": ("global", "layer"),
+            "fusion_scope": ("all", "global", "layer"),
+            "indicator": ("fluctuation", "bound", "none"),
             "weight_norm": ("group", "out"),
             "direction": ("high", "low"),
             "taylor": ("vectorize", "param_mix"),
@@ -49,6 +51,8 @@ class PruneSettings:
             raise UserError("--calib-samples and --seq-len must be at least 2 (the fluctuation needs a variance)")
         if self.keep_first < 0 or self.keep_last < 0:
             raise UserError("--keep-first and --keep-last must be >= 0")
+        if not 0 <= self.cost_exponent <= 1:
+            raise UserError(f"--cost-exponent {self.cost_exponent} must be in [0, 1]")
         if self.align < 1:
             raise UserError("--align must be >= 1 (32 keeps int4 groups and GGUF blocks whole)")
         return self

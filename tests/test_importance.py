@@ -104,3 +104,35 @@ def test_collect_inputs_counts_every_token():
     assert n == 30
     torch.testing.assert_close(total, x.sum(0))
     torch.testing.assert_close(sq, (x * x).sum(0))
+
+
+@pytest.mark.gpu
+def test_cuda_bfloat16_estimation_agrees_with_cpu_float32():
+    """The hooks accumulate in fp32 on any device: bf16 on CUDA ranks like fp32 on CPU."""
+    model = tiny_llama(layers=3)
+    samples = torch.randint(0, 512, (4, 32))
+    cpu = collect_taylor(model, samples, discover(model), [1, 2], progress=False)
+    gpu_model = tiny_llama(layers=3).to("cuda", torch.bfloat16)
+    gpu = collect_taylor(gpu_model, samples, discover(gpu_model), [1, 2], progress=False)
+    for key in cpu.element:
+        a, b = cpu.element[key].sum(0), gpu.element[key].sum(0)
+        assert torch.corrcoef(torch.stack([a, b]))[0, 1] > 0.95
+
+
+def test_indicator_variants():
+    fused = torch.tensor([[1.0, 4.0], [3.0, 4.0]], dtype=torch.float64)
+    norms = torch.tensor([3.0, 5.0], dtype=torch.float64)
+    assert imp.indicator(fused, norms, "fluctuation").tolist() == pytest.approx([2.0 * 3.0, 0.0])
+    assert imp.indicator(fused, norms, "none").tolist() == pytest.approx([2.0, 4.0])
+    assert imp.indicator(fused, norms, "bound").tolist() == pytest.approx([2.0 + math.sqrt(2.0), 4.0])
+
+
+def test_scope_all_fuses_every_kind_with_one_pair_of_scales():
+    iv = {(0, "attn"): torch.tensor([[2.0]]), (0, "mlp"): torch.tensor([[6.0]])}
+    ie = {(0, "attn"): torch.tensor([[1.0]]), (0, "mlp"): torch.tensor([[3.0]])}
+    fused = imp.fuse(iv, ie, "adaptive", "all")
+    l1, l2 = 4.0, 2.0
+    assert fused[(0, "attn")].item() == pytest.approx(2 / (2 * l1) + 1 / (2 * l2) + 0.5 * math.log(l1 * l2))
+    assert fused[(0, "mlp")].item() == pytest.approx(6 / (2 * l1) + 3 / (2 * l2) + 0.5 * math.log(l1 * l2))
+    z = imp.standardize({k: v[0] for k, v in fused.items()}, "all")
+    assert z[(0, "attn")].item() < z[(0, "mlp")].item()  # one scale: the order across kinds survives

@@ -6,8 +6,8 @@ import torch
 from conftest import tiny_llama
 from saap_edge.config import PruneSettings
 from saap_edge.errors import UserError
-from saap_edge.prune import prune, unit_costs
-from saap_edge.prune.groups import ATTN, MLP, discover, total_params
+from saap_edge.prune import prune
+from saap_edge.prune.groups import ATTN, MLP, discover, total_params, unit_costs
 from saap_edge.prune.search import search
 
 

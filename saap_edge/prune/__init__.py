@@ -9,7 +9,7 @@ from torch import nn
 
 from saap_edge.config import PruneSettings
 from saap_edge.errors import UserError
-from saap_edge.prune.groups import ATTN, MLP, LayerShape, decoder_layers, discover, total_params, unit_cost
+from saap_edge.prune.groups import ATTN, MLP, discover, total_params, unit_costs
 from saap_edge.prune.methods import RANKERS, Statistics
 from saap_edge.prune.plan import PrunePlan
 from saap_edge.prune.search import candidates, check_feasible, search
@@ -31,11 +31,6 @@ def prunable_layers(n_layers: int, s: PruneSettings) -> list[int]:
             f"--keep-last {s.keep_last} keep them all; lower those settings"
         )
     return layers
-
-
-def unit_costs(model: nn.Module, shapes: list[LayerShape], layers: list[int]) -> dict[tuple[int, str], int]:
-    blocks = decoder_layers(model)
-    return {(i, kind): unit_cost(blocks[i], shapes[i], kind) for i in layers for kind in (ATTN, MLP)}
 
 
 def check_ratio(model: nn.Module, s: PruneSettings) -> None:
@@ -61,7 +56,7 @@ def prune(
     shapes, layers = stats.shapes, stats.layers
     ranking = RANKERS[s.method](stats, s)
     before = total_params(model)
-    plan = search(ranking.keep, shapes, unit_costs(model, shapes, layers), before, s.ratio, ranking.allocation, s.align)
+    plan = search(ranking.keep, shapes, stats.costs, before, s.ratio, ranking.allocation, s.align)
     slim = apply_plan(model, plan)
     after = total_params(slim)
     plan.method, plan.ratio, plan.settings, plan.seed = s.method, s.ratio, s.to_dict(), s.seed

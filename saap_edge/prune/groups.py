@@ -123,6 +123,12 @@ def unit_cost(layer: nn.Module, shape: LayerShape, kind: str) -> int:
     return sum(member_params(submodule(layer, path), axis, n) for path, axis, _ in MEMBERS[kind])
 
 
+def unit_costs(model: nn.Module, shapes: list[LayerShape], layers: list[int]) -> dict[tuple[int, str], int]:
+    """Parameters one unit of each kind removes, per prunable layer."""
+    blocks = decoder_layers(model)
+    return {(i, kind): unit_cost(blocks[i], shapes[i], kind) for i in layers for kind in (ATTN, MLP)}
+
+
 def total_params(model: nn.Module) -> int:
     """Parameters of the model, tied weights counted once."""
     return sum(p.numel() for p in model.parameters())

@@ -20,12 +20,14 @@ Key = tuple[int, str]
 Scores = dict[Key, torch.Tensor]
 
 FUSIONS = ("adaptive", "learned", "sum", "vector", "element")
-SCOPES = ("global", "layer")
+SCOPES = ("all", "global", "layer")
+INDICATORS = ("fluctuation", "bound", "none")
 
 
 def scope_of(key: Key, scope: str) -> object:
-    """Keys that share a scope are fused / standardised together: per kind, or per layer+kind."""
-    return key[1] if scope == "global" else key
+    """Keys that share a scope are fused / standardised together: every unit ("all"), per
+    module kind over all layers ("global"), or per layer and kind ("layer")."""
+    return {"all": None, "global": key[1]}.get(scope, key)
 
 
 def _group_keys(keys, scope: str) -> dict[object, list[Key]]:
@@ -85,6 +87,19 @@ def fluctuation(fused: torch.Tensor, weight_norm2: torch.Tensor) -> torch.Tensor
     if fused.shape[0] < 2:
         raise ValueError("the fluctuation indicator needs at least 2 calibration samples")
     return fused.var(dim=0, unbiased=True) * weight_norm2.double()
+
+
+def indicator(fused: torch.Tensor, weight_norm2: torch.Tensor, kind: str) -> torch.Tensor:
+    """One score per unit from its per-sample fused importance [D, U]:
+    fluctuation: eq. 10, M = var_d(I_ada) * ||W||^2;
+    bound: mean_d(I_ada) + std_d(I_ada), importance raised by its fluctuation, so a unit that
+           matters much on some samples is kept even when its mean is modest;
+    none: mean_d(I_ada), the ablation without the stability indicator."""
+    if kind == "fluctuation":
+        return fluctuation(fused, weight_norm2)
+    if kind == "bound":
+        return fused.mean(0) + fused.std(0, unbiased=True)
+    return fused.mean(0)
 
 
 def standardize(scores: Scores, scope: str = "global") -> Scores:

@@ -22,7 +22,7 @@ from torch import nn
 from saap_edge.config import PruneSettings
 from saap_edge.prune import importance as imp
 from saap_edge.prune.estimate import collect_inputs, collect_taylor
-from saap_edge.prune.groups import MEMBERS, OUTPUT_PROJ, LayerShape, decoder_layers, submodule, unit_reduce
+from saap_edge.prune.groups import MEMBERS, OUTPUT_PROJ, LayerShape, decoder_layers, submodule, unit_costs, unit_reduce
 from saap_edge.prune.importance import Scores
 
 METHODS = ("saap", "llm-pruner", "flap", "wanda-sp", "magnitude", "random")
@@ -34,6 +34,7 @@ class Statistics:
 
     def __init__(self, model: nn.Module, samples, shapes: list[LayerShape], layers: list[int], progress: bool = True):
         self.model, self.samples, self.shapes, self.layers, self.progress = model, samples, shapes, layers, progress
+        self.costs = unit_costs(model, shapes, layers)
         self._taylor = None
         self._inputs = None
 
@@ -72,17 +73,18 @@ def weight_norm2(model: nn.Module, shapes: list[LayerShape], layers: list[int], 
 
 
 def rank_saap(st: Statistics, s: PruneSettings) -> Ranking:
-    model, shapes, layers = st.model, st.shapes, st.layers
+    """SAAP: per-sample Taylor scores at two granularities, adaptive fusion (eq. 9), an
+    indicator over samples (eq. 10 or a variant), optional cost weighting, standardisation
+    (eq. 11) within the scope. Keep-score: higher keeps, except that `direction` high prunes
+    the most volatile units first under the fluctuation indicator (the paper's wording)."""
     stats = st.taylor()
     iv = {k: v.abs() for k, v in stats.vector.items()}
     fused = imp.fuse(iv, stats.element, s.fusion, s.fusion_scope)
-    if s.stability:
-        norms = weight_norm2(model, shapes, layers, s.weight_norm)
-        m = {k: imp.fluctuation(v, norms[k]) for k, v in fused.items()}
-        z = imp.standardize(m, s.fusion_scope)
-        keep = {k: -v if s.direction == "high" else v for k, v in z.items()}
-    else:  # ablation: rank by mean fused importance, no stability indicator
-        keep = imp.standardize({k: v.mean(0) for k, v in fused.items()}, s.fusion_scope)
+    norms = weight_norm2(st.model, st.shapes, st.layers, s.weight_norm)
+    raw = {k: imp.indicator(v, norms[k], s.indicator) / st.costs[k] ** s.cost_exponent for k, v in fused.items()}
+    z = imp.standardize(raw, s.fusion_scope)
+    flip = s.indicator == "fluctuation" and s.direction == "high"
+    keep = {k: -v if flip else v for k, v in z.items()}
     return Ranking(keep, "global", {"calib_loss": sum(stats.losses) / len(stats.losses)})
 
 
