@@ -32,8 +32,9 @@ from saap_edge.prune import prune, statistics  # noqa: E402
 from saap_edge.prune.groups import total_params  # noqa: E402
 from saap_edge.report import format_table  # noqa: E402
 
-# Baselines, then SAAP variants: direction x weight-norm extent x fusion scope, and the
-# fusion / stability ablations. (label, settings overrides, statistic it reads)
+# Baselines, then SAAP: the default and the variants the paper leaves open (fusion scope,
+# indicator, pruning direction, weight-norm extent, per-layer cap, cost weighting).
+# (label, settings overrides, statistic it reads)
 BASELINES = [
     ("llm-pruner (vectorize)", {"method": "llm-pruner", "taylor": "vectorize"}, "taylor"),
     ("llm-pruner (param_mix)", {"method": "llm-pruner", "taylor": "param_mix"}, "taylor"),
@@ -42,13 +43,17 @@ BASELINES = [
     ("magnitude", {"method": "magnitude"}, None),
     ("random", {"method": "random"}, None),
 ]
+PAPER = {"method": "saap", "fusion_scope": "global", "indicator": "fluctuation", "direction": "high", "layer_cap": 1.0}
 SAAP_VARIANTS = [
-    (f"saap dir={d} norm={n} scope={sc}", {"method": "saap", "direction": d, "weight_norm": n, "fusion_scope": sc}, "taylor")
-    for d in ("high", "low")
-    for n in ("group", "out")
-    for sc in ("global", "layer")
-] + [
-    ("saap no-stability (mean I_ada)", {"method": "saap", "stability": False}, "taylor"),
+    ("saap (default: scope all, bound, cap 0.8)", {"method": "saap"}, "taylor"),
+    ("saap paper-literal (scope global, fluctuation, prune high)", PAPER, "taylor"),
+    ("saap scope global, fluctuation, prune low", {**PAPER, "direction": "low"}, "taylor"),
+    ("saap scope global, fluctuation, prune low, norm out", {**PAPER, "direction": "low", "weight_norm": "out"}, "taylor"),
+    ("saap scope layer, fluctuation, prune low", {**PAPER, "direction": "low", "fusion_scope": "layer"}, "taylor"),
+    ("saap scope all, fluctuation, prune low, cap 0.8", {"method": "saap", "indicator": "fluctuation", "direction": "low"}, "taylor"),
+    ("saap scope all, no indicator (mean), cap 0.8", {"method": "saap", "indicator": "none"}, "taylor"),
+    ("saap scope all, bound, no cap", {"method": "saap", "layer_cap": 1.0}, "taylor"),
+    ("saap scope all, bound, cap 0.8, cost^1", {"method": "saap", "cost_exponent": 1.0}, "taylor"),
 ]
 
 

@@ -44,6 +44,7 @@ def add_compress(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cost-exponent", type=float, default=d.cost_exponent, help="rank by score / unit parameter cost ** this, in [0, 1] (default: %(default)s)")
     g.add_argument("--weight-norm", default=d.weight_norm, help="||W||^2 of eq. 10 over the whole group, or out (output projection only) (default: %(default)s)")
     g.add_argument("--direction", default=d.direction, help="with --indicator fluctuation: high prunes the most volatile units first (paper's wording), low the least (default: %(default)s)")
+    g.add_argument("--layer-cap", type=float, default=d.layer_cap, help="saap: most of a layer's KV groups / MLP channels one plan removes; raised only if --ratio needs it (default: %(default)s)")
     g.add_argument("--taylor", default=d.taylor, help="llm-pruner importance: vectorize or param_mix (default: %(default)s)")
     g.add_argument("--keep-first", type=int, default=d.keep_first, help="first layers never pruned (default: %(default)s)")
     g.add_argument("--keep-last", type=int, default=d.keep_last, help="last layers never pruned (default: %(default)s)")
@@ -62,7 +63,7 @@ def run_compress(a: argparse.Namespace) -> int:
         method=a.method, ratio=a.ratio, calib=a.calib, calib_samples=a.calib_samples, seq_len=a.seq_len,
         seed=a.seed, keep_first=a.keep_first, keep_last=a.keep_last, align=a.align, fusion=a.fusion,
         fusion_scope=a.fusion_scope, weight_norm=a.weight_norm, direction=a.direction,
-        indicator=a.indicator, cost_exponent=a.cost_exponent, taylor=a.taylor,
+        indicator=a.indicator, cost_exponent=a.cost_exponent, layer_cap=a.layer_cap, taylor=a.taylor,
     )
     eval_ppl = [] if a.eval_ppl in ([], ["none"]) else a.eval_ppl
     job = CompressJob(a.model, a.out, settings, _run_settings(a), a.overwrite, eval_ppl, a.eval_limit or None)

@@ -24,11 +24,12 @@ class PruneSettings:
     keep_last: int = 1  # last decoder layers never pruned
     align: int = 32  # kept MLP widths are multiples of this
     fusion: str = "adaptive"  # adaptive | learned | sum | vector | element (SAAP eq. 9 and ablations)
-    fusion_scope: str = "global"  # all units | global: per module kind | layer: per layer and kind
-    indicator: str = "fluctuation"  # fluctuation (eq. 10) | bound (mean + std) | none (mean)
+    fusion_scope: str = "all"  # all units | global: per module kind | layer: per layer and kind
+    indicator: str = "bound"  # fluctuation (eq. 10) | bound (mean + std) | none (mean)
     weight_norm: str = "group"  # ||W||^2 in eq. 10 over the whole group, or "out" projection only
     direction: str = "high"  # fluctuation only. high: prune the most volatile first (paper); low
     cost_exponent: float = 0.0  # rank by score / (unit parameter cost) ** this
+    layer_cap: float = 0.8  # saap: no layer loses more than this share of its KV groups / channels
     taylor: str = "param_mix"  # llm-pruner: vectorize | param_mix
     version: int = SETTINGS_VERSION
 
@@ -53,6 +54,8 @@ class PruneSettings:
             raise UserError("--keep-first and --keep-last must be >= 0")
         if not 0 <= self.cost_exponent <= 1:
             raise UserError(f"--cost-exponent {self.cost_exponent} must be in [0, 1]")
+        if not 0 < self.layer_cap <= 1:
+            raise UserError(f"--layer-cap {self.layer_cap} must be in (0, 1]")
         if self.align < 1:
             raise UserError("--align must be >= 1 (32 keeps int4 groups and GGUF blocks whole)")
         return self

@@ -38,6 +38,21 @@ def test_plan_reaches_ratio_under_constraints(allocation, ratio):
             assert len(lp.kv_groups) == 4 and len(lp.channels) == 160
 
 
+def test_layer_cap_bounds_each_layer_and_yields_when_the_ratio_needs_it():
+    model = tiny_llama(n_kv=4, layers=6, ffn=320)
+    shapes, layers = discover(model), [1, 2, 3, 4]
+    costs, total = unit_costs(model, shapes, layers), total_params(model)
+    scores = _scores(shapes, layers)
+    scores[(2, MLP)] -= 10.0  # layer 2's channels look least important by far
+    free = search(scores, shapes, costs, total, 0.15, "global", 32)
+    capped = search(scores, shapes, costs, total, 0.15, "global", 32, cap=0.5)
+    assert len(free.layers[2].channels) == 32  # uncapped, layer 2 is stripped to one block
+    assert all(len(lp.channels) >= 160 and len(lp.kv_groups) >= 2 for lp in capped.layers)
+    # a ratio the cap cannot reach still succeeds: the cap rises only as far as needed
+    high = search(scores, shapes, costs, total, 0.4, "global", 32, cap=0.5)
+    assert min(len(lp.channels) for lp in high.layers) < 160
+
+
 def test_global_search_removes_the_lowest_scores_first():
     model = tiny_llama(layers=4)
     shapes, layers = discover(model), [1, 2]
@@ -74,8 +89,9 @@ def test_plans_are_deterministic(method):
 def test_saap_direction_setting_reverses_the_choice():
     model = tiny_llama(layers=6, ffn=256)
     samples = torch.randint(0, 512, (4, 16))
-    high = prune(model, samples, PruneSettings(ratio=0.1, keep_first=1, keep_last=1, direction="high"), progress=False)
-    low = prune(model, samples, PruneSettings(ratio=0.1, keep_first=1, keep_last=1, direction="low"), progress=False)
+    paper = dict(ratio=0.1, keep_first=1, keep_last=1, indicator="fluctuation", fusion_scope="global")
+    high = prune(model, samples, PruneSettings(direction="high", **paper), progress=False)
+    low = prune(model, samples, PruneSettings(direction="low", **paper), progress=False)
     assert high.plan.layers != low.plan.layers
 
 

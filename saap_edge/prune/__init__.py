@@ -56,7 +56,7 @@ def prune(
     shapes, layers = stats.shapes, stats.layers
     ranking = RANKERS[s.method](stats, s)
     before = total_params(model)
-    plan = search(ranking.keep, shapes, stats.costs, before, s.ratio, ranking.allocation, s.align)
+    plan = search(ranking.keep, shapes, stats.costs, before, s.ratio, ranking.allocation, s.align, ranking.cap)
     slim = apply_plan(model, plan)
     after = total_params(slim)
     plan.method, plan.ratio, plan.settings, plan.seed = s.method, s.ratio, s.to_dict(), s.seed

@@ -54,6 +54,7 @@ class Ranking:
     keep: Scores
     allocation: str  # "global" or "uniform"
     details: dict
+    cap: float = 1.0  # global allocation: most of a layer's units (per kind) one plan may remove
 
 
 def weight_norm2(model: nn.Module, shapes: list[LayerShape], layers: list[int], extent: str) -> Scores:
@@ -85,7 +86,7 @@ def rank_saap(st: Statistics, s: PruneSettings) -> Ranking:
     z = imp.standardize(raw, s.fusion_scope)
     flip = s.indicator == "fluctuation" and s.direction == "high"
     keep = {k: -v if flip else v for k, v in z.items()}
-    return Ranking(keep, "global", {"calib_loss": sum(stats.losses) / len(stats.losses)})
+    return Ranking(keep, "global", {"calib_loss": sum(stats.losses) / len(stats.losses)}, cap=s.layer_cap)
 
 
 def rank_llm_pruner(st: Statistics, s: PruneSettings) -> Ranking:

@@ -76,10 +76,35 @@ def check_feasible(ratio: float, cands: list[Candidate], total_params: int) -> N
         )
 
 
-def search_global(cands: list[Candidate], target: int) -> list[Candidate]:
-    """Lowest keep-score first across all layers until `target` parameters are removed."""
+def _under_cap(cands: list[Candidate], cap: float, shapes: list[LayerShape]) -> list[Candidate]:
+    """Each layer's candidates, in removal order, while the units removed from that layer and
+    kind stay within `cap` of its units."""
+    by_layer: dict[tuple[int, str], list[Candidate]] = {}
+    for c in cands:
+        by_layer.setdefault((c.layer, c.kind), []).append(c)
+    allowed = []
+    for (layer, kind), group in by_layer.items():
+        limit, taken = cap * shapes[layer].n_units(kind), 0
+        for c in sorted(group, key=lambda c: c.rank):
+            if taken + len(c.units) > limit + 1e-9:
+                break
+            allowed.append(c)
+            taken += len(c.units)
+    return allowed
+
+
+def search_global(cands: list[Candidate], target: int, shapes: list[LayerShape], cap: float = 1.0) -> list[Candidate]:
+    """Lowest keep-score first across all layers until `target` parameters are removed.
+
+    No layer loses more than `cap` of its KV groups or of its MLP channels: first-order scores
+    ignore how removals in one layer compound, and without a cap a high ratio can strip whole
+    layers to the minimum. When the target cannot be reached under `cap`, the cap is raised
+    (in steps of 0.01) only as far as needed."""
+    while cap < 1.0 and max_removable(_under_cap(cands, cap, shapes)) < target:
+        cap = min(1.0, cap + 0.01)
+    pool = _under_cap(cands, cap, shapes) if cap < 1.0 else cands
     chosen, removed = [], 0
-    for cand in sorted(cands, key=lambda c: (c.score, c.layer, c.kind, c.rank)):
+    for cand in sorted(pool, key=lambda c: (c.score, c.layer, c.kind, c.rank)):
         if removed >= target:
             break
         chosen.append(cand)
@@ -153,13 +178,14 @@ def search(
     ratio: float,
     allocation: str,
     align: int,
+    cap: float = 1.0,
 ) -> PrunePlan:
     """A plan removing at least `ratio` of `total_params` under the layer constraints."""
     cands = candidates(keep, shapes, costs, align)
     check_feasible(ratio, cands, total_params)
     target = int(round(ratio * total_params))
     if allocation == "global":
-        removed = search_global(cands, target)
+        removed = search_global(cands, target, shapes, cap)
     else:
         removed = search_uniform(cands, target, shapes, slack=total_params // 100)
     return build_plan(shapes, removed)
