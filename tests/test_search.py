@@ -100,3 +100,20 @@ def test_random_plan_depends_on_seed():
     a = prune(model, None, PruneSettings(method="random", ratio=0.3, keep_first=1, keep_last=1, seed=0), progress=False)
     b = prune(model, None, PruneSettings(method="random", ratio=0.3, keep_first=1, keep_last=1, seed=1), progress=False)
     assert a.plan.layers != b.plan.layers
+
+
+def test_cost_exponent_weighs_units_by_their_parameter_cost():
+    from saap_edge.prune import statistics
+    from saap_edge.prune.methods import rank_saap
+
+    model = tiny_llama(n_heads=8, n_kv=8, layers=6, ffn=256)
+    st = statistics(model, torch.randint(0, 512, (4, 16)), PruneSettings(keep_first=1, keep_last=1), progress=False)
+    assert st.costs[(2, ATTN)] > 10 * st.costs[(2, MLP)]  # a head weighs more than ten channels
+
+    def channels_above_weakest_head(exponent):
+        keep = rank_saap(st, PruneSettings(cost_exponent=exponent)).keep
+        weakest = min(float(keep[(i, ATTN)].min()) for i in st.layers)
+        return sum(int((keep[(i, MLP)] > weakest).sum()) for i in st.layers)
+
+    # per parameter, heads look cheaper relative to channels than per unit
+    assert channels_above_weakest_head(1.0) > channels_above_weakest_head(0.0)

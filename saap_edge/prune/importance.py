@@ -62,8 +62,12 @@ def _flat(scores: Scores, keys: list[Key]) -> torch.Tensor:
     return torch.cat([scores[k].reshape(-1) for k in keys])
 
 
-def fuse(iv: Scores, ie: Scores, fusion: str = "adaptive", scope: str = "global") -> Scores:
-    """Per-sample fused importance [D, U] for every key (eq. 9 and the ablation variants)."""
+def fuse(iv: Scores, ie: Scores, fusion: str = "adaptive", scope: str = "global", log_term: bool = True) -> Scores:
+    """Per-sample fused importance [D, U] for every key (eq. 9 and the ablation variants).
+
+    eq. 9's log(l1 l2) is one constant per scope: it moves no unit against another in its
+    scope and is gone after standardisation (eq. 11). `log_term=False` leaves it out, which
+    matters only when scores are divided by unit costs (it would otherwise dominate)."""
     if fusion not in FUSIONS:
         raise ValueError(f"fusion {fusion!r} is not one of {FUSIONS}")
     if fusion == "vector":
@@ -78,7 +82,8 @@ def fuse(iv: Scores, ie: Scores, fusion: str = "adaptive", scope: str = "global"
         l1, l2 = estimate(_flat(iv, keys), _flat(ie, keys))
         l1, l2 = max(l1, 1e-30), max(l2, 1e-30)
         for k in keys:
-            fused[k] = iv[k].double() / (2 * l1) + ie[k].double() / (2 * l2) + 0.5 * math.log(l1 * l2)
+            constant = 0.5 * math.log(l1 * l2) if log_term else 0.0
+            fused[k] = iv[k].double() / (2 * l1) + ie[k].double() / (2 * l2) + constant
     return fused
 
 

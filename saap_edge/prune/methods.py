@@ -80,7 +80,7 @@ def rank_saap(st: Statistics, s: PruneSettings) -> Ranking:
     the most volatile units first under the fluctuation indicator (the paper's wording)."""
     stats = st.taylor()
     iv = {k: v.abs() for k, v in stats.vector.items()}
-    fused = imp.fuse(iv, stats.element, s.fusion, s.fusion_scope)
+    fused = imp.fuse(iv, stats.element, s.fusion, s.fusion_scope, log_term=False)
     norms = weight_norm2(st.model, st.shapes, st.layers, s.weight_norm)
     raw = {k: imp.indicator(v, norms[k], s.indicator) / st.costs[k] ** s.cost_exponent for k, v in fused.items()}
     z = imp.standardize(raw, s.fusion_scope)
