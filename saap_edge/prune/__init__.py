@@ -53,10 +53,9 @@ def prune(
     """Rank units with `s.method` on the calibration samples [D, T], search, slice.
     `stats` lets several calls on the same model and samples share one estimation."""
     stats = stats or statistics(model, samples, s, progress)
-    shapes, layers = stats.shapes, stats.layers
     ranking = RANKERS[s.method](stats, s)
     before = total_params(model)
-    plan = search(ranking.keep, shapes, stats.costs, before, s.ratio, ranking.allocation, s.align, ranking.cap)
+    plan = search(ranking.keep, stats.shapes, stats.costs, before, s.ratio, ranking.allocation, s.align, ranking.cap)
     slim = apply_plan(model, plan)
     after = total_params(slim)
     plan.method, plan.ratio, plan.settings, plan.seed = s.method, s.ratio, s.to_dict(), s.seed

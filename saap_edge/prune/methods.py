@@ -19,14 +19,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from saap_edge.config import PruneSettings
+from saap_edge.config import METHODS, PruneSettings
 from saap_edge.prune import importance as imp
 from saap_edge.prune.estimate import collect_inputs, collect_taylor
 from saap_edge.prune.groups import MEMBERS, OUTPUT_PROJ, LayerShape, decoder_layers, submodule, unit_costs, unit_reduce
 from saap_edge.prune.importance import Scores
-
-METHODS = ("saap", "llm-pruner", "flap", "wanda-sp", "magnitude", "random")
-
 
 class Statistics:
     """Calibration statistics of one model and sample set, collected once on first use, so
@@ -145,3 +142,4 @@ RANKERS = {
     "random": rank_random,
 }
 NEEDS_CALIBRATION = {"saap", "llm-pruner", "flap", "wanda-sp"}
+assert set(RANKERS) == set(METHODS), "config.METHODS and RANKERS must name the same methods"

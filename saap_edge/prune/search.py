@@ -18,7 +18,7 @@ import torch
 from saap_edge.errors import UserError
 from saap_edge.prune.groups import ATTN, MLP, LayerShape
 from saap_edge.prune.importance import Scores
-from saap_edge.prune.plan import LayerPlan, PrunePlan
+from saap_edge.prune.plan import PrunePlan
 
 
 @dataclass(frozen=True)
