@@ -76,16 +76,21 @@ def check_feasible(ratio: float, cands: list[Candidate], total_params: int) -> N
         )
 
 
+def _by_layer(cands: list[Candidate]) -> dict[tuple[int, str], list[Candidate]]:
+    """Candidates per (layer, kind), each list in removal order."""
+    groups: dict[tuple[int, str], list[Candidate]] = {}
+    for c in sorted(cands, key=lambda c: c.rank):
+        groups.setdefault((c.layer, c.kind), []).append(c)
+    return groups
+
+
 def _under_cap(cands: list[Candidate], cap: float, shapes: list[LayerShape]) -> list[Candidate]:
     """Each layer's candidates, in removal order, while the units removed from that layer and
     kind stay within `cap` of its units."""
-    by_layer: dict[tuple[int, str], list[Candidate]] = {}
-    for c in cands:
-        by_layer.setdefault((c.layer, c.kind), []).append(c)
     allowed = []
-    for (layer, kind), group in by_layer.items():
+    for (layer, kind), group in _by_layer(cands).items():
         limit, taken = cap * shapes[layer].n_units(kind), 0
-        for c in sorted(group, key=lambda c: c.rank):
+        for c in group:
             if taken + len(c.units) > limit + 1e-9:
                 break
             allowed.append(c)
@@ -115,13 +120,10 @@ def search_global(cands: list[Candidate], target: int, shapes: list[LayerShape],
 def _uniform_pick(cands: list[Candidate], fractions: dict[str, float], shapes: list[LayerShape]) -> list[Candidate]:
     """Per layer and kind, the first candidates in removal order whose unit count comes
     closest to fractions[kind] of the layer's units."""
-    by_layer: dict[tuple[int, str], list[Candidate]] = {}
-    for c in cands:
-        by_layer.setdefault((c.layer, c.kind), []).append(c)
     chosen = []
-    for (layer, kind), group in by_layer.items():
+    for (layer, kind), group in _by_layer(cands).items():
         want, taken = fractions[kind] * shapes[layer].n_units(kind), 0
-        for c in sorted(group, key=lambda c: c.rank):
+        for c in group:
             if abs(taken + len(c.units) - want) >= abs(taken - want):
                 break
             chosen.append(c)
