@@ -8,6 +8,9 @@ from saap_edge.errors import UserError
 
 SETTINGS_VERSION = 1
 METHODS = ("saap", "llm-pruner", "flap", "wanda-sp", "magnitude", "random")
+FUSIONS = ("adaptive", "learned", "sum", "vector", "element")
+SCOPES = ("all", "global", "layer")
+INDICATORS = ("fluctuation", "bound", "none")
 
 
 @dataclass
@@ -36,9 +39,9 @@ class PruneSettings:
     def validate(self) -> "PruneSettings":
         choices = {
             "method": METHODS,
-            "fusion": ("adaptive", "learned", "sum", "vector", "element"),
-            "fusion_scope": ("all", "global", "layer"),
-            "indicator": ("fluctuation", "bound", "none"),
+            "fusion": FUSIONS,
+            "fusion_scope": SCOPES,
+            "indicator": INDICATORS,
             "weight_norm": ("group", "out"),
             "direction": ("high", "low"),
             "taylor": ("vectorize", "param_mix"),

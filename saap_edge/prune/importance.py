@@ -16,12 +16,11 @@ import math
 
 import torch
 
+from saap_edge.config import FUSIONS
+
 Key = tuple[int, str]
 Scores = dict[Key, torch.Tensor]
 
-FUSIONS = ("adaptive", "learned", "sum", "vector", "element")
-SCOPES = ("all", "global", "layer")
-INDICATORS = ("fluctuation", "bound", "none")
 
 
 def scope_of(key: Key, scope: str) -> object:
@@ -94,15 +93,16 @@ def fluctuation(fused: torch.Tensor, weight_norm2: torch.Tensor) -> torch.Tensor
     return fused.var(dim=0, unbiased=True) * weight_norm2.double()
 
 
-def indicator(fused: torch.Tensor, weight_norm2: torch.Tensor, kind: str) -> torch.Tensor:
+def indicator(fused: torch.Tensor, weight_norm2: torch.Tensor | None, name: str) -> torch.Tensor:
     """One score per unit from its per-sample fused importance [D, U]:
     fluctuation: eq. 10, M = var_d(I_ada) * ||W||^2;
     bound: mean_d(I_ada) + std_d(I_ada), importance raised by its fluctuation, so a unit that
            matters much on some samples is kept even when its mean is modest;
-    none: mean_d(I_ada), the ablation without the stability indicator."""
-    if kind == "fluctuation":
+    none: mean_d(I_ada), the ablation without the stability indicator.
+    Only the fluctuation reads `weight_norm2`."""
+    if name == "fluctuation":
         return fluctuation(fused, weight_norm2)
-    if kind == "bound":
+    if name == "bound":
         return fused.mean(0) + fused.std(0, unbiased=True)
     return fused.mean(0)
 

@@ -78,8 +78,8 @@ def rank_saap(st: Statistics, s: PruneSettings) -> Ranking:
     stats = st.taylor()
     iv = {k: v.abs() for k, v in stats.vector.items()}
     fused = imp.fuse(iv, stats.element, s.fusion, s.fusion_scope, log_term=False)
-    norms = weight_norm2(st.model, st.shapes, st.layers, s.weight_norm)
-    raw = {k: imp.indicator(v, norms[k], s.indicator) / st.costs[k] ** s.cost_exponent for k, v in fused.items()}
+    norms = weight_norm2(st.model, st.shapes, st.layers, s.weight_norm) if s.indicator == "fluctuation" else {}
+    raw = {k: imp.indicator(v, norms.get(k), s.indicator) / st.costs[k] ** s.cost_exponent for k, v in fused.items()}
     z = imp.standardize(raw, s.fusion_scope)
     flip = s.indicator == "fluctuation" and s.direction == "high"
     keep = {k: -v if flip else v for k, v in z.items()}

@@ -105,9 +105,10 @@ def search_global(cands: list[Candidate], target: int, shapes: list[LayerShape],
     ignore how removals in one layer compound, and without a cap a high ratio can strip whole
     layers to the minimum. When the target cannot be reached under `cap`, the cap is raised
     (in steps of 0.01) only as far as needed."""
-    while cap < 1.0 and max_removable(_under_cap(cands, cap, shapes)) < target:
+    pool = _under_cap(cands, cap, shapes)
+    while cap < 1.0 and max_removable(pool) < target:
         cap = min(1.0, cap + 0.01)
-    pool = _under_cap(cands, cap, shapes) if cap < 1.0 else cands
+        pool = _under_cap(cands, cap, shapes)
     chosen, removed = [], 0
     for cand in sorted(pool, key=lambda c: (c.score, c.layer, c.kind, c.rank)):
         if removed >= target:
