@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from saap_edge.config import METHODS, PruneSettings, RunSettings
+from saap_edge.config import CPU_RECOVER_STEPS, METHODS, RECOVERIES, PruneSettings, RecoverSettings, RunSettings
 from saap_edge.errors import UserError
 from saap_edge.models.load import DEFAULT_MODEL
 
@@ -24,6 +24,45 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 
 def _run_settings(a: argparse.Namespace) -> RunSettings:
     return RunSettings(device=a.device, dtype=a.dtype, data_dir=a.data_dir, progress=not a.no_progress)
+
+
+def _add_recover_args(p: argparse.ArgumentParser, in_compress: bool) -> None:
+    d = RecoverSettings()
+    g = p.add_argument_group("recovery (int4 groups + QA-LoRA)")
+    if in_compress:
+        g.add_argument("--no-recover", action="store_true", help="stop after pruning: keep the fp weights, no int4, no training")
+    g.add_argument("--recovery", default=d.recovery, choices=RECOVERIES,
+                   help="qalora: int4 groups + group-pooled LoRA merged into the offsets; lora: fp LoRA merged into fp weights; "
+                        "none: int4 round-to-nearest, no training (default: %(default)s)")
+    g.add_argument("--recover-data", default=d.data,
+                   help="books, wikitext2, ptb, a .txt file or folder, an Alpaca .json/.jsonl file, or a hub dataset such as "
+                        "yahma/alpaca-cleaned (default: %(default)s)")
+    g.add_argument("--recover-steps", type=int, default=None,
+                   help=f"optimizer steps (default: 2 epochs on a GPU as in the paper, {CPU_RECOVER_STEPS} on a CPU)")
+    g.add_argument("--epochs", type=float, default=None, help="passes over the recovery windows (instead of --recover-steps)")
+    g.add_argument("--rank", type=int, default=d.rank, help="LoRA rank (default: %(default)s)")
+    g.add_argument("--lora-alpha", type=float, default=d.alpha, help="LoRA alpha (default: %(default)s)")
+    g.add_argument("--lora-dropout", type=float, default=d.dropout, help="LoRA dropout (default: %(default)s)")
+    g.add_argument("--group-size", type=int, default=None, help="int4 group size G, a multiple of 32 (default: 128, 64 or 32, the largest dividing every projection)")
+    g.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate (default: %(default)s)")
+    g.add_argument("--warmup", type=float, default=d.warmup, help="share of steps warming up linearly, then linear decay (default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="windows per micro-batch (default: %(default)s)")
+    g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step (default: %(default)s)")
+    g.add_argument("--recover-seq-len", type=int, default=d.seq_len, help="tokens per training window (default: %(default)s)")
+    g.add_argument("--recover-seed", type=int, default=d.seed, help="seed of the data order, held-out pick and dropout (default: %(default)s)")
+    g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps into <out>.checkpoints (default: about ten per run)")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted run from <out>.checkpoints with the same settings")
+    g.add_argument("--keep-checkpoints", action="store_true", help="keep <out>.checkpoints (peft adapters, optimizer state) after success")
+
+
+def _recover_settings(a: argparse.Namespace) -> RecoverSettings | None:
+    if getattr(a, "no_recover", False):
+        return None
+    return RecoverSettings(
+        recovery=a.recovery, data=a.recover_data, steps=a.recover_steps, epochs=a.epochs, rank=a.rank,
+        alpha=a.lora_alpha, dropout=a.lora_dropout, group_size=a.group_size, lr=a.lr, warmup=a.warmup,
+        batch_size=a.batch_size, grad_accum=a.grad_accum, seq_len=a.recover_seq_len, seed=a.recover_seed,
+    )
 
 
 def add_compress(p: argparse.ArgumentParser) -> None:
@@ -52,6 +91,7 @@ def add_compress(p: argparse.ArgumentParser) -> None:
     e = p.add_argument_group("quick check")
     e.add_argument("--eval-ppl", nargs="*", default=["wikitext2"], help="datasets scored before and after, 128-token windows (default: %(default)s; none to skip)")
     e.add_argument("--eval-limit", type=int, default=64, help="windows per dataset for that check, 0 for all (default: %(default)s)")
+    _add_recover_args(p, in_compress=True)
     _add_run_args(p)
 
 
@@ -66,10 +106,42 @@ def run_compress(a: argparse.Namespace) -> int:
         indicator=a.indicator, cost_exponent=a.cost_exponent, layer_cap=a.layer_cap, taylor=a.taylor,
     )
     eval_ppl = [] if a.eval_ppl in ([], ["none"]) else a.eval_ppl
-    job = CompressJob(a.model, a.out, settings, _run_settings(a), a.overwrite, eval_ppl, a.eval_limit or None)
+    job = CompressJob(a.model, a.out, settings, _run_settings(a), a.overwrite, eval_ppl, a.eval_limit or None,
+                      recover=_recover_settings(a), resume=a.resume, save_every=a.save_every, keep_checkpoints=a.keep_checkpoints)
     report = compress(job)
     print(before_after_table(report))
-    print(f"saved the slim model, prune_plan.json, report.json and layers.png to {a.out}")
+    print(f"saved the {_model_kind(report)}, prune_plan.json, report.json and layers.png to {a.out}")
+    return 0
+
+
+def _model_kind(report: dict) -> str:
+    recovery = report.get("recovery")
+    if recovery and "group_size" in recovery:
+        return f"int4 model (G={recovery['group_size']}, {recovery['recovery']})"
+    return "slim model" + (f" ({recovery['recovery']})" if recovery else "")
+
+
+def add_recover(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a pruned saap-edge directory (or any LLaMA HF directory)")
+    p.add_argument("--out", type=Path, default=None, help="output directory (default: <model>-<recovery>)")
+    p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    p.add_argument("--eval-ppl", nargs="*", default=["wikitext2"], help="datasets scored before and after (default: %(default)s; none to skip)")
+    p.add_argument("--eval-limit", type=int, default=64, help="windows per dataset for that check, 0 for all (default: %(default)s)")
+    _add_recover_args(p, in_compress=False)
+    _add_run_args(p)
+
+
+def run_recover(a: argparse.Namespace) -> int:
+    from saap_edge.compress import RecoverJob, recover_dir
+    from saap_edge.report import before_after_table
+
+    out = a.out or Path(f"{a.model.rstrip('/')}-{a.recovery}")
+    eval_ppl = [] if a.eval_ppl in ([], ["none"]) else a.eval_ppl
+    job = RecoverJob(a.model, out, _recover_settings(a), _run_settings(a), a.overwrite, eval_ppl, a.eval_limit or None,
+                     resume=a.resume, save_every=a.save_every, keep_checkpoints=a.keep_checkpoints)
+    report = recover_dir(job)
+    print(before_after_table(report))
+    print(f"saved the {_model_kind(report)} and report.json to {out}")
     return 0
 
 
@@ -104,7 +176,8 @@ def run_eval(a: argparse.Namespace) -> int:
 
 
 COMMANDS = {
-    "compress": (add_compress, run_compress, "prune a LLaMA-family model with SAAP (or a baseline) into a slim model"),
+    "compress": (add_compress, run_compress, "prune a LLaMA-family model with SAAP (or a baseline), then recover it as an int4 model"),
+    "recover": (add_recover, run_recover, "int4 + QA-LoRA recovery of a pruned directory (the stage compress runs after pruning)"),
     "eval": (add_eval, run_eval, "perplexity of a model on WikiText-2, PTB or a text file"),
 }
 
@@ -128,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"saap-edge {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"saap-edge {args.command}: interrupted; nothing was written", file=sys.stderr)
+        print(f"saap-edge {args.command}: interrupted; nothing was written to the output (recovery checkpoints stay for --resume)", file=sys.stderr)
         return 130
 
 

@@ -1,7 +1,12 @@
-"""The compress stage: load -> calibrate -> prune -> (evaluate) -> save, atomically."""
+"""The compress stage: load -> calibrate -> prune -> recover -> (evaluate) -> save, atomically.
+
+With recovery on, the pruned model is first kept in `<out>.checkpoints/pruned/` beside the
+training checkpoints, so `--resume` after a crash skips pruning and continues training.
+"""
 
 from __future__ import annotations
 
+import json
 import platform
 import time
 from dataclasses import dataclass, field
@@ -11,12 +16,16 @@ import torch
 
 from saap_edge import __version__
 from saap_edge.checkpoint import CHART_FILE, PLAN_FILE, REPORT_FILE, atomic_dir, check_output_dir, save_model, write_json
-from saap_edge.config import PruneSettings, RunSettings
+from saap_edge.config import PruneSettings, RecoverSettings, RunSettings
+from saap_edge.errors import UserError
 from saap_edge.data import calibration_samples
 from saap_edge.eval.ppl import evaluate_ppl
 from saap_edge.models.load import load_model
 from saap_edge.prune import check_ratio, prune
 from saap_edge.prune.methods import NEEDS_CALIBRATION
+from saap_edge.prune.plan import PrunePlan
+from saap_edge.recover import RecoverRun, checkpoint_dir, clear_checkpoints, recover_model
+from saap_edge.quant.int4 import check_prunable_to_int4
 from saap_edge.report import peak_memory_mib, plot_layers
 
 
@@ -29,6 +38,10 @@ class CompressJob:
     overwrite: bool = False
     eval_ppl: list[str] = field(default_factory=list)  # datasets scored before and after
     eval_limit: int | None = 64  # windows per dataset for that quick check (None: all)
+    recover: RecoverSettings | None = field(default_factory=RecoverSettings)  # None: --no-recover
+    resume: bool = False  # continue an interrupted run from <out>.checkpoints
+    save_every: int = 0  # recovery checkpoint interval in steps (0: about ten over the run)
+    keep_checkpoints: bool = False  # keep <out>.checkpoints after success
 
 
 def versions() -> dict:
@@ -44,15 +57,15 @@ def _quick_ppl(model, tokenizer, job: CompressJob, device) -> dict:
     )
 
 
-def compress(job: CompressJob) -> dict:
-    """Run the whole stage; returns the report written to <out>/report.json."""
-    s = job.prune.validate()
-    check_output_dir(job.out, job.overwrite)
+def _prune_stage(job: CompressJob, s: PruneSettings) -> tuple:
+    """Load, calibrate, prune and score: (slim model, tokenizer, plan, report, device)."""
     t0 = time.perf_counter()
     loaded = load_model(job.model, job.run.device, job.run.dtype)
     model, tokenizer = loaded.model, loaded.tokenizer
     device = next(model.parameters()).device
     check_ratio(model, s)
+    if job.recover is not None and job.recover.recovery in ("qalora", "none"):
+        check_prunable_to_int4(model.config, s.align, job.recover.group_size)
     timings = {"load_s": time.perf_counter() - t0}
     samples, calib_hash = None, None
     if s.method in NEEDS_CALIBRATION:
@@ -72,15 +85,138 @@ def compress(job: CompressJob) -> dict:
         "params": plan.params,
         "per_layer": [dict(zip(("layer", "heads_before", "heads_after", "mlp_before", "mlp_after"), r)) for r in plan.summary_rows()],
         "ppl": {k: {"before": before[k], "after": after[k]} for k in after},
-        "time_s": {**timings, "total_s": time.perf_counter() - t0},
+        "time_s": {**timings, "prune_total_s": time.perf_counter() - t0},
         "peak_memory_mib": peak_memory_mib(device),
         "device": str(device),
         "details": result.details,
         "versions": plan.versions,
     }
+    return result.model, tokenizer, plan, report, device
+
+
+def _save(directory: Path, model, tokenizer, plan: PrunePlan, report: dict, title: str) -> None:
+    save_model(directory, model, tokenizer)
+    plan.save(directory / PLAN_FILE)
+    write_json(directory / REPORT_FILE, report)
+    plot_layers(plan, directory / CHART_FILE, title)
+
+
+def _resume_pruned(pruned_dir: Path, job: CompressJob, s: PruneSettings) -> tuple:
+    """The pruned model kept by an interrupted run, checked against the current settings."""
+    if not (pruned_dir / PLAN_FILE).exists():
+        raise UserError(f"--resume: no interrupted run to continue at {pruned_dir.parent}; run without --resume")
+    plan = PrunePlan.load(pruned_dir / PLAN_FILE)
+    diffs = [k for k, v in s.to_dict().items() if plan.settings.get(k) != v]
+    if diffs:
+        raise UserError(f"--resume: the interrupted run pruned with other settings ({', '.join(diffs)}); "
+                        "rerun with its settings or without --resume")
+    loaded = load_model(str(pruned_dir), job.run.device, job.run.dtype)
+    report = json.loads((pruned_dir / REPORT_FILE).read_text())
+    return loaded.model, loaded.tokenizer, plan, report, next(loaded.model.parameters()).device
+
+
+def compress(job: CompressJob) -> dict:
+    """Run the whole stage; returns the report written to <out>/report.json."""
+    s = job.prune.validate()
+    r = job.recover.validate() if job.recover is not None else None
+    check_output_dir(job.out, job.overwrite)
+    t0 = time.perf_counter()
+    trains = r is not None and r.recovery != "none"
+    ckpt = checkpoint_dir(job.out) if trains else None
+    pruned_dir = ckpt / "pruned" if ckpt else None
+    if job.resume:
+        if pruned_dir is None:
+            raise UserError("--resume continues an interrupted recovery; this run has none (--no-recover / --recovery none)")
+        model, tokenizer, plan, report, device = _resume_pruned(pruned_dir, job, s)
+    else:
+        model, tokenizer, plan, report, device = _prune_stage(job, s)
+        if pruned_dir is not None:  # a fresh run: earlier checkpoints no longer apply
+            clear_checkpoints(ckpt)
+            ckpt.mkdir(parents=True)
+            tmp = ckpt / ".pruned.tmp"
+            tmp.mkdir()
+            _save(tmp, model, tokenizer, plan, report, "pruned")
+            tmp.rename(pruned_dir)
+    title = f"{s.method} {plan.params['removed_share']:.1%} of {job.model}"
+    if r is not None:
+        run = RecoverRun(ckpt_dir=ckpt, save_every=job.save_every, resume=job.resume, progress=job.run.progress,
+                         data_dir=job.run.data_dir)
+        recovered = recover_model(model, tokenizer, r, run)
+        model = recovered.model
+        report["recovery"] = recovered.info
+        if job.eval_ppl:
+            for name, result in _quick_ppl(model, tokenizer, job, device).items():
+                report["ppl"][name]["recovered"] = result
+    report["time_s"]["total_s"] = time.perf_counter() - t0
+    report["peak_memory_mib"] = peak_memory_mib(device)
     with atomic_dir(job.out, job.overwrite) as tmp:
-        save_model(tmp, result.model, tokenizer)
-        plan.save(tmp / PLAN_FILE)
-        write_json(tmp / REPORT_FILE, report)
-        plot_layers(plan, tmp / CHART_FILE, f"{s.method} {plan.params['removed_share']:.1%} of {job.model}")
+        _save(tmp, model, tokenizer, plan, report, title)
+    if not job.keep_checkpoints:
+        clear_checkpoints(ckpt)
+    return report
+
+
+@dataclass
+class RecoverJob:
+    """`saap-edge recover DIR`: the recovery stage alone on a pruned (or any LLaMA) directory."""
+
+    source: str
+    out: Path
+    recover: RecoverSettings = field(default_factory=RecoverSettings)
+    run: RunSettings = field(default_factory=RunSettings)
+    overwrite: bool = False
+    eval_ppl: list[str] = field(default_factory=list)
+    eval_limit: int | None = 64
+    resume: bool = False
+    save_every: int = 0
+    keep_checkpoints: bool = False
+
+
+def recover_dir(job: RecoverJob) -> dict:
+    """Recover `job.source` into `job.out` (model, plan, report with a `recovery` section)."""
+    from saap_edge.prune.groups import discover, total_params
+
+    r = job.recover.validate()
+    check_output_dir(job.out, job.overwrite)
+    if Path(job.out).resolve() == Path(job.source).resolve():
+        raise UserError(f"--out {job.out} is the input directory; choose another --out")
+    t0 = time.perf_counter()
+    loaded = load_model(job.source, job.run.device, job.run.dtype)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    if getattr(model.config, "quantization", None):
+        raise UserError(f"{job.source} is already an int4 checkpoint; recover its pruned fp directory instead")
+    device = next(model.parameters()).device
+    source = Path(loaded.source["path"])
+    if source.is_dir() and (source / PLAN_FILE).exists():
+        plan = PrunePlan.load(source / PLAN_FILE)
+        report = json.loads((source / REPORT_FILE).read_text()) if (source / REPORT_FILE).exists() else {}
+    else:
+        plan = PrunePlan.keep_all(discover(model))
+        params = total_params(model)
+        plan.params = {"before": params, "after": params, "removed_share": 0.0}
+        report = {}
+    report.setdefault("model", loaded.source)
+    report.setdefault("params", plan.params)
+    report.setdefault("settings", {"method": plan.method or "none", "ratio": plan.ratio or 0.0})
+    report.setdefault("ppl", {})
+    report.setdefault("time_s", {})
+    before = _quick_ppl(model, tokenizer, job, device) if job.eval_ppl else {}
+    ckpt = checkpoint_dir(job.out) if r.recovery != "none" else None
+    if ckpt is not None and not job.resume:
+        clear_checkpoints(ckpt)
+    run = RecoverRun(ckpt_dir=ckpt, save_every=job.save_every, resume=job.resume, progress=job.run.progress,
+                     data_dir=job.run.data_dir)
+    recovered = recover_model(model, tokenizer, r, run)
+    report["recovery"] = recovered.info
+    for name, result in (_quick_ppl(recovered.model, tokenizer, job, device) if job.eval_ppl else {}).items():
+        # "before" (the dense model) is kept from the pruning report only if scored the same way
+        old = report["ppl"].get(name, {})
+        same = old.get("after", {}).get("windows") == before[name]["windows"] and old["after"].get("window") == before[name]["window"]
+        report["ppl"][name] = {"before": old["before"] if same else None, "after": before[name], "recovered": result}
+    report["time_s"]["recover_total_s"] = time.perf_counter() - t0
+    report["peak_memory_mib"] = peak_memory_mib(device)
+    with atomic_dir(job.out, job.overwrite) as tmp:
+        _save(tmp, recovered.model, tokenizer, plan, report, f"{report['settings']['method']} + {r.recovery}")
+    if not job.keep_checkpoints:
+        clear_checkpoints(ckpt)
     return report

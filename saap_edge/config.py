@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 from saap_edge.errors import UserError
 
@@ -80,3 +80,69 @@ class RunSettings:
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
     data_dir: str | None = None
     progress: bool = True
+
+
+RECOVERIES = ("qalora", "lora", "none")
+CPU_RECOVER_STEPS = 60  # CPU default: keeps `make demo` near ten minutes on 2 cores
+
+
+@dataclass
+class RecoverSettings:
+    """How recovery trains. `steps` / `epochs` None: device defaults (see `resolved`)."""
+
+    recovery: str = "qalora"  # qalora: int4 groups + group-pooled LoRA merged into offsets; lora: fp LoRA; none: int4 RTN
+    data: str = "books"  # named dataset, .txt file / folder, Alpaca .json / .jsonl, or hub dataset name
+    steps: int | None = None  # optimizer steps (wins over epochs)
+    epochs: float | None = None  # passes over the training windows
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    group_size: int | None = None  # int4 group size G; None: largest of 128 / 64 / 32 dividing every input dim
+    lr: float = 1e-4
+    warmup: float = 0.1  # share of the steps with a linear warm-up (then linear decay to 0)
+    weight_decay: float = 0.0
+    batch_size: int = 8  # windows per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    seq_len: int = 128
+    heldout: int = 16  # windows of the recovery text held out for perplexity
+    max_tokens: int | None = 2_000_000  # tokens of the recovery text used at most (None: all)
+    seed: int = 0
+    version: int = SETTINGS_VERSION
+
+    # Settings that decide the training result: a resumed run must match them all.
+    RESULT_FIELDS = ("recovery", "steps", "epochs", "rank", "alpha", "dropout", "group_size", "lr", "warmup",
+                     "weight_decay", "batch_size", "grad_accum", "seq_len", "heldout", "max_tokens", "seed")
+
+    def validate(self) -> "RecoverSettings":
+        if self.recovery not in RECOVERIES:
+            raise UserError(f"--recovery {self.recovery!r} is not one of {', '.join(RECOVERIES)}")
+        for name in ("rank", "batch_size", "grad_accum", "seq_len"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.steps is not None and self.steps < 0:
+            raise UserError(f"--recover-steps must be >= 0, got {self.steps}")
+        if self.epochs is not None and self.epochs <= 0:
+            raise UserError(f"--epochs must be > 0, got {self.epochs}")
+        if not 0 <= self.dropout < 1 or not 0 <= self.warmup < 1:
+            raise UserError("--lora-dropout and --warmup must be in [0, 1)")
+        if self.lr <= 0:
+            raise UserError(f"--lr must be > 0, got {self.lr}")
+        if self.group_size is not None and (self.group_size <= 0 or self.group_size % 32):
+            raise UserError(f"--group-size {self.group_size} must be a positive multiple of 32 (32, 64 or 128)")
+        return self
+
+    def resolved(self, device_type: str) -> "RecoverSettings":
+        """Fill the step budget: the paper's 2 epochs on a GPU; CPU_RECOVER_STEPS steps on a CPU."""
+        if self.steps is not None or self.epochs is not None:
+            return self
+        if device_type == "cuda":
+            return replace(self, epochs=2.0)
+        return replace(self, steps=CPU_RECOVER_STEPS)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RecoverSettings":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})

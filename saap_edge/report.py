@@ -38,9 +38,28 @@ def before_after_table(report: dict) -> str:
     params = report["params"]
     rows = [["parameters", params["before"], params["after"]]]
     rows.append(["removed share", None, f"{params['removed_share']:.2%} (asked {report['settings']['ratio']:.0%})"])
+    recovery = report.get("recovery")
     for name, result in report.get("ppl", {}).items():
-        rows.append([f"PPL {name} ({result['after']['windows']} x {result['after']['window']} tok)", result["before"]["ppl"], result["after"]["ppl"]])
-    return format_table(["", "dense", report["settings"]["method"]], rows)
+        dense = result["before"]["ppl"] if result.get("before") else None
+        row = [f"PPL {name} ({result['after']['windows']} x {result['after']['window']} tok)", dense, result["after"]["ppl"]]
+        if recovery:
+            row.append(result["recovered"]["ppl"] if "recovered" in result else None)
+        rows.append(row)
+    headers = ["", "dense", report["settings"]["method"]]
+    if recovery:
+        rows[0].append(rows[0][2])
+        rows[1].append(_recovery_label(recovery))
+        headers.append(f"+ {recovery['recovery']}" + (" int4" if "group_size" in recovery else ""))
+    return format_table(headers, rows)
+
+
+def _recovery_label(recovery: dict) -> str:
+    parts = []
+    if "group_size" in recovery:
+        parts.append(f"int4 G={recovery['group_size']}")
+    if recovery.get("steps"):
+        parts.append(f"{recovery['steps']} steps")
+    return ", ".join(parts) or "-"
 
 
 def plot_layers(plan: PrunePlan, path: Path, title: str) -> None:

@@ -22,13 +22,13 @@ import torch
 from saap_edge.cli import main
 
 EXPECTED_FILES = {
-    "config.json", "generation_config.json", "model.safetensors", "slim.py",
+    "config.json", "generation_config.json", "model.safetensors", "slim.py", "int4_linear.py",
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
     "prune_plan.json", "report.json", "layers.png",
 }
 # tiny_llama in conftest: 6 layers, hidden 64, 8 heads / 4 KV heads, MLP 128
 LAYERS, HIDDEN, N_HEADS, N_KV, FFN, ALIGN = 6, 64, 8, 4, 128, 32
-FAST = ["--no-progress", "--calib-samples", "8", "--eval-limit", "4"]
+FAST = ["--no-progress", "--calib-samples", "8", "--eval-limit", "4", "--no-recover"]  # recovery: test_recover.py
 VALID = ["--ratio", "0.3", "--keep-first", "1"]
 NO_EVAL = ["--eval-ppl"]  # empty list: skip the before/after perplexity check
 

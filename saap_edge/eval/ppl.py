@@ -54,10 +54,23 @@ def perplexity(
     float64. ``limit`` keeps only the first ``limit`` windows. Returns
     ``{"ppl", "nll" (mean per token), "windows", "tokens_scored", "window"}``.
     """
-    device = torch.device(device) if device is not None else _model_device(model)
     windows = _windows(tokenizer, text, window, limit)
+    return window_perplexity(model, windows, batch_size, device, progress)
+
+
+@torch.inference_mode()
+def window_perplexity(
+    model: torch.nn.Module,
+    windows: torch.Tensor,
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> dict[str, float | int]:
+    """Perplexity over token windows [N, T], each scored on its own (see `perplexity`)."""
+    device = torch.device(device) if device is not None else _model_device(model)
+    window = windows.shape[1]
     total_nll = torch.zeros((), dtype=torch.float64)
-    for start in tqdm(range(0, len(windows), batch_size), desc="ppl", disable=not progress):
+    for start in tqdm(range(0, len(windows), batch_size), desc="ppl", disable=not progress, leave=False):
         batch = windows[start : start + batch_size].to(device)
         logits = model(input_ids=batch).logits[:, :-1].float()
         logprobs = F.log_softmax(logits, dim=-1)

@@ -7,7 +7,8 @@ these classes through the Auto registration at the bottom.
 
 Per-layer sizes live in three config lists of length `num_hidden_layers`:
 `num_attention_heads_per_layer`, `num_key_value_heads_per_layer`,
-`intermediate_size_per_layer`. The scalar fields keep the dense model's values; `head_dim`
+`intermediate_size_per_layer`. With a `quantization` section the seven projections of each
+layer are Int4Linear (packed int4 codes, fp16 scales and offsets). The scalar fields keep the dense model's values; `head_dim`
 is always explicit because it can no longer be derived from hidden / heads.
 """
 
@@ -26,6 +27,8 @@ from transformers.models.llama.modeling_llama import (
     LlamaRotaryEmbedding,
 )
 
+from .int4_linear import replace_linears
+
 PER_LAYER_FIELDS = {
     "num_attention_heads_per_layer": "num_attention_heads",
     "num_key_value_heads_per_layer": "num_key_value_heads",
@@ -43,9 +46,13 @@ class SlimLlamaConfig(LlamaConfig):
         num_attention_heads_per_layer: list[int] | None = None,
         num_key_value_heads_per_layer: list[int] | None = None,
         intermediate_size_per_layer: list[int] | None = None,
+        quantization: dict | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        # int4 checkpoints: {"scheme", "bits": 4, "group_size", "modules", ...}; see int4_linear.py.
+        # (Not `quantization_config`, which would send transformers looking for a quantizer.)
+        self.quantization = quantization
         given = {
             "num_attention_heads_per_layer": num_attention_heads_per_layer,
             "num_key_value_heads_per_layer": num_key_value_heads_per_layer,
@@ -123,6 +130,8 @@ class SlimLlamaForCausalLM(LlamaForCausalLM):
         self.model = SlimLlamaModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.quantization:
+            replace_linears(self.model, config.quantization["group_size"], config.quantization["modules"])
         self.post_init()
 
 

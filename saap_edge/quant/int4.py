@@ -10,8 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from saap_edge.errors import UserError
+from saap_edge.models.int4_linear import QUANT_MODULES, QUANT_SCHEME, Int4Linear, dequantize, pack_nibbles, unpack_nibbles
+
+__all__ = [
+    "GROUP_SIZES", "Int4Groups", "Int4Linear", "choose_group_size", "check_group_size", "quantize_groups",
+    "pack_nibbles", "unpack_nibbles", "dequantize", "quantized_in_features", "quantize_model", "quantization_section",
+]
 
 GROUP_SIZES = (128, 64, 32)
 LEVELS = 15  # 4 bits: codes 0..15
@@ -28,10 +35,7 @@ class Int4Groups:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """a * q + b per weight, computed in float32 from the stored fp16 a and b."""
-        out, n_in = self.codes.shape
-        q = self.codes.reshape(out, n_in // self.group_size, self.group_size).float()
-        w = q * self.scales.float()[..., None] + self.offsets.float()[..., None]
-        return w.reshape(out, n_in).to(dtype)
+        return dequantize(self.codes, self.scales, self.offsets, dtype)
 
 
 def choose_group_size(in_features: dict[str, int], preferred: tuple[int, ...] = GROUP_SIZES) -> int:
@@ -71,15 +75,56 @@ def quantize_groups(weight: torch.Tensor, group_size: int) -> Int4Groups:
     return Int4Groups(q.to(torch.uint8).reshape(out, n_in), scales, offsets, group_size)
 
 
-def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """Two codes a byte along each row: element 2j in the low nibble, 2j + 1 in the high one."""
-    if codes.shape[-1] % 2:
-        raise ValueError("an even number of codes per row is needed to pack nibbles")
-    c = codes.to(torch.uint8)
-    return c[..., 0::2] | (c[..., 1::2] << 4)
+def quantized_in_features(model: nn.Module, modules=QUANT_MODULES) -> dict[str, int]:
+    """Input dimension of every projection that int4 quantization covers, by module name."""
+    return {name: m.in_features for name, m in model.named_modules()
+            if name.rsplit(".", 1)[-1] in modules and isinstance(m, (nn.Linear, Int4Linear))}
 
 
-def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of pack_nibbles."""
-    low, high = packed & 0x0F, packed >> 4
-    return torch.stack([low, high], dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+def quantization_section(group_size: int, modules=QUANT_MODULES) -> dict:
+    """The `quantization` entry of config.json for an int4 checkpoint."""
+    return {"scheme": QUANT_SCHEME, "bits": 4, "group_size": group_size, "modules": list(modules),
+            "symmetric": False, "storage": {"qweight": "uint8 [out, in/2], code 2j low nibble, 2j+1 high",
+                                            "scales": "float16 [out, in/G]", "offsets": "float16 [out, in/G]"},
+            "dequantize": "w = scales * code + offsets"}
+
+
+def quantize_model(model: nn.Module, group_size: int | None = None, modules=QUANT_MODULES) -> int:
+    """Replace the model's projections by round-to-nearest Int4Linear layers, in place.
+
+    `group_size` None picks the largest of 128/64/32 that divides every input dimension.
+    Records the `quantization` section in the model's config and returns the group size.
+    """
+    in_features = quantized_in_features(model, modules)
+    if not in_features:
+        raise UserError("the model has no q/k/v/o/gate/up/down projections to quantize")
+    group_size = choose_group_size(in_features) if group_size is None else group_size
+    check_group_size(group_size, in_features)
+    for name, parent in list(model.named_modules()):
+        for attr, child in list(parent.named_children()):
+            if attr in modules and isinstance(child, nn.Linear):
+                if child.bias is not None:
+                    raise UserError(f"{name}.{attr} has a bias; int4 groups here cover bias-free LLaMA projections only")
+                g = quantize_groups(child.weight, group_size)
+                setattr(parent, attr, Int4Linear.from_parts(g.codes, g.scales, g.offsets))
+    model.config.quantization = quantization_section(group_size, modules)
+    return group_size
+
+
+def check_prunable_to_int4(config, align: int, group_size: int | None) -> None:
+    """Before pruning: fail fast when no pruned width could hold whole int4 groups.
+
+    A pruned layer keeps whole KV groups (head_dim x query heads per KV head inputs of
+    o_proj) and MLP widths in multiples of `align`; G must divide those and the hidden size.
+    """
+    g = group_size or min(GROUP_SIZES)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_group = head_dim * (config.num_attention_heads // config.num_key_value_heads)
+    for what, n in (("the hidden size", config.hidden_size), ("a KV group's width (head_dim x heads per KV head)", kv_group),
+                    ("--align", align)):
+        if n % g:
+            raise UserError(
+                f"int4 groups of {g} cannot tile {what} = {n}; use --recovery lora or --no-recover"
+                + (", or a --group-size dividing it" if group_size else "")
+                + (f", or --align {g}" if what == "--align" else "")
+            )

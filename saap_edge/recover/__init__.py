@@ -1,0 +1,112 @@
+"""The recover stage (SAAP section IV-C): int4 groups + QA-LoRA, merged into the offsets.
+
+    pruned model --quantize_model--> Int4Linear projections (round to nearest, G)
+                 --attach--> group-pooled LoRA adapters (peft) --train--> adapters
+                 --merge--> offsets += adapter; codes and scales unchanged: an int4 model
+
+`lora` trains plain LoRA on the fp projections and merges into the fp weights; `none`
+quantizes to int4 with round-to-nearest and trains nothing.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from saap_edge.config import RecoverSettings
+from saap_edge.eval.ppl import window_perplexity
+from saap_edge.models.slim import SlimLlamaForCausalLM
+from saap_edge.quant.int4 import quantize_model
+from saap_edge.recover.adapters import attach, lora_config, merge, trainable_parameters
+from saap_edge.recover.data import recovery_windows
+from saap_edge.recover.train import latest_checkpoint, total_steps, train
+from saap_edge.report import peak_memory_mib
+
+
+def checkpoint_dir(out: Path) -> Path:
+    """Where a run writing `out` keeps its resumable checkpoints (a sibling folder)."""
+    out = Path(out).resolve()
+    return out.parent / f"{out.name}.checkpoints"
+
+
+def as_slim(model: nn.Module) -> SlimLlamaForCausalLM:
+    """A plain LlamaForCausalLM as a (uniform) slim model, so int4 config and export apply."""
+    if isinstance(model, SlimLlamaForCausalLM):
+        return model
+    from saap_edge.prune.groups import discover
+    from saap_edge.prune.plan import PrunePlan
+    from saap_edge.prune.slicing import apply_plan
+
+    return apply_plan(model, PrunePlan.keep_all(discover(model)))
+
+
+@dataclass
+class RecoverRun:
+    """Where and how one recovery runs (not part of what decides its result)."""
+
+    ckpt_dir: Path | None = None
+    save_every: int = 0  # 0: about ten checkpoints over the run
+    resume: bool = False
+    progress: bool = True
+    data_dir: str | None = None
+    stop_after: int | None = None
+
+
+@dataclass
+class Recovered:
+    model: nn.Module
+    info: dict = field(default_factory=dict)
+
+
+def recover_model(model: nn.Module, tokenizer, s: RecoverSettings, run: RecoverRun) -> Recovered:
+    """Quantize and/or train `model` (changed in place) as `s.recovery` says; see the module doc."""
+    device = next(model.parameters()).device
+    s = s.validate().resolved(device.type)
+    t0 = time.perf_counter()
+    model = as_slim(model)
+    info: dict = {"recovery": s.recovery, "settings": s.to_dict(), "device": str(device)}
+    if s.recovery in ("qalora", "none"):
+        info["group_size"] = quantize_model(model, s.group_size)
+    if s.recovery == "none":
+        info.update(trainable_params=0, time_s=time.perf_counter() - t0)
+        return Recovered(model.eval(), info)
+    data = recovery_windows(tokenizer, s.data, s.seq_len, s.heldout, s.seed, run.data_dir, s.max_tokens)
+    info["data"] = {"source": s.data, **data.describe()}
+    n_steps = total_steps(s, len(data.train))
+    heldout_before = window_perplexity(model, data.heldout, progress=False)["ppl"]
+    model.requires_grad_(False)
+    peft_model = attach(model, lora_config(s.recovery, s.rank, s.alpha, s.dropout, info.get("group_size")))
+    info["trainable_params"] = trainable_parameters(peft_model)
+    save_every = run.save_every or max(1, n_steps // 10)
+    if run.progress:
+        device_note = "the paper's 2 epochs" if s.epochs else f"{n_steps} steps"
+        print(f"recovery: {s.recovery}, {n_steps} optimizer steps of {s.batch_size * s.grad_accum} x {s.seq_len} tokens "
+              f"({device_note}{'; a short CPU budget, raise --recover-steps for more' if device.type == 'cpu' else ''})",
+              flush=True)
+    result = train(peft_model, data, s, run.ckpt_dir, save_every if run.ckpt_dir else 0, run.resume, run.progress, run.stop_after)
+    heldout_adapter = window_perplexity(peft_model, data.heldout, progress=False)["ppl"]
+    merged = merge(peft_model)
+    merged.eval()
+    heldout_after = window_perplexity(merged, data.heldout, progress=False)["ppl"]
+    info.update(
+        steps=n_steps, resumed_from=result.resumed_from, tokens_trained=result.tokens, train_s=result.train_s,
+        tokens_per_s=result.tokens / max(result.train_s, 1e-9),
+        loss_first=result.losses[0] if result.losses else None, loss_last=result.losses[-1] if result.losses else None,
+        losses=result.losses,
+        heldout_ppl={"before": heldout_before, "adapter": heldout_adapter, "after": heldout_after},
+        time_s=time.perf_counter() - t0, peak_memory_mib=peak_memory_mib(device),
+    )
+    return Recovered(merged, info)
+
+
+def clear_checkpoints(ckpt_dir: Path | None) -> None:
+    if ckpt_dir is not None and ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+
+__all__ = ["RecoverRun", "Recovered", "recover_model", "checkpoint_dir", "as_slim", "clear_checkpoints",
+           "latest_checkpoint"]

@@ -1,0 +1,204 @@
+"""The recovery trainer: causal-LM loss, AdamW, warm-up, checkpoints that resume exactly.
+
+A small loop rather than transformers.Trainer: resuming must reproduce an uninterrupted run
+bit for bit, checkpoints must hold no pickles (Trainer saves optimizer and RNG state with
+torch.save), and a NaN loss must stop the run with the last good checkpoint named.
+
+Determinism: the window order of epoch e is a permutation seeded with (seed, e); the global
+RNG (LoRA dropout) is reseeded from (seed, step) before every step; so step k sees the same
+data and the same dropout masks whether or not the run was interrupted before it.
+
+Checkpoint `step-NNNNNN/` (written to a temporary name, then renamed):
+adapter_config.json + adapter_model.safetensors (peft's format), optimizer.safetensors
+(AdamW moments and step counts), trainer_state.json (step, settings, data hash, losses).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from peft import PeftModel, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from saap_edge.config import RecoverSettings
+from saap_edge.errors import UserError
+from saap_edge.recover.data import RecoveryData
+
+STATE_FILE, OPTIMIZER_FILE, ADAPTER_WEIGHTS = "trainer_state.json", "optimizer.safetensors", "adapter_model.safetensors"
+KEEP_CHECKPOINTS = 2
+
+
+class LossDiverged(UserError):
+    """The loss became NaN or infinite; the run stopped and the last good checkpoint stays."""
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    losses: list[float] = field(default_factory=list)  # mean loss of each optimizer step
+    tokens: int = 0  # tokens trained on by this process
+    train_s: float = 0.0
+    resumed_from: int = 0
+
+
+def total_steps(s: RecoverSettings, n_train: int) -> int:
+    if s.steps is not None:
+        return s.steps
+    per_step = s.batch_size * s.grad_accum
+    return max(1, math.ceil((s.epochs or 1.0) * n_train / per_step))
+
+
+def lr_at(step: int, s: RecoverSettings, n_steps: int) -> float:
+    """Linear warm-up over `warmup` of the steps, then linear decay to 0 (HF's "linear")."""
+    warm = int(s.warmup * n_steps)
+    if step < warm:
+        return s.lr * (step + 1) / warm
+    return s.lr * max(0.0, (n_steps - step) / max(1, n_steps - warm))
+
+
+@lru_cache(maxsize=4)
+def _epoch_order(seed: int, epoch: int, n_train: int) -> torch.Tensor:
+    return torch.randperm(n_train, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def batch_indices(step: int, micro: int, s: RecoverSettings, n_train: int) -> torch.Tensor:
+    """Windows of micro-batch `micro` of optimizer step `step` (an endless seeded shuffle)."""
+    start = (step * s.grad_accum + micro) * s.batch_size
+    picks = [_epoch_order(s.seed, i // n_train, n_train)[i % n_train] for i in range(start, start + s.batch_size)]
+    return torch.stack(picks)
+
+
+def _checkpoints(ckpt_dir: Path) -> list[Path]:
+    return sorted(p for p in ckpt_dir.glob("step-*") if (p / STATE_FILE).exists())
+
+
+def latest_checkpoint(ckpt_dir: Path | None) -> Path | None:
+    found = _checkpoints(ckpt_dir) if ckpt_dir and ckpt_dir.is_dir() else []
+    return found[-1] if found else None
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    out = {}
+    for index, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            out[f"{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    return out
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+
+
+def save_checkpoint(ckpt_dir: Path, model: PeftModel, optimizer, step: int, meta: dict) -> Path:
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    final = ckpt_dir / f"step-{step:06d}"
+    tmp = ckpt_dir / f".step-{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    save_file(_optimizer_tensors(optimizer), tmp / OPTIMIZER_FILE)
+    (tmp / STATE_FILE).write_text(json.dumps({**meta, "step": step}, indent=1) + "\n")
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in _checkpoints(ckpt_dir)[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def check_resumable(checkpoint: Path, s: RecoverSettings, data_sha256: str) -> dict:
+    """The checkpoint's state, or a UserError listing what differs from the current settings."""
+    state = json.loads((checkpoint / STATE_FILE).read_text())
+    saved = state["settings"]
+    diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {getattr(s, k)!r}" for k in RecoverSettings.RESULT_FIELDS
+             if saved.get(k) != getattr(s, k)]
+    if state.get("data_sha256") != data_sha256:
+        diffs.append("recovery data: the token windows differ (other text or tokenizer)")
+    if diffs:
+        raise UserError(f"cannot resume from {checkpoint}: settings differ ({'; '.join(diffs)}); "
+                        "rerun with the checkpoint's settings or without --resume")
+    return state
+
+
+def train(
+    model: PeftModel,
+    data: RecoveryData,
+    s: RecoverSettings,
+    ckpt_dir: Path | None = None,
+    save_every: int = 0,
+    resume: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Train the adapters of `model` on `data.train` for the resolved number of steps.
+
+    `save_every` > 0 writes a checkpoint every that many steps (and at the end) into
+    `ckpt_dir`; `resume` continues from its latest checkpoint. `stop_after` ends the run
+    after that step (as if it were killed there), for tests and time-boxed runs.
+    """
+    device = next(p for p in model.parameters() if p.requires_grad).device
+    n_train = len(data.train)
+    n_steps = total_steps(s, n_train)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    meta = {"settings": s.to_dict(), "data_sha256": data.sha256, "total_steps": n_steps}
+    result = TrainResult(steps=n_steps)
+    start = 0
+    if resume:
+        last = latest_checkpoint(ckpt_dir)
+        if last is None:
+            raise UserError(f"--resume: no checkpoint in {ckpt_dir}; run without --resume to start afresh")
+        state = check_resumable(last, s, data.sha256)
+        set_peft_model_state_dict(model, load_file(last / ADAPTER_WEIGHTS, device=str(device)))
+        _load_optimizer(optimizer, load_file(last / OPTIMIZER_FILE, device=str(device)))
+        start = result.resumed_from = state["step"]
+        result.losses = list(state.get("losses", []))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    model.train()
+    last_good = latest_checkpoint(ckpt_dir) if ckpt_dir else None
+    bar = tqdm(range(start, n_steps), desc=f"recover {s.recovery}", disable=not progress, initial=start, total=n_steps)
+    t0 = time.perf_counter()
+    try:
+        for step in bar:
+            torch.manual_seed(s.seed * 1_000_003 + step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, s, n_steps)
+            step_loss = 0.0
+            for micro in range(s.grad_accum):
+                batch = data.train[batch_indices(step, micro, s, n_train)].to(device)
+                with autocast:
+                    loss = model(input_ids=batch, labels=batch).loss
+                if not torch.isfinite(loss):
+                    where = f"{last_good} (step {int(last_good.name[5:])})" if last_good else "none was written yet"
+                    raise LossDiverged(
+                        f"recovery loss became {loss.item()} at step {step}; training stopped. Last good checkpoint: "
+                        f"{where}. Lower --lr (now {s.lr:g}) and resume or restart"
+                    )
+                (loss / s.grad_accum).backward()
+                step_loss += loss.item() / s.grad_accum
+                result.tokens += batch.numel()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            result.losses.append(step_loss)
+            elapsed = time.perf_counter() - t0
+            bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{result.tokens / max(elapsed, 1e-9):.0f}")
+            done = step + 1
+            if ckpt_dir is not None and save_every > 0 and (done % save_every == 0 or done == n_steps):
+                last_good = save_checkpoint(ckpt_dir, model, optimizer, done, {**meta, "losses": result.losses})
+            if stop_after is not None and done >= stop_after:
+                break
+    finally:
+        bar.close()
+        model.eval()
+        result.train_s = time.perf_counter() - t0
+    return result
