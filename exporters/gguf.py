@@ -1,0 +1,416 @@
+"""GGUF writer and reader for slim (per-layer sized) LLaMA models, with exact int4 groups.
+
+Writer: uniform models as arch `llama`; models whose layers differ as arch `deci`, whose
+per-layer arrays (`deci.attention.head_count`, `...head_count_kv`, `deci.feed_forward_length`)
+llama.cpp reads layer by layer (DESIGN.md section 4). Q and K rows get llama.cpp's per-head
+RoPE permutation. Tensor types F32, F16 and Q4_1; a Q4_1 block (32 weights of a row: fp16 d,
+fp16 m, 16 bytes of nibbles with element j low and j + 16 high) holds our groups exactly:
+d = a, m = b, repeated over the 32-blocks of a 64- or 128-group.
+
+The gguf package writes the container and decodes tensors; the block packing, the
+permutation and the `deci` layout are ours because no library writes them from a slim model
+(llama.cpp's convert_hf_to_gguf reads HF checkpoints of uniform shape and requantizes).
+
+Reader: a `llama` or `deci` GGUF (F32 / F16 / Q4_1 tensors) back into SlimLlamaForCausalLM
+(transformers reads neither `deci` nor some llama2.c-converted files such as stories260K).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as QT
+from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+from saap_edge.errors import UserError
+from saap_edge.models.int4_linear import Int4Linear
+from saap_edge.models.slim import SlimLlamaConfig, SlimLlamaForCausalLM
+from saap_edge.quant.int4 import quantization_section, quantize_groups
+
+QUANTS = {"f32": QT.F32, "f16": QT.F16, "q4_1": QT.Q4_1}
+FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16, "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1}
+BLOCK = 32  # Q4_1 weights per block
+Q4_1_BYTES = 20  # fp16 d + fp16 m + 16 bytes of nibbles
+
+# HF module of a decoder layer -> GGUF tensor name (blk.{i}.NAME.weight)
+LAYER_NAMES = {
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+}
+NORMS = {"attn_norm", "ffn_norm"}
+
+
+# ---------------------------------------------------------------------- layout helpers
+
+
+def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF's rotate-half row order of Q or K -> llama.cpp's interleaved pairs, per head."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of permute_rows."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def q4_1_blocks(codes: np.ndarray, scales: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Pack int4 groups (codes uint8 [out, in]; fp16 scales / offsets [out, in / G]) as Q4_1
+    bytes [out, in / 32 * 20]: per 32-block d = a, m = b of its group, nibbles j | j + 16."""
+    out, n_in = codes.shape
+    per_group = n_in // scales.shape[1] // BLOCK  # 32-blocks per group
+    d = np.repeat(scales.astype(np.float16), per_group, axis=1)  # [out, in / 32]
+    m = np.repeat(offsets.astype(np.float16), per_group, axis=1)
+    q = codes.astype(np.uint8).reshape(out, n_in // BLOCK, BLOCK)
+    nibbles = q[..., :16] | (q[..., 16:] << 4)
+    blocks = np.concatenate([d[..., None].view(np.uint8), m[..., None].view(np.uint8), nibbles], axis=-1)
+    return np.ascontiguousarray(blocks.reshape(out, n_in // BLOCK * Q4_1_BYTES))
+
+
+def q4_1_parts(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Inverse of q4_1_blocks at 32-block granularity: (codes [out, in], d, m [out, in / 32])."""
+    out = blocks.shape[0]
+    b = blocks.reshape(out, -1, Q4_1_BYTES)
+    d = b[..., 0:2].copy().view(np.float16)[..., 0]
+    m = b[..., 2:4].copy().view(np.float16)[..., 0]
+    nib = b[..., 4:]
+    codes = np.concatenate([nib & 0x0F, nib >> 4], axis=-1).reshape(out, -1)
+    return codes, d, m
+
+
+def llama3_rope_factors(config) -> np.ndarray | None:
+    """`rope_freqs.weight` for LLaMA-3.1-style rope scaling, as llama.cpp expects it."""
+    scaling = getattr(config, "rope_scaling", None) or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if not kind or kind == "default":
+        return None
+    if kind != "llama3":
+        raise UserError(f"rope scaling {kind!r} is not supported by the GGUF exporter (llama3 and none are)")
+    head_dim = config.head_dim
+    base = config.rope_theta
+    freqs = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    factor, low, high = scaling["factor"], scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+    old = scaling.get("original_max_position_embeddings", 8192)
+    low_wavelen, high_wavelen = old / low, old / high
+    out = []
+    for f in freqs:
+        wavelen = 2 * math.pi / f
+        if wavelen < high_wavelen:
+            out.append(1.0)
+        elif wavelen > low_wavelen:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1.0 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, dtype=np.float32)
+
+
+# ---------------------------------------------------------------------- writer
+
+
+@dataclass
+class GGUFInfo:
+    """What was written: architecture, tensor types and the checks' raw material."""
+
+    path: Path
+    arch: str
+    quant: str
+    tensor_types: dict[str, str] = field(default_factory=dict)
+    int4_tensors: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)  # name -> (codes, a, b) as written
+
+
+def _slim_config(model) -> SlimLlamaConfig:
+    config = model.config
+    if not isinstance(config, SlimLlamaConfig):
+        config = SlimLlamaConfig(**config.to_dict())
+    return config
+
+
+def _check_layers(config: SlimLlamaConfig) -> None:
+    for i in range(config.num_hidden_layers):
+        heads, kv, ffn = config.layer_sizes(i)
+        if heads > 0 and ffn == 0:
+            raise UserError(f"layer {i} keeps {heads} attention heads but MLP width 0: llama.cpp drops such a layer "
+                            "whole and would compute a different model; prune with a plan that keeps MLP channels there")
+
+
+def _projection(module, name: str, quant: str, permute_heads: int | None):
+    """(array, raw GGML type) of one projection in the requested tensor type."""
+    if isinstance(module, Int4Linear):
+        codes = module.codes.cpu().numpy()
+        a, b = module.scales.cpu().numpy(), module.offsets.cpu().numpy()
+        dense = module.dequantized(torch.float32).cpu().numpy()
+    else:
+        codes = a = b = None
+        dense = module.weight.detach().float().cpu().numpy()
+    if quant == "q4_1":
+        if dense.shape[1] % BLOCK:
+            raise UserError(f"{name}: input dimension {dense.shape[1]} is not a multiple of 32, so Q4_1 blocks cannot "
+                            "hold it; export with --quant f16 or f32")
+        if codes is None:  # fp checkpoint: the same group quantizer, at the Q4_1 block size
+            g = quantize_groups(torch.from_numpy(dense), BLOCK)
+            codes, a, b = g.codes.numpy(), g.scales.numpy(), g.offsets.numpy()
+        if permute_heads:
+            codes, a, b = (permute_rows(x, permute_heads) for x in (codes, a, b))
+        return q4_1_blocks(codes, a, b), QT.Q4_1, (codes, a, b)
+    if permute_heads:
+        dense = permute_rows(dense, permute_heads)
+    return (dense.astype(np.float16) if quant == "f16" else dense.astype(np.float32)), None, None
+
+
+def _add_tokenizer(writer: GGUFWriter, tokenizer_dir: Path | None, source_gguf: Path | None, vocab_size: int) -> str:
+    """Tokenizer metadata: copied verbatim from the source GGUF when there is one (exact,
+    pre-tokenizer name included), else built from the HF tokenizer files by gguf's vocab
+    readers. Returns where it came from."""
+    if source_gguf is not None and source_gguf.exists():
+        reader = GGUFReader(source_gguf)
+        for key, f in reader.fields.items():
+            if key.startswith("tokenizer."):
+                main = f.types[0]
+                sub = f.types[1] if main == GGUFValueType.ARRAY else None
+                writer.add_key_value(key, f.contents(), main, sub)
+        return f"copied from {source_gguf.name}"
+    if tokenizer_dir is None:
+        raise UserError("no tokenizer to write into the GGUF: the model directory has no tokenizer files")
+    from gguf.vocab import BpeVocab, LlamaHfVocab, SentencePieceVocab, SpecialVocab
+
+    tok_json = tokenizer_dir / "tokenizer.json"
+    model_type = json.loads(tok_json.read_text())["model"] if tok_json.exists() else {}
+    if (tokenizer_dir / "tokenizer.model").exists():
+        vocab, kind = SentencePieceVocab(tokenizer_dir), "llama"
+    elif model_type.get("type") == "BPE" and model_type.get("byte_fallback"):
+        vocab, kind = LlamaHfVocab(tokenizer_dir), "llama"
+    else:
+        vocab, kind = BpeVocab(tokenizer_dir), "gpt2"
+    tokens, scores, types = [], [], []
+    for text, score, toktype in vocab.all_tokens():
+        tokens.append(text)
+        scores.append(score)
+        types.append(int(toktype))
+    while len(tokens) < vocab_size:  # embedding rows past the tokenizer's vocabulary
+        tokens.append(f"[PAD{len(tokens)}]".encode())
+        scores.append(-1000.0)
+        types.append(int(gguf.TokenType.UNUSED))
+    writer.add_tokenizer_model(kind)
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    SpecialVocab(tokenizer_dir, load_merges=kind == "gpt2", n_vocab=len(tokens)).add_to_gguf(writer)
+    return f"built from {tokenizer_dir} ({kind})"
+
+
+def write_gguf(
+    model,
+    path: str | os.PathLike,
+    quant: str = "q4_1",
+    embed_type: str = "f16",
+    tokenizer_dir: Path | None = None,
+    source_gguf: Path | None = None,
+    name: str = "saap-edge model",
+    provenance: dict | None = None,
+) -> GGUFInfo:
+    """Write `model` (slim or plain LLaMA, fp or int4) to `path` as GGUF; see the module doc."""
+    if quant not in QUANTS or embed_type not in QUANTS:
+        raise UserError(f"--quant / --embed-type must be one of {', '.join(QUANTS)}")
+    config = _slim_config(model)
+    _check_layers(config)
+    uniform = config.is_uniform
+    arch = "llama" if uniform else "deci"
+    n = config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer = GGUFWriter(str(path), arch)
+    writer.add_name(name)
+    writer.add_file_type(FILE_TYPES[quant])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(n)
+    heads = [config.layer_sizes(i)[0] for i in range(n)]
+    kv_heads = [config.layer_sizes(i)[1] for i in range(n)]
+    ffn = [config.layer_sizes(i)[2] for i in range(n)]
+    if uniform:
+        writer.add_feed_forward_length(ffn[0])
+        writer.add_head_count(heads[0])
+        writer.add_head_count_kv(kv_heads[0])
+    else:
+        writer.add_feed_forward_length(ffn)
+        writer.add_head_count(heads)
+        writer.add_head_count_kv(kv_heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(config.rope_theta))
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_vocab_size(config.vocab_size)
+    token_source = _add_tokenizer(writer, tokenizer_dir, source_gguf, config.vocab_size)
+    for key, value in (provenance or {}).items():
+        writer.add_string(f"saap.{key}", str(value))
+    writer.add_string("saap.tokenizer", token_source)
+
+    info = GGUFInfo(Path(path), arch, quant)
+    sd_model = model
+
+    def add(name_: str, array: np.ndarray, raw: QT | None = None, kind: str | None = None):
+        if raw is None:
+            writer.add_tensor(name_, array)
+        else:
+            writer.add_tensor(name_, array, raw_dtype=raw)
+        info.tensor_types[name_] = kind or (raw.name if raw is not None else {np.float32: "F32", np.float16: "F16"}[array.dtype.type])
+
+    def embedding(name_: str, weight: torch.Tensor):
+        w = weight.detach().float().cpu().numpy()
+        if embed_type == "q4_1":
+            g = quantize_groups(torch.from_numpy(w), BLOCK)
+            add(name_, q4_1_blocks(g.codes.numpy(), g.scales.numpy(), g.offsets.numpy()), QT.Q4_1)
+        else:
+            add(name_, w.astype(np.float16 if embed_type == "f16" else np.float32))
+
+    inner = sd_model.model
+    embedding("token_embd.weight", inner.embed_tokens.weight)
+    add("output_norm.weight", inner.norm.weight.detach().float().cpu().numpy())
+    if not config.tie_word_embeddings:
+        embedding("output.weight", sd_model.lm_head.weight)
+    factors = llama3_rope_factors(config)
+    if factors is not None:
+        add("rope_freqs.weight", factors)
+    for i, layer in enumerate(inner.layers):
+        for hf, gg in LAYER_NAMES.items():
+            module = layer.get_submodule(hf)
+            tname = f"blk.{i}.{gg}.weight"
+            if gg in NORMS:
+                add(tname, module.weight.detach().float().cpu().numpy())
+                continue
+            permute = heads[i] if gg == "attn_q" else kv_heads[i] if gg == "attn_k" else None
+            array, raw, parts = _projection(module, f"model.layers.{i}.{hf}", quant, permute)
+            add(tname, array, raw)
+            if parts is not None:
+                info.int4_tensors[tname] = parts
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file(progress=False)
+    writer.close()
+    return info
+
+
+# ---------------------------------------------------------------------- reader
+
+
+def _field(reader: GGUFReader, key: str, default: Any = None) -> Any:
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    value = f.contents()
+    return value
+
+
+def _tensor(t) -> np.ndarray:
+    """Float32 values of a GGUF tensor [rows, cols] (F32, F16 or any type gguf can decode)."""
+    if t.tensor_type == QT.F32:
+        return np.asarray(t.data, dtype=np.float32).reshape(tuple(reversed(t.shape.tolist())))
+    if t.tensor_type == QT.F16:
+        return np.asarray(t.data, dtype=np.float16).astype(np.float32).reshape(tuple(reversed(t.shape.tolist())))
+    return gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(tuple(reversed(t.shape.tolist())))
+
+
+def read_gguf(path: str | os.PathLike) -> tuple[SlimLlamaForCausalLM, dict]:
+    """Load a `llama` or `deci` GGUF into a SlimLlamaForCausalLM (float32) and its metadata.
+
+    Q4_1 projections come back as Int4Linear with G = 32 and the file's exact d, m, codes.
+    """
+    path = Path(path)
+    try:
+        reader = GGUFReader(path)
+    except Exception as exc:  # truncated or not a GGUF at all
+        raise UserError(f"cannot read {path} as GGUF: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from exc
+    arch = _field(reader, "general.architecture")
+    if arch not in ("llama", "deci"):
+        raise UserError(f"{path}: GGUF architecture {arch!r} is not a LLaMA decoder (llama or deci)")
+    tensors = {t.name: t for t in reader.tensors}
+    n = int(_field(reader, f"{arch}.block_count"))
+
+    def per_layer(key: str) -> list[int]:
+        v = _field(reader, f"{arch}.{key}")
+        return [int(x) for x in v] if isinstance(v, list) else [int(v)] * n
+
+    heads, kv_heads, ffn = per_layer("attention.head_count"), per_layer("attention.head_count_kv"), per_layer("feed_forward_length")
+    hidden = int(_field(reader, f"{arch}.embedding_length"))
+    head_dim = int(_field(reader, f"{arch}.attention.key_length", 0) or _field(reader, f"{arch}.rope.dimension_count", 0)
+                   or hidden // max(heads))
+    vocab = tensors["token_embd.weight"].shape.tolist()[1]
+    tie = "output.weight" not in tensors
+    bos, eos = _field(reader, "tokenizer.ggml.bos_token_id"), _field(reader, "tokenizer.ggml.eos_token_id")
+    pad = _field(reader, "tokenizer.ggml.padding_token_id")
+    config = SlimLlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=n, num_attention_heads=max(heads),
+        num_key_value_heads=max(kv_heads), intermediate_size=max(ffn), head_dim=head_dim,
+        num_attention_heads_per_layer=heads, num_key_value_heads_per_layer=kv_heads, intermediate_size_per_layer=ffn,
+        max_position_embeddings=int(_field(reader, f"{arch}.context_length", 2048)),
+        rms_norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)), tie_word_embeddings=tie,
+        bos_token_id=int(bos) if bos is not None else None, eos_token_id=int(eos) if eos is not None else None,
+        pad_token_id=int(pad) if pad is not None and int(pad) < vocab else None,
+    )
+    if "rope_freqs.weight" in tensors:
+        raise UserError(f"{path}: rope_freqs (LLaMA-3.1 rope scaling) is not read back yet")
+    from transformers.modeling_utils import no_init_weights
+
+    with no_init_weights():
+        model = SlimLlamaForCausalLM(config)
+    state: dict[str, torch.Tensor] = {
+        "model.embed_tokens.weight": torch.from_numpy(_tensor(tensors["token_embd.weight"])),
+        "model.norm.weight": torch.from_numpy(_tensor(tensors["output_norm.weight"])),
+    }
+    if not tie:
+        state["lm_head.weight"] = torch.from_numpy(_tensor(tensors["output.weight"]))
+    for i in range(n):
+        layer = model.model.layers[i]
+        for hf, gg in LAYER_NAMES.items():
+            t = tensors.get(f"blk.{i}.{gg}.weight")
+            if t is None:
+                raise UserError(f"{path}: tensor blk.{i}.{gg}.weight is missing; the file is incomplete")
+            permute = heads[i] if gg == "attn_q" else kv_heads[i] if gg == "attn_k" else None
+            if t.tensor_type == QT.Q4_1 and gg not in NORMS:
+                rows = t.shape.tolist()[1]
+                codes, d, m = q4_1_parts(np.asarray(t.data, dtype=np.uint8).reshape(rows, -1))
+                if permute:
+                    codes, d, m = (unpermute_rows(x, permute) for x in (codes, d, m))
+                parent, attr = hf.split(".")
+                setattr(layer.get_submodule(parent), attr, Int4Linear.from_parts(
+                    torch.from_numpy(codes.copy()), torch.from_numpy(d.copy()), torch.from_numpy(m.copy())))
+                continue
+            w = _tensor(t)
+            if permute:
+                w = unpermute_rows(w, permute)
+            state[f"model.layers.{i}.{hf}.weight"] = torch.from_numpy(np.ascontiguousarray(w))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and tie)]
+    if unexpected or any(not k.endswith(("qweight", "scales", "offsets")) for k in missing):
+        raise UserError(f"{path}: tensors do not match the architecture (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if tie:
+        model.tie_weights()
+    if any(isinstance(m, Int4Linear) for m in model.modules()):
+        config.quantization = quantization_section(BLOCK)
+    model.eval()
+    meta = {key: _field(reader, key) for key in reader.fields if key.startswith(("general.", "saap."))}
+    meta["arch"] = arch
+    return model, meta
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
