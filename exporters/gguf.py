@@ -317,11 +317,10 @@ def _field(reader: GGUFReader, key: str, default: Any = None) -> Any:
 
 def _tensor(t) -> np.ndarray:
     """Float32 values of a GGUF tensor [rows, cols] (F32, F16 or any type gguf can decode)."""
-    if t.tensor_type == QT.F32:
-        return np.asarray(t.data, dtype=np.float32).reshape(tuple(reversed(t.shape.tolist())))
-    if t.tensor_type == QT.F16:
-        return np.asarray(t.data, dtype=np.float16).astype(np.float32).reshape(tuple(reversed(t.shape.tolist())))
-    return gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(tuple(reversed(t.shape.tolist())))
+    shape = tuple(reversed(t.shape.tolist()))
+    if t.tensor_type in (QT.F32, QT.F16):
+        return np.array(t.data, dtype=np.float32).reshape(shape)  # a copy: the file is memory-mapped read-only
+    return gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(shape)
 
 
 def read_gguf(path: str | os.PathLike) -> tuple[SlimLlamaForCausalLM, dict]:
