@@ -175,9 +175,55 @@ def run_eval(a: argparse.Namespace) -> int:
     return 0
 
 
+def add_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default="saap-out", help="saap-edge output directory, LLaMA HF directory or .gguf (default: %(default)s)")
+    p.add_argument("--format", default="gguf", choices=["gguf", "onnx"], help="artifact format (default: %(default)s)")
+    p.add_argument("--quant", default="q4_1", help="projection tensors: q4_1 (the checkpoint's int4 groups, bit for bit; fp weights are "
+                                                   "quantized by the same group quantizer), f16, f32 (default: %(default)s)")
+    p.add_argument("--embed-type", default="f16", help="token embedding / output matrix: f16, f32, q4_1 (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=None, help="output file (default: <model>/model-<quant>.gguf)")
+    p.add_argument("--no-validate", action="store_true", help="skip reading the artifact back and comparing it with torch")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+
+def run_export(a: argparse.Namespace) -> int:
+    from exporters import ExportJob, export
+    from saap_edge.report import format_table
+
+    result = export(ExportJob(a.model, a.format, a.quant, a.embed_type, a.out, not a.no_validate, a.overwrite))
+    info = result.info
+    rows = [["file", str(result.path)], ["bytes", result.bytes], ["architecture", info["arch"]],
+            ["projections", info["quant"]], ["embeddings", info["embed_type"]], ["int4 tensors packed", info["int4_tensors"]]]
+    v = info.get("validation")
+    if v:
+        rows += [["weights bit-exact", f"{v['weights_checked']} tensors"],
+                 ["logits max |diff| vs torch", f"{v['logits_max_abs_diff']:.3g} (logit scale {v['logits_scale']:.3g}, {len(v['tokens'])} tokens, {v['runtime']})"],
+                 ["top-1 agreement", f"{v['top1_agreement']:.0%}"]]
+    print(format_table(["export", ""], rows))
+    return 0
+
+
+def add_run(p: argparse.ArgumentParser) -> None:
+    from runtime.__main__ import add_arguments
+
+    add_arguments(p)
+
+
+def run_run(a: argparse.Namespace) -> int:
+    from runtime.__main__ import run
+    from runtime.llamacpp import RuntimeLoadError
+
+    try:
+        return run(a)
+    except RuntimeLoadError as exc:
+        raise UserError(str(exc)) from exc
+
+
 COMMANDS = {
     "compress": (add_compress, run_compress, "prune a LLaMA-family model with SAAP (or a baseline), then recover it as an int4 model"),
     "recover": (add_recover, run_recover, "int4 + QA-LoRA recovery of a pruned directory (the stage compress runs after pruning)"),
+    "export": (add_export, run_export, "write a compressed model as GGUF (llama.cpp) with its int4 groups packed"),
+    "run": (add_run, run_run, "generate text from an exported artifact (streams; prints prefill and decode tokens/s)"),
     "eval": (add_eval, run_eval, "perplexity of a model on WikiText-2, PTB or a text file"),
 }
 

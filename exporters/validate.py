@@ -1,0 +1,104 @@
+"""Read an exported artifact back and compare it with the torch model it came from.
+
+GGUF: every Q4_1 projection decoded by gguf's own dequantizer must equal the checkpoint's
+a*q + b bit for bit; the file's logits in llama.cpp (F32 KV cache) are compared with torch's
+on a fixed token sequence. For F32 files the bound is LOGITS_ATOL_F32 (llama.cpp sums in
+another order: ~1e-5 on small models, growing with depth). F16 and Q4_1 files differ from
+the float model by design (llama.cpp quantizes activations to 8 bits for Q4_1 matmuls,
+~2% relative): their logits difference is reported and bounded loosely (finite, the same
+top token on most positions), their weights are what the exactness check covers.
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as QT
+from gguf import GGUFReader
+from gguf.quants import dequantize
+
+from exporters.gguf import GGUFInfo
+from saap_edge.errors import UserError
+
+LOGITS_ATOL_F32 = 1e-3  # absolute, on logits, F32 GGUF vs torch float32
+MIN_TOP1_AGREEMENT = {"f32": 1.0, "f16": 0.9, "q4_1": 0.5}
+
+
+@dataclass
+class Validation:
+    weights_checked: int = 0
+    weights_exact: bool = True
+    logits_max_abs_diff: float | None = None
+    logits_scale: float | None = None
+    top1_agreement: float | None = None
+    tokens: list[int] = field(default_factory=list)
+    runtime: str = ""
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def probe_tokens(vocab_size: int, bos: int | None, n: int = 24, seed: int = 0) -> list[int]:
+    g = np.random.default_rng(seed)
+    ids = g.integers(3, vocab_size, size=n).tolist()
+    return ([bos] if bos is not None else []) + ids
+
+
+def check_gguf_weights(info: GGUFInfo) -> int:
+    """Q4_1 tensors of the file == the int4 groups written (gguf's decoder); UserError if not."""
+    tensors = {t.name: t for t in GGUFReader(info.path).tensors}
+    for name, (codes, a, b) in info.int4_tensors.items():
+        t = tensors[name]
+        if t.tensor_type != QT.Q4_1:
+            raise UserError(f"validation: {name} was written as {t.tensor_type.name}, expected Q4_1")
+        decoded = dequantize(np.asarray(t.data), QT.Q4_1).reshape(codes.shape)
+        groups = a.shape[1]
+        expect = (codes.reshape(codes.shape[0], groups, -1).astype(np.float32) * a.astype(np.float32)[..., None]
+                  + b.astype(np.float32)[..., None]).reshape(codes.shape)
+        if not np.array_equal(decoded, expect):
+            bad = np.abs(decoded - expect).max()
+            raise UserError(f"validation: {name} in {info.path.name} decodes to other weights than the checkpoint "
+                            f"(max difference {bad:.3g}); the file was not kept")
+    return len(info.int4_tensors)
+
+
+def llama_cpp_logits(path: Path, ids: list[int], n_threads: int | None = None) -> np.ndarray:
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise UserError("validation needs llama-cpp-python (pip install 'saap-edge[export]' with "
+                        "CMAKE_ARGS=-DGGML_NATIVE=OFF), or pass --no-validate") from exc
+    llm = llama_cpp.Llama(str(path), logits_all=True, verbose=False, n_ctx=max(64, len(ids) + 8), type_k=0, type_v=0,
+                          n_threads=n_threads)
+    try:
+        llm.eval(ids)
+        return np.array(llm.scores[: len(ids)], dtype=np.float32)
+    finally:
+        llm.close()
+        del llm
+        gc.collect()
+
+
+def validate_gguf(model, info: GGUFInfo, ids: list[int]) -> Validation:
+    v = Validation(tokens=ids, runtime="llama-cpp-python")
+    v.weights_checked = check_gguf_weights(info)
+    with torch.no_grad():
+        ref = model(torch.tensor([ids], device=next(model.parameters()).device)).logits[0].float().cpu().numpy()
+    got = llama_cpp_logits(info.path, ids)
+    if not np.isfinite(got).all():
+        raise UserError(f"validation: llama.cpp computes non-finite logits from {info.path.name}; the file was not kept")
+    v.logits_max_abs_diff = float(np.abs(got - ref).max())
+    v.logits_scale = float(np.abs(ref).max())
+    v.top1_agreement = float((got.argmax(-1) == ref.argmax(-1)).mean())
+    if info.quant == "f32" and v.logits_max_abs_diff > LOGITS_ATOL_F32 * max(1.0, v.logits_scale / 10):
+        raise UserError(f"validation: F32 GGUF logits differ from torch by {v.logits_max_abs_diff:.3g} "
+                        f"(bound {LOGITS_ATOL_F32 * max(1.0, v.logits_scale / 10):.3g}); the file was not kept")
+    if v.top1_agreement < MIN_TOP1_AGREEMENT[info.quant]:
+        raise UserError(f"validation: llama.cpp's top token agrees with torch on only {v.top1_agreement:.0%} of "
+                        f"positions for {info.quant} (at least {MIN_TOP1_AGREEMENT[info.quant]:.0%} expected); "
+                        "the file was not kept")
+    return v

@@ -1,0 +1,59 @@
+"""`python -m runtime ARTIFACT --prompt "..."`: generate on a device without torch installed."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from runtime.base import Generator, Sampling
+from runtime.llamacpp import LlamaCppRuntime, RuntimeLoadError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("artifact", help="a .gguf file")
+    p.add_argument("--prompt", default="Once upon a time", help="text to continue (default: %(default)s)")
+    p.add_argument("-n", "--max-new-tokens", type=int, default=64, help="tokens to generate (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 for greedy (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens, 0 for all (default: %(default)s)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, 1 for off (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the runtime's choice)")
+
+
+def open_runtime(path: str, threads: int | None = None):
+    if path.endswith(".gguf"):
+        return LlamaCppRuntime(path, n_threads=threads)
+    raise RuntimeLoadError(f"{path}: unknown artifact type; give a .gguf file")
+
+
+def run(a: argparse.Namespace, out=sys.stdout, err=sys.stderr) -> int:
+    try:
+        sampling = Sampling(a.temperature, a.top_k, a.top_p, a.seed).validate()
+    except ValueError as exc:
+        raise RuntimeLoadError(str(exc)) from exc
+    rt = open_runtime(a.artifact, a.threads)
+    gen = Generator(rt)
+    out.write(a.prompt)
+    for piece in gen.stream(a.prompt, a.max_new_tokens, sampling):
+        out.write(piece)
+        out.flush()
+    out.write("\n")
+    st = gen.stats
+    err.write(f"[{rt.name}] prompt {st.prompt_tokens} tokens at {st.prefill_tok_s:.1f} tok/s, "
+              f"generated {st.generated_tokens} tokens at {st.decode_tok_s:.1f} tok/s\n")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m runtime", description=__doc__)
+    add_arguments(p)
+    a = p.parse_args(argv)
+    try:
+        return run(a)
+    except RuntimeLoadError as exc:
+        print(f"runtime: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

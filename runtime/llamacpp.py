@@ -1,0 +1,70 @@
+"""llama.cpp runtime through llama-cpp-python: a GGUF file, its own KV cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from runtime.base import Runtime
+
+
+class RuntimeLoadError(ValueError):
+    """The artifact cannot be loaded (missing, truncated, not a model the runtime reads)."""
+
+
+def _quiet(llama_cpp) -> None:
+    """Route llama.cpp's own log lines (kv-cache notes and such) to nowhere."""
+    @llama_cpp.llama_log_callback
+    def _drop(level, text, user_data):  # noqa: ARG001
+        return None
+
+    _quiet.callback = _drop  # keep a reference: llama.cpp calls it later
+    llama_cpp.llama_log_set(_drop, None)
+
+
+class LlamaCppRuntime(Runtime):
+    name = "llama.cpp"
+
+    def __init__(self, path: str | os.PathLike, n_ctx: int = 2048, n_threads: int | None = None, f32_kv: bool = False):
+        try:
+            import llama_cpp
+        except ImportError as exc:
+            raise RuntimeLoadError("llama-cpp-python is not installed (pip install 'saap-edge[export]' with "
+                                   "CMAKE_ARGS=-DGGML_NATIVE=OFF)") from exc
+        path = Path(path)
+        if not path.is_file():
+            raise RuntimeLoadError(f"{path}: no such file")
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise RuntimeLoadError(f"{path} is not a GGUF file (no GGUF magic)")
+        _quiet(llama_cpp)
+        self._llama_cpp = llama_cpp
+        kv = {"type_k": 0, "type_v": 0} if f32_kv else {}
+        try:
+            self.llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=n_threads, verbose=False, logits_all=False, **kv)
+        except (ValueError, RuntimeError) as exc:
+            raise RuntimeLoadError(f"llama.cpp cannot load {path}: {exc}") from exc
+        self.bos_token_id = self.llm.token_bos() if self.llm.token_bos() >= 0 else None
+        self.eos_token_ids = {self.llm.token_eos()}
+        self.vocab_size = self.llm.n_vocab()
+
+    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.llm.detokenize(ids).decode("utf-8", errors="ignore")
+
+    def reset(self) -> None:
+        self.llm.reset()
+
+    def logits(self, new_ids: list[int]) -> np.ndarray:
+        self.llm.eval(new_ids)
+        # read the last position's logits straight from the context (llama-cpp-python keeps
+        # its own score table only with logits_all, which costs n_ctx x vocab floats)
+        ptr = self._llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.vocab_size,)).astype(np.float32, copy=True)
+
+    def close(self) -> None:
+        self.llm.close()
