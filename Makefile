@@ -24,12 +24,15 @@ $(STAMP): $(ROOT)/pyproject.toml
 
 demo: venv
 	cd $(ROOT) && $(VENV)/bin/saap-edge compress --ratio 0.2 --out saap-out --overwrite
+	cd $(ROOT) && $(VENV)/bin/saap-edge export saap-out --format gguf --quant q4_1 --overwrite
+	cd $(ROOT) && $(VENV)/bin/saap-edge run saap-out/model-q4_1.gguf --prompt "The three most important things about a healthy diet are" -n 48
 
 test: venv
 	cd $(ROOT) && $(VENV)/bin/python -m pytest -q
 
 bench: venv
 	cd $(ROOT) && $(VENV)/bin/python benchmarks/prune_quality.py --data-dir $(DATA_DIR)
+	cd $(ROOT) && $(VENV)/bin/python benchmarks/recovery.py --data-dir $(DATA_DIR) --steps 250 --extra-lr 1e-3
 
 clean:
 	cd $(ROOT) && rm -rf saap-out .saap-out.tmp-* .saap-out.old-* build .pytest_cache *.egg-info

@@ -26,7 +26,10 @@ def open_runtime(path: str, threads: int | None = None):
     raise RuntimeLoadError(f"{path}: unknown artifact type; give a .gguf file")
 
 
-def run(a: argparse.Namespace, out=sys.stdout, err=sys.stderr) -> int:
+def run(a: argparse.Namespace, out=None, err=None) -> int:
+    # Resolved at call time: sys.stdout may be replaced after import (pytest, notebooks).
+    out = out or sys.stdout
+    err = err or sys.stderr
     try:
         sampling = Sampling(a.temperature, a.top_k, a.top_p, a.seed).validate()
     except ValueError as exc:
