@@ -24,7 +24,7 @@ GGUF_QUANTS = ("q4_1", "f16", "f32")
 class ExportJob:
     model: str = "saap-out"
     format: str = "gguf"
-    quant: str = "q4_1"
+    quant: str | None = None  # None: q4_1 for GGUF, int4 for ONNX
     embed_type: str = "f16"
     out: Path | None = None
     validate: bool = True
@@ -84,20 +84,39 @@ def _reference(model, quant: str):
     return ref
 
 
+def default_out(job: ExportJob, source: Path, directory: Path | None) -> Path:
+    if job.out is not None:
+        return Path(job.out)
+    if job.format == "onnx":
+        name = f"onnx-{job.quant}"
+        return (directory / name) if directory else Path(f"{source.stem}-{name}")
+    return (directory / f"model-{job.quant}.gguf") if directory else Path(f"{source.stem}-{job.quant}.gguf")
+
+
+def _check_job(job: ExportJob) -> ExportJob:
+    if job.format not in FORMATS:
+        raise UserError(f"--format {job.format!r} is not one of {', '.join(FORMATS)}")
+    from exporters.onnx import ONNX_QUANTS
+
+    allowed = GGUF_QUANTS if job.format == "gguf" else ONNX_QUANTS
+    if job.quant is None:
+        job.quant = allowed[0]
+    if job.quant not in allowed:
+        raise UserError(f"--quant {job.quant!r} is not one of {', '.join(allowed)} for {job.format.upper()}")
+    embeds = ("f16", "f32", "q4_1") if job.format == "gguf" else ("f16", "f32")
+    if job.embed_type not in embeds:
+        raise UserError(f"--embed-type {job.embed_type!r} is not one of {', '.join(embeds)} for {job.format.upper()}")
+    return job
+
+
 def export(job: ExportJob) -> ExportResult:
     from saap_edge.models.load import load_model
     from saap_edge.recover import as_slim
 
-    if job.format not in FORMATS:
-        raise UserError(f"--format {job.format!r} is not one of {', '.join(FORMATS)}")
-    if job.format == "onnx":
-        raise UserError("--format onnx is not available in this version; use --format gguf")
-    if job.quant not in GGUF_QUANTS:
-        raise UserError(f"--quant {job.quant!r} is not one of {', '.join(GGUF_QUANTS)} for GGUF")
+    job = _check_job(copy.copy(job))
     source = Path(job.model)
     directory = source if source.is_dir() else None
-    out = job.out or ((directory / f"model-{job.quant}.gguf") if directory else Path(f"{source.stem}-{job.quant}.gguf"))
-    out = Path(out)
+    out = default_out(job, source, directory)
     if out.exists() and not job.overwrite:
         raise UserError(f"--out {out} exists; pass --overwrite or choose another --out")
     if not out.parent.exists() or not os.access(out.parent, os.W_OK):
@@ -105,26 +124,79 @@ def export(job: ExportJob) -> ExportResult:
     t0 = time.perf_counter()
     loaded = load_model(job.model, job.device, "float32")
     model = as_slim(loaded.model)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    try:
+        if job.format == "onnx":
+            result = _export_onnx(job, model, loaded, directory, tmp)
+        else:
+            result = _export_gguf(job, model, loaded, directory, source, tmp)
+        result["write_s"] = time.perf_counter() - t0 - result.get("validate_s", 0.0)
+        _replace(tmp, out)
+    finally:
+        _remove(tmp)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) if out.is_dir() else out.stat().st_size
+    return ExportResult(out, size, result)
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Move the finished artifact into place; an old one (--overwrite) goes only after that."""
+    if out.is_dir():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.replace(old)
+        tmp.replace(out)
+        _remove(old)
+    else:
+        tmp.replace(out)
+
+
+def _remove(path: Path) -> None:
+    import shutil
+
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()
+
+
+def _export_gguf(job: ExportJob, model, loaded, directory: Path | None, source: Path, tmp: Path) -> dict:
     from exporters.gguf import write_gguf
     from exporters.validate import probe_tokens, validate_gguf
 
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    try:
-        info = write_gguf(
-            model, tmp, job.quant, job.embed_type,
-            tokenizer_dir=directory if directory and (directory / "tokenizer_config.json").exists() else None,
-            source_gguf=_source_gguf(directory, loaded.source),
-            name=(directory.name if directory else source.stem), provenance=_provenance(directory, model),
-        )
-        result = {"arch": info.arch, "quant": job.quant, "embed_type": job.embed_type,
-                  "int4_tensors": len(info.int4_tensors), "write_s": time.perf_counter() - t0}
-        if job.validate:
-            t1 = time.perf_counter()
-            ids = probe_tokens(model.config.vocab_size, model.config.bos_token_id)
-            result["validation"] = validate_gguf(_reference(model, job.quant), info, ids).to_dict()
-            result["validate_s"] = time.perf_counter() - t1
-        tmp.replace(out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return ExportResult(out, out.stat().st_size, result)
+    info = write_gguf(
+        model, tmp, job.quant, job.embed_type,
+        tokenizer_dir=directory if directory and (directory / "tokenizer_config.json").exists() else None,
+        source_gguf=_source_gguf(directory, loaded.source),
+        name=(directory.name if directory else source.stem), provenance=_provenance(directory, model),
+    )
+    result = {"arch": info.arch, "quant": job.quant, "embed_type": job.embed_type,
+              "int4_tensors": len(info.int4_tensors)}
+    if job.validate:
+        t1 = time.perf_counter()
+        ids = probe_tokens(model.config.vocab_size, model.config.bos_token_id)
+        result["validation"] = validate_gguf(_reference(model, job.quant), info, ids).to_dict()
+        result["validate_s"] = time.perf_counter() - t1
+    return result
+
+
+def _export_onnx(job: ExportJob, model, loaded, directory: Path | None, tmp: Path) -> dict:
+    from exporters.onnx import export_onnx
+    from exporters.validate import probe_tokens, validate_onnx
+    from saap_edge.models.int4_linear import Int4Linear
+    from saap_edge.quant.int4 import quantize_model
+
+    if job.quant == "int4" and not any(isinstance(m, Int4Linear) for m in model.modules()):
+        # fp checkpoint: the same group quantizer as recovery, at its default group size
+        model = copy.deepcopy(model)
+        quantize_model(model, None)
+    info = export_onnx(model, tmp, job.quant, job.embed_type, tokenizer=loaded.tokenizer,
+                       provenance=_provenance(directory, model))
+    group = (model.config.quantization or {}).get("group_size") if getattr(model.config, "quantization", None) else None
+    result = {"arch": "decoder with past (" + ("per-layer KV heads" if len({h for h, _ in info.kv}) > 1 else "uniform KV heads") + ")",
+              "quant": job.quant, "embed_type": job.embed_type, "int4_tensors": len(info.int4_tensors),
+              "group_size": group if job.quant == "int4" else None}
+    if job.validate:
+        t1 = time.perf_counter()
+        ids = probe_tokens(model.config.vocab_size, model.config.bos_token_id)
+        result["validation"] = validate_onnx(model, info, ids).to_dict()
+        result["validate_s"] = time.perf_counter() - t1
+    return result

@@ -37,6 +37,8 @@ class Validation:
     top1_agreement: float | None = None
     tokens: list[int] = field(default_factory=list)
     runtime: str = ""
+    weights_max_abs_diff: float = 0.0  # decoded artifact weights vs a*q + b (0: bit-exact)
+    cache_max_abs_diff: float | None = None  # logits through the KV cache vs one full pass
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -101,4 +103,87 @@ def validate_gguf(model, info: GGUFInfo, ids: list[int]) -> Validation:
         raise UserError(f"validation: llama.cpp's top token agrees with torch on only {v.top1_agreement:.0%} of "
                         f"positions for {info.quant} (at least {MIN_TOP1_AGREEMENT[info.quant]:.0%} expected); "
                         "the file was not kept")
+    return v
+
+
+# ---------------------------------------------------------------------------------------------
+# ONNX: MatMulNBits initializers decode to the checkpoint's groups; onnxruntime logits vs torch
+# ---------------------------------------------------------------------------------------------
+
+# ORT float32 vs torch float32 (another summation order): ~1e-5 measured on small models; the
+# int4 graph adds the float zero point's rounding (zp * a reproduces b to ~1 float32 ulp).
+LOGITS_ATOL_ONNX = 1e-3
+ONNX_MIN_TOP1 = 0.9  # near-ties may flip within the bound above
+
+
+def check_onnx_weights(info) -> tuple[int, float]:
+    """MatMulNBits B / scales / zero points of the saved model against each Int4Linear.
+
+    Codes (B) and scales must be bit-identical (scale-0 groups: 1); the decoded weights
+    (q - zp) * s must equal a*q + b to float32 rounding. Returns (tensors, max |w diff|)."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(info.path / "model.onnx"))
+    inits = {t.name: t for t in proto.graph.initializer}
+    worst = 0.0
+    for name, layer in info.int4_tensors.items():
+        found = {k: n for k in ("qweight", "scales", "zero_points") for n in inits if n.endswith(f"{name}.{k}")}
+        if len(found) != 3:
+            raise UserError(f"validation: the ONNX graph lacks the MatMulNBits initializers of {name}; the folder was not kept")
+        b = numpy_helper.to_array(inits[found["qweight"]])
+        s = numpy_helper.to_array(inits[found["scales"]]).reshape(layer.scales.shape)
+        zp = numpy_helper.to_array(inits[found["zero_points"]]).reshape(layer.scales.shape)
+        a = layer.scales.float().numpy()
+        if not np.array_equal(b.reshape(layer.qweight.shape), layer.qweight.numpy()) or \
+                not np.array_equal(s, np.where(a == 0, 1.0, a).astype(np.float32)):
+            raise UserError(f"validation: {name}: MatMulNBits codes or scales differ from the checkpoint; the folder was not kept")
+        n, k, g = layer.out_features, layer.in_features, layer.group_size
+        q = layer.codes.numpy().reshape(n, k // g, g).astype(np.float32)
+        got = (q - zp[..., None]) * s[..., None]
+        want = layer.dequantized(torch.float32).numpy().reshape(n, k // g, g)
+        diff = float(np.abs(got - want).max())
+        bound = 4 * np.finfo(np.float32).eps * max(1.0, float(np.abs(want).max()))
+        if diff > bound:
+            raise UserError(f"validation: {name}: MatMulNBits weights differ from a*q + b by {diff:.3g} "
+                            f"(bound {bound:.3g}); the folder was not kept")
+        worst = max(worst, diff)
+    return len(info.int4_tensors), worst
+
+
+def validate_onnx(model, info, ids: list[int]) -> Validation:
+    """Weights (int4) and logits of the exported folder through onnxruntime, full and cached."""
+    from runtime.base import RuntimeLoadError
+    from runtime.ort import OrtRuntime
+
+    from exporters.onnx import stored_weights_model
+
+    v = Validation(tokens=ids, runtime="onnxruntime")
+    if info.int4_tensors:
+        v.weights_checked, v.weights_max_abs_diff = check_onnx_weights(info)
+    with torch.no_grad():  # torch on the weights as stored (f16 embeddings / projections rounded)
+        ref = stored_weights_model(model, info.quant, info.embed_type)(torch.tensor([ids])).logits[0].float().numpy()
+    try:
+        rt = OrtRuntime(info.path)
+    except RuntimeLoadError as exc:
+        raise UserError(f"validation: {exc}; the folder was not kept") from exc
+    full, _ = rt.forward(np.asarray([ids]))
+    half = len(ids) // 2
+    first, past = rt.forward(np.asarray([ids[:half]]))
+    second, _ = rt.forward(np.asarray([ids[half:]]), past, half)
+    cached = np.concatenate([first, second], axis=1)[0]
+    full = full[0].astype(np.float32)
+    if not np.isfinite(full).all():
+        raise UserError(f"validation: onnxruntime computes non-finite logits from {info.path.name}; the folder was not kept")
+    v.logits_max_abs_diff = float(np.abs(full - ref).max())
+    v.cache_max_abs_diff = float(np.abs(cached - full).max())
+    v.logits_scale = float(np.abs(ref).max())
+    v.top1_agreement = float((full.argmax(-1) == ref.argmax(-1)).mean())
+    bound = LOGITS_ATOL_ONNX * max(1.0, v.logits_scale / 10)
+    if v.logits_max_abs_diff > bound or v.cache_max_abs_diff > bound:
+        raise UserError(f"validation: ONNX logits differ from torch by {v.logits_max_abs_diff:.3g} (with the KV cache: "
+                        f"{v.cache_max_abs_diff:.3g}; bound {bound:.3g}); the folder was not kept")
+    if v.top1_agreement < ONNX_MIN_TOP1:
+        raise UserError(f"validation: onnxruntime's top token agrees with torch on only {v.top1_agreement:.0%} of "
+                        f"positions for {info.quant}; the folder was not kept")
     return v

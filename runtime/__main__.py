@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from runtime.base import Generator, Sampling
-from runtime.llamacpp import LlamaCppRuntime, RuntimeLoadError
+from runtime.base import RuntimeLoadError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("artifact", help="a .gguf file")
+    p.add_argument("artifact", help="a .gguf file or an exported ONNX folder (model.onnx inside)")
     p.add_argument("--prompt", default="Once upon a time", help="text to continue (default: %(default)s)")
     p.add_argument("-n", "--max-new-tokens", type=int, default=64, help="tokens to generate (default: %(default)s)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 for greedy (default: %(default)s)")
@@ -21,9 +22,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def open_runtime(path: str, threads: int | None = None):
-    if path.endswith(".gguf"):
+    """The runtime for an artifact: a .gguf file (llama.cpp) or an ONNX folder / .onnx file."""
+    p = Path(path)
+    if p.suffix == ".gguf":
+        from runtime.llamacpp import LlamaCppRuntime
+
         return LlamaCppRuntime(path, n_threads=threads)
-    raise RuntimeLoadError(f"{path}: unknown artifact type; give a .gguf file")
+    if p.suffix == ".onnx" or p.is_dir():
+        from runtime.ort import OrtRuntime
+
+        return OrtRuntime(path, n_threads=threads)
+    raise RuntimeLoadError(f"{path}: unknown artifact type; give a .gguf file or an exported ONNX folder")
 
 
 def run(a: argparse.Namespace, out=None, err=None) -> int:

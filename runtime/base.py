@@ -14,6 +14,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
+class RuntimeLoadError(ValueError):
+    """The artifact cannot be loaded (missing, truncated, not a model the runtime reads)."""
+
+
 @dataclass
 class Sampling:
     temperature: float = 0.0  # 0: greedy

@@ -7,11 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.base import Runtime
-
-
-class RuntimeLoadError(ValueError):
-    """The artifact cannot be loaded (missing, truncated, not a model the runtime reads)."""
+from runtime.base import Runtime, RuntimeLoadError
 
 
 def _quiet(llama_cpp) -> None:

@@ -178,10 +178,12 @@ def run_eval(a: argparse.Namespace) -> int:
 def add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default="saap-out", help="saap-edge output directory, LLaMA HF directory or .gguf (default: %(default)s)")
     p.add_argument("--format", default="gguf", choices=["gguf", "onnx"], help="artifact format (default: %(default)s)")
-    p.add_argument("--quant", default="q4_1", help="projection tensors: q4_1 (the checkpoint's int4 groups, bit for bit; fp weights are "
-                                                   "quantized by the same group quantizer), f16, f32 (default: %(default)s)")
-    p.add_argument("--embed-type", default="f16", help="token embedding / output matrix: f16, f32, q4_1 (default: %(default)s)")
-    p.add_argument("--out", type=Path, default=None, help="output file (default: <model>/model-<quant>.gguf)")
+    p.add_argument("--quant", default=None, help="projection tensors. GGUF: q4_1 (default), f16, f32; ONNX: int4 (default; "
+                                                 "MatMulNBits), f16, f32. int4/q4_1 carry the checkpoint's int4 groups bit for bit; "
+                                                 "fp weights are quantized by the same group quantizer first")
+    p.add_argument("--embed-type", default="f16", help="token embedding / output matrix: f16, f32, or (GGUF) q4_1 (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=None, help="output file or folder (default: <model>/model-<quant>.gguf, "
+                                                          "<model>/onnx-<quant>/)")
     p.add_argument("--no-validate", action="store_true", help="skip reading the artifact back and comparing it with torch")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
@@ -196,9 +198,11 @@ def run_export(a: argparse.Namespace) -> int:
             ["projections", info["quant"]], ["embeddings", info["embed_type"]], ["int4 tensors packed", info["int4_tensors"]]]
     v = info.get("validation")
     if v:
-        rows += [["weights bit-exact", f"{v['weights_checked']} tensors"],
+        rows += [["int4 weights decode to a*q + b", f"{v['weights_checked']} tensors, max |diff| {v['weights_max_abs_diff']:.2g}"],
                  ["logits max |diff| vs torch", f"{v['logits_max_abs_diff']:.3g} (logit scale {v['logits_scale']:.3g}, {len(v['tokens'])} tokens, {v['runtime']})"],
                  ["top-1 agreement", f"{v['top1_agreement']:.0%}"]]
+        if v.get("cache_max_abs_diff") is not None:
+            rows.append(["logits through the KV cache vs one pass", f"{v['cache_max_abs_diff']:.3g}"])
     print(format_table(["export", ""], rows))
     return 0
 
@@ -211,7 +215,7 @@ def add_run(p: argparse.ArgumentParser) -> None:
 
 def run_run(a: argparse.Namespace) -> int:
     from runtime.__main__ import run
-    from runtime.llamacpp import RuntimeLoadError
+    from runtime.base import RuntimeLoadError
 
     try:
         return run(a)

@@ -28,6 +28,28 @@ def tiny_llama(n_heads=8, n_kv=4, layers=6, hidden=64, ffn=128, vocab=512, seed=
     return LlamaForCausalLM(config).eval()
 
 
+def hetero_model(seed: int = 0, uniform: bool = False, vocab: int = 512):
+    """A random slim model (saap_edge.models.slim) whose layers differ (or not), head_dim 32, scaled so logits spread."""
+    from saap_edge.models.slim import SlimLlamaConfig, SlimLlamaForCausalLM
+
+    heads, kv, ffn = ([4, 4, 4], [2, 2, 2], [256, 256, 256]) if uniform else ([4, 2, 4], [2, 1, 1], [256, 96, 160])
+    config = SlimLlamaConfig(
+        vocab_size=vocab, hidden_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=256, head_dim=32, num_attention_heads_per_layer=heads, num_key_value_heads_per_layer=kv,
+        intermediate_size_per_layer=ffn, max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(seed)
+    model = SlimLlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+            else:
+                p.uniform_(0.8, 1.2)
+    return model.eval()
+
+
 def book_text(chars: int = 60_000) -> str:
     return (DATA_DIR / "text" / "books" / "botchan.txt").read_text(encoding="utf-8-sig")[:chars]
 

@@ -12,7 +12,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf import GGUFReader
 from gguf.quants import dequantize
 
-from conftest import DATA_DIR
+from conftest import DATA_DIR, hetero_model
 from exporters.gguf import permute_rows, q4_1_blocks, q4_1_parts, read_gguf, unpermute_rows, write_gguf
 from saap_edge.errors import UserError
 from saap_edge.models.int4_linear import Int4Linear
@@ -23,26 +23,6 @@ STORIES = DATA_DIR / "models" / "stories260K" / "stories260K.gguf"
 # llama.cpp F32 weights and F32 KV cache against torch float32: measured ~1e-5 on these
 # models (summation order differs); asserted bound:
 F32_ATOL = 1e-4
-
-
-def hetero_model(seed: int = 0, uniform: bool = False, vocab: int = 512) -> SlimLlamaForCausalLM:
-    """A random slim model whose layers differ (or not), head_dim 32, scaled so logits spread."""
-    heads, kv, ffn = ([4, 4, 4], [2, 2, 2], [256, 256, 256]) if uniform else ([4, 2, 4], [2, 1, 1], [256, 96, 160])
-    config = SlimLlamaConfig(
-        vocab_size=vocab, hidden_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=256, head_dim=32, num_attention_heads_per_layer=heads, num_key_value_heads_per_layer=kv,
-        intermediate_size_per_layer=ffn, max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=1,
-        eos_token_id=2,
-    )
-    torch.manual_seed(seed)
-    model = SlimLlamaForCausalLM(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.08)
-            else:
-                p.uniform_(0.8, 1.2)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

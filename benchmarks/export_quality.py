@@ -1,0 +1,182 @@
+"""Exported artifacts against the torch model they came from: WikiText-2 perplexity per runtime.
+
+The model: SmolLM2-135M pruned 20% by SAAP with int4 groups (default: made here with
+`saap-edge compress --ratio 0.2 --recovery none`, i.e. round-to-nearest int4 at G=32; or
+--model DIR, e.g. the demo's saap-out). It is exported with the defaults users get
+(`saap-edge export --format gguf` -> Q4_1, f16 embeddings; `--format onnx` -> MatMulNBits
+int4, f16 embeddings), each export validated as usual, then every runtime scores the same
+token windows:
+
+  torch int4           the checkpoint through transformers (float32 compute)
+  llama.cpp Q4_1       llama-cpp-python, logits of every position (KV cache f16, its default)
+  onnxruntime int4     runtime/ort.py, CPU provider
+
+Protocol: WikiText-2 test text (rows joined by blank lines), tokenized once; the first
+--windows non-overlapping windows of 128 tokens; each window scored on its own (127
+predictions, no BOS), NLL summed in float64. The bar (issue: exporters): each runtime within
+2% of the torch int4 perplexity.
+
+    python benchmarks/export_quality.py --data-dir ../shared/data
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import machine, write_results  # noqa: E402
+
+from saap_edge.compress import versions  # noqa: E402
+from saap_edge.report import format_table  # noqa: E402
+
+CLI = [sys.executable, "-m", "saap_edge.cli"]
+BAR = 0.02
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=None, help="an int4 saap-edge directory (default: made here)")
+    p.add_argument("--windows", type=int, default=32, help="WikiText-2 windows of --window tokens")
+    p.add_argument("--window", type=int, default=128)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--data-dir", default=os.environ.get("SAAP_EDGE_DATA_DIR"))
+    p.add_argument("--work", type=Path, default=Path("benchmarks/work/export"))
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    return p.parse_args(argv)
+
+
+def _cli(args: list[str], log: Path) -> None:
+    with open(log, "w") as f:
+        run = subprocess.run(CLI + args, stdout=f, stderr=subprocess.STDOUT)
+    if run.returncode:
+        raise SystemExit(f"{' '.join(args[:2])} failed; see {log}")
+
+
+def make_model(a) -> Path:
+    model = a.work / "smollm2-saap20-int4"
+    if not (model / "config.json").exists():
+        data = ["--data-dir", a.data_dir] if a.data_dir else []
+        _cli(["compress", "--model", "smollm2-135m", "--ratio", "0.2", "--recovery", "none", "--out", str(model),
+              "--overwrite", "--no-progress"] + data, a.work / "compress.log")
+    return model
+
+
+def windows(model_dir: Path, a) -> np.ndarray:
+    from transformers import AutoTokenizer
+
+    from saap_edge.data import load_text
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = tok(load_text("wikitext2", "test", a.data_dir), add_special_tokens=False)["input_ids"]
+    n = min(a.windows, len(ids) // a.window)
+    return np.asarray(ids[: n * a.window], dtype=np.int64).reshape(n, a.window)
+
+
+def nll_sum(logits: np.ndarray, ids: np.ndarray) -> float:
+    """Summed next-token NLL of one window from its logits [T, vocab] (float64 log-softmax)."""
+    z = logits[:-1].astype(np.float64)
+    z = z - z.max(-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    return float(-logp[np.arange(len(ids) - 1), ids[1:]].sum())
+
+
+def ppl_torch(model_dir: Path, w: np.ndarray) -> float:
+    import torch
+
+    import saap_edge  # noqa: F401  (registers the slim architecture)
+    from saap_edge.eval.ppl import window_perplexity
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    return window_perplexity(model, torch.from_numpy(w), progress=False)["ppl"]
+
+
+def ppl_llama_cpp(path: Path, w: np.ndarray, threads: int | None) -> float:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(path), n_ctx=w.shape[1] + 8, n_batch=w.shape[1], logits_all=True, verbose=False,
+                          n_threads=threads)
+    total = 0.0
+    for row in w:
+        llm.reset()
+        llm.eval(row.tolist())
+        total += nll_sum(np.asarray(llm.scores[: len(row)], dtype=np.float32), row)
+    llm.close()
+    return float(np.exp(total / (w.shape[0] * (w.shape[1] - 1))))
+
+
+def ppl_ort(folder: Path, w: np.ndarray, threads: int | None) -> float:
+    from runtime.ort import OrtRuntime
+
+    rt = OrtRuntime(folder, n_threads=threads)
+    total = 0.0
+    for start in range(0, len(w), 8):
+        batch = w[start : start + 8]
+        logits, _ = rt.forward(batch)
+        total += sum(nll_sum(lg, row) for lg, row in zip(logits, batch))
+    return float(np.exp(total / (w.shape[0] * (w.shape[1] - 1))))
+
+
+def export(model_dir: Path, fmt: str, a) -> tuple[Path, dict]:
+    out = model_dir / ("model-q4_1.gguf" if fmt == "gguf" else "onnx-int4")
+    log = a.work / f"export-{fmt}.log"
+    t0 = time.perf_counter()
+    _cli(["export", str(model_dir), "--format", fmt, "--overwrite"], log)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) if out.is_dir() else out.stat().st_size
+    return out, {"bytes": size, "export_s": round(time.perf_counter() - t0, 1), "export_log": log.read_text()[-1500:]}
+
+
+def markdown(d: dict) -> str:
+    rows = [[r["runtime"], r["artifact"], f"{r['bytes']:,}" if r.get("bytes") else "-", f"{r['ppl']:.3f}",
+             f"{r['vs_torch']:+.2%}", "yes" if abs(r["vs_torch"]) <= BAR else "NO", f"{r['time_s']:.0f}"] for r in d["rows"]]
+    return "\n".join([
+        "# Exported artifacts: perplexity through each runtime",
+        "",
+        f"Model: `{d['model']}` (SmolLM2-135M pruned 20% by SAAP, int4 groups G={d['group_size']}). WikiText-2 test, "
+        f"first {d['windows']} windows of {d['window']} tokens, each scored alone (no BOS). Bar: within "
+        f"{BAR:.0%} of the torch int4 perplexity. Machine: {d['machine']}.",
+        "",
+        format_table(["runtime", "artifact", "bytes", "PPL", "vs torch int4", f"within {BAR:.0%}", "scoring s"], rows),
+        "",
+        f"Command: `{d['command']}`",
+        "",
+    ])
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    a.work.mkdir(parents=True, exist_ok=True)
+    model_dir = a.model or make_model(a)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    if not cfg.get("quantization"):
+        raise SystemExit(f"{model_dir} has no int4 groups; give a recovered (int4) directory")
+    w = windows(model_dir, a)
+    data = {"model": str(model_dir), "group_size": cfg["quantization"]["group_size"], "windows": int(w.shape[0]),
+            "window": int(w.shape[1]), "machine": machine(), "versions": versions(),
+            "command": "python benchmarks/export_quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "rows": []}
+    t0 = time.perf_counter()
+    ref = ppl_torch(model_dir, w)
+    data["rows"].append({"runtime": "torch (float32)", "artifact": "checkpoint", "bytes": None, "ppl": ref,
+                         "vs_torch": 0.0, "time_s": time.perf_counter() - t0})
+    for fmt, label, score in (("gguf", "llama.cpp", ppl_llama_cpp), ("onnx", "onnxruntime", ppl_ort)):
+        path, info = export(model_dir, fmt, a)
+        t0 = time.perf_counter()
+        ppl = score(path, w, a.threads)
+        data["rows"].append({"runtime": label, "artifact": path.name, "ppl": ppl, "vs_torch": ppl / ref - 1,
+                             "time_s": time.perf_counter() - t0, **info})
+        write_results(a.out, "export_quality", data, markdown(data))
+    print(markdown(data))
+    return 0 if all(abs(r["vs_torch"]) <= BAR for r in data["rows"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,348 @@
+"""ONNX exporter: the slim decoder with a KV cache, int4 projections as com.microsoft MatMulNBits.
+
+The graph is the Hugging Face forward of the slim model traced by
+`torch.onnx.export(dynamo=True)` with optimum's input and output names (ONNX_NAMES), so
+each layer's past / present carries that layer's own KV-head count. Only the projection
+modules are swapped before export (DESIGN.md section 5):
+
+- int4: `MatMulNBits(A, B, scales, zero_points, K, N, bits=4, block_size=G)`; B holds the
+  checkpoint's packed codes unchanged (uint8 [N, K/G, G/2], element 2j in the low nibble,
+  which is both our and ORT's nibble order), scales are the checkpoint's fp16 a widened to
+  float32 exactly, and the float zero point zp = -b/a makes ORT's (q - zp) * a equal a*q + b
+  to float32 rounding. A group with a = 0 (all weights equal) gets scale 1 and zp = -b; its
+  codes are all 0, so it decodes to b exactly.
+- f16: weights stored as float16 initializers, cast to float32 in the graph (half the file,
+  float32 arithmetic on every CPU provider). f32: weights as they are.
+
+The traced op is a torch custom op whose eager implementation computes exactly what
+MatMulNBits computes, so the exported program is checked in torch before ORT sees it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from saap_edge.errors import UserError
+from saap_edge.models.int4_linear import Int4Linear
+
+ONNX_QUANTS = ("int4", "f16", "f32")
+IR_VERSION = 10  # onnx 1.23 writes 14; onnxruntime 1.2x-1.3x read at most 10-13 (DESIGN.md 5)
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"  # baked into the graph by the exporter: never rename it
+
+# optimum's names for a decoder with past (text-generation-with-past)
+ONNX_NAMES = {
+    "inputs": ("input_ids", "attention_mask", "position_ids"),
+    "past_key": "past_key_values.{i}.key",
+    "past_value": "past_key_values.{i}.value",
+    "logits": "logits",
+    "present_key": "present.{i}.key",
+    "present_value": "present.{i}.value",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# MatMulNBits as a torch custom op: eager semantics == the contrib op's, ONNX translation below
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("saap::matmul_nbits", mutates_args=())
+def matmul_nbits(x: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor,
+                 k: int, n: int, block_size: int) -> torch.Tensor:
+    """x [..., K] @ W^T with W[n, k] = (q - zp) * s per block of `block_size` along K."""
+    low, high = b & 0x0F, b >> 4
+    q = torch.stack([low, high], dim=-1).reshape(n, k // block_size, block_size).to(x.dtype)
+    w = (q - zero_points.reshape(n, -1, 1).to(x.dtype)) * scales.reshape(n, -1, 1).to(x.dtype)
+    return F.linear(x, w.reshape(n, k))
+
+
+@matmul_nbits.register_fake
+def _(x, b, scales, zero_points, k, n, block_size):
+    return x.new_empty(*x.shape[:-1], n)
+
+
+def _matmul_nbits_schema():
+    """onnx ships no schemas for onnxruntime's contrib ops; the tracer needs one for MatMulNBits
+    (the subset of com.microsoft::MatMulNBits v1 that we emit: A, B, scales, zero_points)."""
+    from onnx.defs import OpSchema
+
+    param = OpSchema.FormalParameter
+    attr = OpSchema.Attribute
+    return OpSchema(
+        "MatMulNBits", "com.microsoft", 1,
+        inputs=[param("A", "T1"), param("B", "T2"), param("scales", "T1"), param("zero_points", "T1")],
+        outputs=[param("Y", "T1")],
+        type_constraints=[("T1", ["tensor(float)", "tensor(float16)"], ""), ("T2", ["tensor(uint8)"], "")],
+        attributes=[attr("K", OpSchema.AttrType.INT, ""), attr("N", OpSchema.AttrType.INT, ""),
+                    attr("bits", OpSchema.AttrType.INT, ""), attr("block_size", OpSchema.AttrType.INT, "")],
+    )
+
+
+def _matmul_nbits_onnx(x, b, scales, zero_points, k: int, n: int, block_size: int):
+    import onnxscript
+
+    op = onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), "MatMulNBits", _matmul_nbits_schema())
+    return op(x, b, scales, zero_points, K=k, N=n, bits=4, block_size=block_size)
+
+
+def matmul_nbits_parts(layer: Int4Linear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MatMulNBits initializers (B uint8 [N, K/G, G/2], scales f32 [N*K/G], zp f32 [N*K/G])."""
+    n, k, g = layer.out_features, layer.in_features, layer.group_size
+    b = layer.qweight.reshape(n, k // g, g // 2).clone()
+    a = layer.scales.float()
+    off = layer.offsets.float()
+    flat = a == 0
+    scales = torch.where(flat, torch.ones_like(a), a)
+    zp = torch.where(flat, -off, -off / scales)
+    if flat.any() and bool((layer.codes.reshape(n, k // g, g)[flat] != 0).any()):
+        raise UserError("int4 group with scale 0 has non-zero codes; re-quantize the checkpoint")
+    return b, scales.reshape(-1).contiguous(), zp.reshape(-1).contiguous()
+
+
+class NBitsLinear(nn.Module):
+    """An Int4Linear as MatMulNBits initializers; forward is the custom op (exports as MatMulNBits)."""
+
+    def __init__(self, layer: Int4Linear):
+        super().__init__()
+        self.k, self.n, self.block_size = layer.in_features, layer.out_features, layer.group_size
+        b, scales, zp = matmul_nbits_parts(layer)
+        self.register_buffer("qweight", b)
+        self.register_buffer("scales", scales)
+        self.register_buffer("zero_points", zp)
+
+    def forward(self, x):
+        return torch.ops.saap.matmul_nbits(x, self.qweight, self.scales, self.zero_points, self.k, self.n, self.block_size)
+
+
+class HalfLinear(nn.Module):
+    """A bias-free Linear stored as float16, computed in the activations' dtype."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.register_buffer("weight", weight.detach().to(torch.float16).clone())
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+class HalfEmbedding(nn.Module):
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.register_buffer("weight", weight.detach().to(torch.float16).clone())
+
+    def forward(self, ids):
+        return F.embedding(ids, self.weight).float()
+
+
+# ---------------------------------------------------------------------------------------------
+# The exported module
+# ---------------------------------------------------------------------------------------------
+
+class DecoderWithPast(nn.Module):
+    """forward(input_ids, attention_mask, position_ids, *past) -> (logits, *present), flat."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.n_layers = model.config.num_hidden_layers
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        from transformers.cache_utils import DynamicCache
+
+        cache = DynamicCache()
+        for i in range(self.n_layers):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True, return_dict=True)
+        present = []
+        for layer in out.past_key_values.layers:
+            present += [layer.keys, layer.values]
+        return (out.logits, *present)
+
+
+def input_names(n_layers: int) -> list[str]:
+    names = list(ONNX_NAMES["inputs"])
+    for i in range(n_layers):
+        names += [ONNX_NAMES["past_key"].format(i=i), ONNX_NAMES["past_value"].format(i=i)]
+    return names
+
+
+def output_names(n_layers: int) -> list[str]:
+    names = [ONNX_NAMES["logits"]]
+    for i in range(n_layers):
+        names += [ONNX_NAMES["present_key"].format(i=i), ONNX_NAMES["present_value"].format(i=i)]
+    return names
+
+
+def kv_shapes(config) -> list[tuple[int, int]]:
+    """(KV heads, head dim) of each layer."""
+    hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads_per_layer", None) or [config.num_key_value_heads] * config.num_hidden_layers
+    return [(int(h), int(hd)) for h in kv]
+
+
+def example_inputs(config, batch: int = 1, seq: int = 3, past: int = 2) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, config.vocab_size, (batch, seq), generator=g)
+    mask = torch.ones(batch, past + seq, dtype=torch.int64)
+    pos = torch.arange(past, past + seq).expand(batch, seq).contiguous()
+    kv = []
+    for h, hd in kv_shapes(config):
+        kv += [torch.randn(batch, h, past, hd, generator=g), torch.randn(batch, h, past, hd, generator=g)]
+    return (ids, mask, pos, *kv)
+
+
+def prepare(model: nn.Module, quant: str, embed_type: str = "f32") -> nn.Module:
+    """A copy of the float32 slim model with projections swapped for the ONNX quant type.
+
+    int4 needs an Int4Linear model (quantize fp weights first with saap_edge.quant.int4)."""
+    import copy
+
+    m = copy.deepcopy(model).float().eval()
+    m.config._attn_implementation = "sdpa"
+    for parent in list(m.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Int4Linear):
+                if quant != "int4":
+                    child = _dense_linear(child)
+                setattr(parent, name, NBitsLinear(child) if quant == "int4" else _half_or_full(child, quant))
+            elif isinstance(child, nn.Linear) and name != "lm_head" and quant == "f16":
+                setattr(parent, name, HalfLinear(child.weight))
+    if embed_type == "f16" or quant == "f16":
+        emb = m.model.embed_tokens
+        half = HalfEmbedding(emb.weight)
+        tied = m.lm_head.weight is emb.weight
+        m.model.embed_tokens = half
+        head = HalfLinear(m.lm_head.weight)
+        if tied:
+            head.weight = half.weight  # one initializer for both, as in the checkpoint
+        m.lm_head = head
+    return m
+
+
+def stored_weights_model(model: nn.Module, quant: str, embed_type: str) -> nn.Module:
+    """The torch model with every weight rounded as the artifact stores it (f16 embeddings or
+    projections); int4 projections are already exact. What ONNX logits are validated against."""
+    import copy
+
+    if quant != "f16" and embed_type != "f16":
+        return model
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            is_embed = name.endswith(("embed_tokens.weight", "lm_head.weight"))
+            if p.dim() == 2 and (is_embed and embed_type == "f16" or not is_embed and quant == "f16"):
+                p.copy_(p.half().float())
+    return m
+
+
+def _dense_linear(layer: Int4Linear) -> nn.Linear:
+    lin = nn.Linear(layer.in_features, layer.out_features, bias=False)
+    lin.weight.data.copy_(layer.dequantized(torch.float32))
+    return lin
+
+
+def _half_or_full(layer: nn.Linear, quant: str) -> nn.Module:
+    return HalfLinear(layer.weight) if quant == "f16" else layer
+
+
+@dataclass
+class OnnxInfo:
+    path: Path  # the output folder
+    quant: str
+    embed_type: str
+    n_layers: int
+    kv: list[tuple[int, int]]
+    int4_tensors: dict[str, Int4Linear] = field(default_factory=dict)  # initializer prefix -> source layer
+
+
+def export_onnx(model: nn.Module, folder: Path, quant: str = "int4", embed_type: str = "f32",
+                tokenizer=None, provenance: dict | None = None) -> OnnxInfo:
+    """Write `folder`/model.onnx (+ .data, config.json, tokenizer files) from a slim float32 model.
+
+    For int4 the model must hold Int4Linear projections (exporters.export quantizes fp ones)."""
+    import onnx
+    from torch.export import Dim
+
+    if quant not in ONNX_QUANTS:
+        raise UserError(f"--quant {quant!r} is not one of {', '.join(ONNX_QUANTS)} for ONNX")
+    _check_block_size(model, quant)
+    prepared = prepare(model, quant, embed_type)
+    int4 = {name: mod for name, mod in model.named_modules() if isinstance(mod, Int4Linear)} if quant == "int4" else {}
+    n = model.config.num_hidden_layers
+    wrapper = DecoderWithPast(prepared).eval()
+    args = example_inputs(model.config)
+    batch, seq, past, total = Dim.DYNAMIC, Dim.DYNAMIC, Dim.DYNAMIC, Dim.DYNAMIC
+    # (the varargs *past form one entry of the input structure)
+    shapes = [{0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, tuple({0: batch, 2: past} for _ in range(2 * n))]
+    folder.mkdir(parents=True, exist_ok=True)
+    quiet = logging.getLogger("torch.onnx")
+    level = quiet.level
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        quiet.setLevel(logging.ERROR)  # "torchvision is not installed" notes and such
+        program = torch.onnx.export(
+            wrapper, args, dynamo=True, input_names=input_names(n), output_names=output_names(n),
+            dynamic_shapes=tuple(shapes), custom_translation_table={torch.ops.saap.matmul_nbits.default: _matmul_nbits_onnx},
+            optimize=True, verbose=False,
+        )
+    quiet.setLevel(level)
+    proto = program.model_proto
+    proto.ir_version = min(proto.ir_version, IR_VERSION)
+    onnx.save_model(proto, str(folder / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=DATA_FILE, size_threshold=1024)
+    os.chmod(folder / DATA_FILE, 0o644)  # onnx creates it private; the model file is 0644 too
+    _write_side_files(model, folder, quant, embed_type, tokenizer, provenance or {})
+    return OnnxInfo(folder, quant, embed_type, n, kv_shapes(model.config), int4)
+
+
+def _check_block_size(model: nn.Module, quant: str) -> None:
+    if quant != "int4":
+        return
+    for name, mod in model.named_modules():
+        if isinstance(mod, Int4Linear):
+            g = mod.group_size
+            if g < 16 or g & (g - 1):
+                raise UserError(f"{name}: group size {g} cannot be a MatMulNBits block (a power of two >= 16 is "
+                                "needed); re-quantize with --group-size 32, 64 or 128")
+
+
+def _write_side_files(model, folder: Path, quant: str, embed_type: str, tokenizer, provenance: dict):
+    cfg = model.config.to_dict()
+    # optimum sizes the empty past from these scalar fields: they are exact when every layer
+    # shares one KV-head count (the only case optimum can run); the per-layer lists stay too.
+    kv = kv_shapes(model.config)
+    cfg["num_key_value_heads"] = kv[0][0]
+    cfg["head_dim"] = kv[0][1]
+    cfg["model_type"] = "llama"
+    cfg.pop("auto_map", None)
+    cfg["use_cache"] = True
+    cfg["saap_onnx"] = {"quant": quant, "embed_type": embed_type, "kv_heads_per_layer": [h for h, _ in kv],
+                        "ir_version": IR_VERSION, **provenance}
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))  # tokenizer.json: what runtime/ort.py reads
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        gen.save_pretrained(str(folder))
+
+
+def initializer(proto_or_path, name: str) -> np.ndarray:
+    """One initializer of a saved model as numpy (external data loaded)."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(proto_or_path)) if not hasattr(proto_or_path, "graph") else proto_or_path
+    for t in proto.graph.initializer:
+        if t.name == name:
+            return numpy_helper.to_array(t)
+    raise KeyError(name)

@@ -1,0 +1,123 @@
+"""onnxruntime runtime: an exported ONNX folder (model.onnx + data, config, tokenizer.json).
+
+The decoder takes optimum's inputs (input_ids, attention_mask, position_ids,
+past_key_values.{i}.key/value) and returns logits and present.{i}.key/value. Each layer's
+cache has that layer's own KV-head count, read from the graph's input shapes, so slim models
+whose layers differ run here (optimum's ORTModelForCausalLM sizes every layer alike).
+Tokenization uses `tokenizers` on tokenizer.json: no torch, no transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from runtime.base import Runtime, RuntimeLoadError
+
+PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)$")
+DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+def _model_path(path: Path) -> Path:
+    if path.is_dir():
+        path = path / "model.onnx"
+    if not path.is_file():
+        raise RuntimeLoadError(f"{path}: no such file (give an exported ONNX folder or its model.onnx)")
+    return path
+
+
+class OrtRuntime(Runtime):
+    name = "onnxruntime"
+
+    def __init__(self, path: str | os.PathLike, n_threads: int | None = None, providers: list[str] | None = None):
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise RuntimeLoadError("onnxruntime is not installed (pip install onnxruntime)") from exc
+        model = _model_path(Path(path))
+        self.folder = model.parent
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if n_threads:
+            opts.intra_op_num_threads = n_threads
+        try:
+            self.session = ort.InferenceSession(str(model), opts, providers=providers or ["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own Fail / InvalidProtobuf / RuntimeException
+            raise RuntimeLoadError(f"onnxruntime cannot load {model}: {str(exc).splitlines()[0][:300]}") from exc
+        self._read_cache_layout()
+        self._read_tokenizer()
+        self.reset()
+
+    def _read_cache_layout(self) -> None:
+        names = {i.name: i for i in self.session.get_inputs()}
+        if "input_ids" not in names:
+            raise RuntimeLoadError(f"{self.folder}: the model has no input_ids input; not a decoder export")
+        layers: dict[int, tuple[int, int]] = {}
+        for name, inp in names.items():
+            m = PAST.match(name)
+            if m:
+                _, heads, _, head_dim = inp.shape
+                if not isinstance(heads, int) or not isinstance(head_dim, int):
+                    raise RuntimeLoadError(f"{name} has no fixed KV-head / head-dim size: {inp.shape}")
+                layers[int(m.group(1))] = (heads, head_dim)
+                self.kv_dtype = DTYPES.get(inp.type, np.float32)
+        self.kv = [layers[i] for i in range(len(layers))]
+        self.inputs = set(names)
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def _read_tokenizer(self) -> None:
+        cfg = {}
+        for name in ("config.json", "generation_config.json"):
+            if (self.folder / name).exists():
+                cfg.update({k: v for k, v in json.loads((self.folder / name).read_text()).items() if v is not None})
+        self.bos_token_id = cfg.get("bos_token_id")
+        eos = cfg.get("eos_token_id")
+        self.eos_token_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.tokenizer = None
+        if (self.folder / "tokenizer.json").exists():
+            from tokenizers import Tokenizer
+
+            self.tokenizer = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
+
+    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
+        if self.tokenizer is None:
+            raise RuntimeLoadError(f"{self.folder} has no tokenizer.json; pass token ids instead of text")
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        if add_bos and self.bos_token_id is not None and (not ids or ids[0] != self.bos_token_id):
+            ids = [self.bos_token_id] + ids
+        return ids
+
+    def detokenize(self, ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return " ".join(map(str, ids))
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def reset(self) -> None:
+        self.past = [(np.zeros((1, h, 0, d), self.kv_dtype), np.zeros((1, h, 0, d), self.kv_dtype)) for h, d in self.kv]
+        self.n_past = 0
+
+    def forward(self, ids: np.ndarray, past=None, n_past: int = 0):
+        """Logits [batch, seq, vocab] and the new cache for ids [batch, seq] after `past`."""
+        batch, seq = ids.shape
+        if past is None:
+            past = [(np.zeros((batch, h, 0, d), self.kv_dtype),) * 2 for h, d in self.kv]
+        feed = {"input_ids": ids.astype(np.int64),
+                "attention_mask": np.ones((batch, n_past + seq), np.int64),
+                "position_ids": np.broadcast_to(np.arange(n_past, n_past + seq, dtype=np.int64), (batch, seq)).copy()}
+        for i, (k, v) in enumerate(past):
+            feed[f"past_key_values.{i}.key"], feed[f"past_key_values.{i}.value"] = k, v
+        out = dict(zip(self.outputs, self.session.run(None, {k: v for k, v in feed.items() if k in self.inputs})))
+        present = [(out[f"present.{i}.key"], out[f"present.{i}.value"]) for i in range(len(self.kv))]
+        return out["logits"], present
+
+    def logits(self, new_ids: list[int]) -> np.ndarray:
+        logits, self.past = self.forward(np.asarray([new_ids], np.int64), self.past, self.n_past)
+        self.n_past += len(new_ids)
+        return logits[0, -1].astype(np.float32)
+
+    def close(self) -> None:
+        self.session = None

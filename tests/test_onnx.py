@@ -1,0 +1,232 @@
+"""ONNX export: MatMulNBits carries the int4 groups, onnxruntime / llama.cpp / torch agree."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import hetero_model
+from exporters.onnx import export_onnx, initializer, matmul_nbits_parts
+from saap_edge.cli import main
+from saap_edge.models.int4_linear import Int4Linear
+from saap_edge.quant.int4 import quantize_groups, quantize_model
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+# onnxruntime float32 vs torch float32 on these models: ~3e-6 measured (summation order; for
+# int4 also the float zero point, which reproduces b to float32 rounding). Asserted bound:
+ORT_ATOL = 1e-4
+IDS = [1, 17, 300, 45, 9, 211, 77, 5, 150, 480, 33, 2, 64, 128, 256, 3]
+
+
+def int4_model(uniform=False):
+    m = hetero_model(uniform=uniform)
+    quantize_model(m, 32)
+    return m
+
+
+def torch_logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].numpy()
+
+
+def greedy_torch(model, ids, n):
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, pad_token_id=0,
+                             eos_token_id=None, attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+    return out[0, len(ids):].tolist()
+
+
+def greedy_runtime(rt, ids, n):
+    from runtime.base import Generator
+
+    rt.eos_token_ids = set()
+    gen = Generator(rt)
+    list(gen.stream(ids, n))
+    return gen.stats.token_ids
+
+
+@pytest.fixture(scope="module")
+def hetero_int4(tmp_path_factory):
+    model = int4_model()
+    folder = tmp_path_factory.mktemp("onnx") / "int4"
+    export_onnx(model, folder, "int4")
+    return model, folder
+
+
+def test_matmul_nbits_reference_equals_the_int4_layer():
+    torch.manual_seed(0)
+    w = torch.randn(24, 64)
+    w[3, :32] = 0.25  # a constant group: scale 0, handled with scale 1 and zp = -b
+    g = quantize_groups(w, 32)
+    layer = Int4Linear.from_parts(g.codes, g.scales, g.offsets)
+    b, s, zp = matmul_nbits_parts(layer)
+    assert b.shape == (24, 2, 16) and torch.equal(b.reshape(24, 32), layer.qweight)
+    assert s[3 * 2] == 1.0 and zp[3 * 2] == -0.25
+    x = torch.randn(5, 64)
+    got = torch.ops.saap.matmul_nbits(x, b, s, zp, 64, 24, 32)
+    assert torch.allclose(got, layer(x), rtol=0, atol=1e-5)
+
+
+def test_matmul_nbits_initializers_are_the_checkpoint_groups(hetero_int4):
+    model, folder = hetero_int4
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, Int4Linear)}
+    assert len(layers) == 21
+    import onnx
+
+    proto = onnx.load(str(folder / "model.onnx"))
+    assert sum(n.op_type == "MatMulNBits" and n.domain == "com.microsoft" for n in proto.graph.node) == 21
+    assert proto.ir_version <= 10
+    names = [t.name for t in proto.graph.initializer]
+    for name, layer in layers.items():
+        b = initializer(proto, next(n for n in names if n.endswith(f"{name}.qweight")))
+        s = initializer(proto, next(n for n in names if n.endswith(f"{name}.scales")))
+        zp = initializer(proto, next(n for n in names if n.endswith(f"{name}.zero_points")))
+        assert np.array_equal(b.reshape(layer.qweight.shape), layer.qweight.numpy())  # codes: every bit
+        assert np.array_equal(s, layer.scales.float().numpy().reshape(-1))  # scales: the fp16 values, widened
+        n, k, g = layer.out_features, layer.in_features, layer.group_size
+        q = layer.codes.numpy().reshape(n, k // g, g).astype(np.float32)
+        decoded = ((q - zp.reshape(n, -1, 1)) * s.reshape(n, -1, 1)).reshape(n, k)
+        want = layer.dequantized().numpy()
+        assert np.abs(decoded - want).max() <= 4 * np.finfo(np.float32).eps * np.abs(want).max()
+
+
+def test_per_layer_kv_cache_shapes_and_cached_logits(hetero_int4):
+    from runtime.ort import OrtRuntime
+
+    model, folder = hetero_int4
+    rt = OrtRuntime(folder)
+    assert rt.kv == [(2, 32), (1, 32), (1, 32)]  # each layer its own KV-head count
+    full, _ = rt.forward(np.asarray([IDS]))
+    ref = torch_logits(model, IDS)
+    assert np.abs(full[0] - ref).max() < ORT_ATOL
+    rt.reset()
+    steps = [rt.logits(IDS[:5])] + [rt.logits([t]) for t in IDS[5:]]
+    assert np.abs(np.stack(steps) - ref[4:]).max() < ORT_ATOL
+    assert [p[0].shape for p in rt.past] == [(1, 2, 16, 32), (1, 1, 16, 32), (1, 1, 16, 32)]
+
+
+def test_torch_onnx_and_llama_cpp_agree_on_a_heterogeneous_model(tmp_path, tiny_tokenizer):
+    llama_cpp = pytest.importorskip("llama_cpp")  # noqa: F841
+    from exporters.gguf import write_gguf
+    from runtime.llamacpp import LlamaCppRuntime
+    from runtime.ort import OrtRuntime
+
+    model = hetero_model(seed=1)
+    export_onnx(model, tmp_path / "onnx", "f32", "f32")
+    tiny_tokenizer.save_pretrained(tmp_path / "tok")
+    write_gguf(model, tmp_path / "m.gguf", "f32", "f32", tokenizer_dir=tmp_path / "tok")
+    ref = torch_logits(model, IDS)
+    ort_rt = OrtRuntime(tmp_path / "onnx")
+    cpp = LlamaCppRuntime(tmp_path / "m.gguf", n_ctx=128, f32_kv=True)
+    assert np.abs(ort_rt.forward(np.asarray([IDS]))[0][0] - ref).max() < ORT_ATOL
+    cpp.reset()
+    cpp_last = cpp.logits(IDS)
+    assert np.abs(cpp_last - ref[-1]).max() < 1e-4  # llama.cpp F32 bound of test_gguf
+    want = greedy_torch(model, IDS, 12)
+    assert greedy_runtime(ort_rt, IDS, 12) == want
+    assert greedy_runtime(cpp, IDS, 12) == want
+
+
+def test_f16_weights_halve_the_file_and_stay_close(tmp_path):
+    model = hetero_model(seed=2)
+    export_onnx(model, tmp_path / "f32", "f32", "f32")
+    export_onnx(model, tmp_path / "f16", "f16", "f16")
+    size = {q: (tmp_path / q / "model.onnx.data").stat().st_size for q in ("f32", "f16")}
+    # (the exporter's optimizer folds Cast into tensors of <= 8192 elements, so a few tiny
+    # k/v weights of this model are stored float32; real models' projections are larger)
+    assert size["f16"] < 0.6 * size["f32"]
+    import onnx
+
+    proto = onnx.load(str(tmp_path / "f16" / "model.onnx"), load_external_data=False)
+    named = [t for t in proto.graph.initializer if t.name.endswith(".weight") and len(t.dims) == 2]
+    assert len(named) >= 10 and all(t.data_type == onnx.TensorProto.FLOAT16 for t in named)
+    from runtime.ort import OrtRuntime
+
+    half = copy.deepcopy(model)
+    with torch.no_grad():  # the same model with every matrix rounded to fp16 (norms stay fp32): what the graph holds
+        for p in half.parameters():
+            if p.dim() == 2:
+                p.copy_(p.half().float())
+    got = OrtRuntime(tmp_path / "f16").forward(np.asarray([IDS]))[0][0]
+    assert np.abs(got - torch_logits(half, IDS)).max() < ORT_ATOL
+
+
+def test_optimum_loads_and_generates_a_uniform_kv_export(tmp_path):
+    pytest.importorskip("optimum.onnxruntime")
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    model = int4_model(uniform=True)
+    export_onnx(model, tmp_path / "u", "int4")
+    ort_model = ORTModelForCausalLM.from_pretrained(tmp_path / "u")
+    ids = torch.tensor([IDS[:6]])
+    got = ort_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False, pad_token_id=0)
+    assert got[0, 6:].tolist() == greedy_torch(model, IDS[:6], 10)
+
+
+# ---------------------------------------------------------------- CLI and runtime
+
+
+@pytest.fixture(scope="module")
+def int4_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    path = tmp_path_factory.mktemp("ckpt") / "ckpt"
+    int4_model().save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+def test_export_onnx_cli_writes_a_validated_folder_that_runs_without_torch(int4_dir, capsys):
+    assert main(["export", str(int4_dir), "--format", "onnx"]) == 0, capsys.readouterr().err
+    text = capsys.readouterr().out
+    folder = int4_dir / "onnx-int4"
+    assert {"model.onnx", "model.onnx.data", "config.json", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
+    assert "21 tensors" in text and "per-layer KV heads" in text and "KV cache" in text
+    assert not list(int4_dir.glob(".onnx-int4.tmp-*"))
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["saap_onnx"]["kv_heads_per_layer"] == [2, 1, 1] and cfg["saap_onnx"]["quant"] == "int4"
+    code = ("import sys\nfrom runtime.__main__ import main\nrc = main([sys.argv[1], '--prompt', 'The cat', '-n', '8'])\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\nsys.exit(rc)")
+    run = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True,
+                         cwd=Path(__file__).parents[1])
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.startswith("The cat") and "[onnxruntime]" in run.stderr and "generated 8 tokens" in run.stderr
+    # --overwrite replaces the folder; without it the folder is refused
+    assert main(["export", str(int4_dir), "--format", "onnx", "--no-validate"]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert main(["export", str(int4_dir), "--format", "onnx", "--overwrite", "--no-validate"]) == 0
+    assert (folder / "model.onnx").exists() and not list(int4_dir.glob(".onnx-int4.old-*"))
+
+
+def test_export_onnx_bad_inputs_exit_2(int4_dir, tmp_path, capsys):
+    cases = [
+        (["export", str(int4_dir), "--format", "onnx", "--quant", "q4_1"], "--quant 'q4_1' is not one of int4, f16, f32"),
+        (["export", str(int4_dir), "--format", "onnx", "--embed-type", "q4_1"], "--embed-type 'q4_1'"),
+    ]
+    for argv, needle in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
+
+
+@pytest.mark.parametrize("damage,needle", [
+    (lambda f: (f / "model.onnx").write_bytes(b"not a protobuf at all"), "onnxruntime cannot load"),
+    (lambda f: (f / "model.onnx.data").write_bytes((f / "model.onnx.data").read_bytes()[:1000]), "onnxruntime cannot load"),
+    (lambda f: (f / "model.onnx").unlink(), "no such file"),
+])
+def test_run_names_a_damaged_onnx_folder(hetero_int4, tmp_path, capsys, damage, needle):
+    import shutil
+
+    folder = tmp_path / "copy"
+    shutil.copytree(hetero_int4[1], folder)
+    damage(folder)
+    assert main(["run", str(folder), "-n", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("saap-edge run: error: ") and needle in err[0], err
