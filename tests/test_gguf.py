@@ -16,7 +16,6 @@ from conftest import DATA_DIR, hetero_model
 from exporters.gguf import permute_rows, q4_1_blocks, q4_1_parts, read_gguf, unpermute_rows, write_gguf
 from saap_edge.errors import UserError
 from saap_edge.models.int4_linear import Int4Linear
-from saap_edge.models.slim import SlimLlamaConfig, SlimLlamaForCausalLM
 from saap_edge.quant.int4 import quantize_groups, quantize_model
 
 STORIES = DATA_DIR / "models" / "stories260K" / "stories260K.gguf"
