@@ -34,6 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import machine, write_results  # noqa: E402
 
+from saap_edge.bench.weights import artifact_bytes  # noqa: E402
 from saap_edge.compress import versions  # noqa: E402
 from saap_edge.report import format_table  # noqa: E402
 
@@ -130,8 +131,7 @@ def export(model_dir: Path, fmt: str, a) -> tuple[Path, dict]:
     log = a.work / f"export-{fmt}.log"
     t0 = time.perf_counter()
     _cli(["export", str(model_dir), "--format", fmt, "--overwrite"], log)
-    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) if out.is_dir() else out.stat().st_size
-    return out, {"bytes": size, "export_s": round(time.perf_counter() - t0, 1), "export_log": log.read_text()[-1500:]}
+    return out, {"bytes": artifact_bytes(out), "export_s": round(time.perf_counter() - t0, 1), "export_log": log.read_text()[-1500:]}
 
 
 def markdown(d: dict) -> str:
@@ -144,7 +144,7 @@ def markdown(d: dict) -> str:
         f"first {d['windows']} windows of {d['window']} tokens, each scored alone (no BOS). Bar: within "
         f"{BAR:.0%} of the torch int4 perplexity. Machine: {d['machine']}.",
         "",
-        format_table(["runtime", "artifact", "bytes", "PPL", "vs torch int4", f"within {BAR:.0%}", "scoring s"], rows),
+        format_table(["runtime", "artifact", "model bytes", "PPL", "vs torch int4", f"within {BAR:.0%}", "scoring s"], rows),
         "",
         f"Command: `{d['command']}`",
         "",

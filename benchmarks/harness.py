@@ -12,6 +12,8 @@ from pathlib import Path
 
 import psutil
 
+from saap_edge.bench.probe import run_child  # noqa: F401  (re-exported for the scripts)
+
 
 class PeakRSS:
     """Samples this process's RSS every `interval` s in a thread; `.peak_mib` after the block.
@@ -65,22 +67,3 @@ def write_results(out_dir: Path, name: str, data: dict, markdown: str) -> tuple[
         tmp.write_text(text)
         tmp.replace(path)
     return paths
-
-
-def run_child(cmd: list[str], log: Path | None = None, interval: float = 0.05, env: dict | None = None) -> dict:
-    """Run `cmd` as a child process; its exit code, wall time and peak RSS (sampled every
-    `interval` s over the child and its own children), so rows do not share one process's peak."""
-    t0 = time.perf_counter()
-    out = open(log, "w") if log else None
-    proc = psutil.Popen(cmd, stdout=out or None, stderr=out or None, env=env)
-    peak = 0
-    while proc.poll() is None:
-        try:
-            rss = proc.memory_info().rss + sum(c.memory_info().rss for c in proc.children(recursive=True))
-            peak = max(peak, rss)
-        except psutil.Error:
-            pass
-        time.sleep(interval)
-    if out:
-        out.close()
-    return {"rc": proc.returncode, "wall_s": time.perf_counter() - t0, "peak_rss_mib": peak / 2**20}

@@ -330,7 +330,9 @@ def _write_side_files(model, folder: Path, quant: str, embed_type: str, tokenize
                         "ir_version": IR_VERSION, **provenance}
     (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
     if tokenizer is not None:
-        tokenizer.save_pretrained(str(folder))  # tokenizer.json: what runtime/ort.py reads
+        from saap_edge.checkpoint import save_tokenizer
+
+        save_tokenizer(tokenizer, folder)  # tokenizer.json: what runtime/ort.py reads
     gen = getattr(model, "generation_config", None)
     if gen is not None:
         gen.save_pretrained(str(folder))

@@ -74,6 +74,7 @@ class OrtRuntime(Runtime):
         for name in ("config.json", "generation_config.json"):
             if (self.folder / name).exists():
                 cfg.update({k: v for k, v in json.loads((self.folder / name).read_text()).items() if v is not None})
+        self.vocab_size = cfg.get("vocab_size")
         self.bos_token_id = cfg.get("bos_token_id")
         eos = cfg.get("eos_token_id")
         self.eos_token_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])

@@ -58,4 +58,10 @@ def save_model(directory: Path, model, tokenizer) -> None:
     """Weights as safetensors (no pickles), config with per-layer sizes, tokenizer files."""
     model.save_pretrained(directory, safe_serialization=True)
     if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
+        save_tokenizer(tokenizer, directory)
+
+
+def save_tokenizer(tokenizer, directory: Path) -> None:
+    """tokenizer.json and its configs. A fast tokenizer is saved without the slow format: a
+    tokenizer read from a GGUF would otherwise copy the whole GGUF as `tokenizer.model`."""
+    tokenizer.save_pretrained(str(directory), legacy_format=False if getattr(tokenizer, "is_fast", False) else None)

@@ -147,32 +147,78 @@ def run_recover(a: argparse.Namespace) -> int:
 
 def add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="saap-edge output directory, HF directory or hub id, .gguf file, or alias")
-    p.add_argument("--ppl", nargs="+", required=True, help="wikitext2, ptb, or a text file path (one or more)")
-    p.add_argument("--split", default="test", help="dataset split (default: %(default)s)")
+    p.add_argument("--ppl", nargs="+", default=None, help="wikitext2, ptb, or a text file path (one or more)")
+    p.add_argument("--tasks", nargs="+", default=None,
+                   help="zero-shot multiple-choice tasks: arc_easy (arc-e), arc_challenge (arc-c), boolq, hellaswag, piqa, "
+                        "winogrande, openbookqa (obqa), or all; a .gguf model is scored by llama.cpp")
+    p.add_argument("--split", default="test", help="dataset split of --ppl (default: %(default)s)")
     p.add_argument("--window", type=int, default=128, help="tokens per non-overlapping window (default: %(default)s; e.g. 2048 for long context)")
-    p.add_argument("--limit", type=int, default=None, help="score only the first N windows (default: all)")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: %(default)s)")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N windows (--ppl) and items of each task (--tasks) (default: all)")
+    p.add_argument("--max-length", type=int, default=2048, help="--tasks: most tokens a request feeds the model; longer "
+                                                                 "ones lose their oldest tokens (default: %(default)s, capped at the model's context)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows or task requests per forward pass (default: %(default)s)")
+    p.add_argument("--scorer", default="auto", choices=["auto", "torch", "llama.cpp"],
+                   help="--tasks: who computes the log-likelihoods; auto = llama.cpp for a .gguf path (the artifact as a "
+                        "device runs it), torch otherwise (default: %(default)s)")
     p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     _add_run_args(p)
 
 
 def run_eval(a: argparse.Namespace) -> int:
+    from saap_edge.eval.zeroshot import load_tasks
+    from saap_edge.models.load import check_architecture, load_model, resolve_model
+
+    if not a.ppl and not a.tasks:
+        raise UserError("nothing to evaluate: give --ppl DATASET..., --tasks TASK..., or both")
+    tasks = load_tasks(a.tasks, a.data_dir, a.limit) if a.tasks else None  # bad names fail before loading
+    kind, location = resolve_model(a.model)
+    if a.scorer == "llama.cpp" and kind not in ("gguf", "alias"):
+        raise UserError(f"--scorer llama.cpp scores GGUF files; export {a.model} first (saap-edge export) or use --scorer torch")
+    on_llama_cpp = bool(tasks) and (a.scorer == "llama.cpp" or (a.scorer == "auto" and kind == "gguf"))
+    loaded = load_model(a.model, a.device, a.dtype) if a.ppl or not on_llama_cpp else None
+    if loaded is None:
+        check_architecture(kind, location)
+    result: dict = {"model": loaded.source if loaded else {"model": a.model, "kind": kind, "path": str(location)}}
+    if a.ppl:
+        result.update(split=a.split, ppl=_eval_ppl(a, loaded))
+    if tasks:
+        result.update(_eval_tasks(a, tasks, loaded, location if on_llama_cpp else None))
+    if a.json:
+        tmp = a.json.with_name(a.json.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        tmp.replace(a.json)
+    return 0
+
+
+def _eval_ppl(a: argparse.Namespace, loaded) -> dict:
     from saap_edge.eval.ppl import evaluate_ppl
-    from saap_edge.models.load import load_model
     from saap_edge.report import format_table
 
-    loaded = load_model(a.model, a.device, a.dtype)
     results = evaluate_ppl(
         loaded.model, loaded.tokenizer, a.ppl, a.split, a.window, a.limit, a.data_dir,
         batch_size=a.batch_size, progress=not a.no_progress,
     )
     rows = [[name, r["ppl"], r["windows"], r["window"], r["tokens_scored"]] for name, r in results.items()]
     print(format_table(["dataset", "perplexity", "windows", "window", "tokens scored"], rows))
-    if a.json:
-        tmp = a.json.with_name(a.json.name + ".tmp")
-        tmp.write_text(json.dumps({"model": loaded.source, "split": a.split, "ppl": results}, indent=1) + "\n")
-        tmp.replace(a.json)
-    return 0
+    return results
+
+
+def _eval_tasks(a: argparse.Namespace, tasks: dict, loaded, gguf: Path | None) -> dict:
+    """Zero-shot accuracy: llama.cpp on the GGUF file when `gguf` is set, else the torch model."""
+    from saap_edge.eval.zeroshot import LlamaCppScorer, TorchScorer, score_tasks
+    from saap_edge.report import format_table
+
+    if gguf is not None:
+        scorer = LlamaCppScorer(gguf, max_length=a.max_length)
+    else:
+        scorer = TorchScorer(loaded.model, loaded.tokenizer, a.batch_size, max_length=a.max_length)
+    try:
+        results = score_tasks(scorer, tasks, progress=not a.no_progress)
+    finally:
+        scorer.close()
+    rows = [[name, r["acc"], r["acc_norm"], r["n"]] for name, r in results.items()]
+    print(format_table(["task", "acc", "acc_norm", "n"], rows))
+    return {"tasks": results, "limit": a.limit, "scorer": "llama.cpp" if gguf is not None else "torch"}
 
 
 def add_export(p: argparse.ArgumentParser) -> None:
@@ -223,12 +269,45 @@ def run_run(a: argparse.Namespace) -> int:
         raise UserError(str(exc)) from exc
 
 
+def add_bench(p: argparse.ArgumentParser) -> None:
+    from saap_edge.config import BENCH_RUNTIMES
+
+    p.add_argument("models", nargs="*", help="saap-edge output directories to compare with the dense model (default: saap-out)")
+    p.add_argument("--dense", default=None, help="the dense model: HF directory, .gguf or alias (default: the source "
+                                                 "recorded in the first model's report.json, else smollm2-135m)")
+    p.add_argument("--runtimes", nargs="+", default=list(BENCH_RUNTIMES), help=f"rows per model (default: {' '.join(BENCH_RUNTIMES)})")
+    p.add_argument("--prompt-tokens", type=int, default=128, help="prefill length (default: %(default)s)")
+    p.add_argument("--new-tokens", type=int, default=64, help="generated tokens per run (default: %(default)s)")
+    p.add_argument("--reps", type=int, default=3, help="timed runs per row; median, min and max reported (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads of every runtime (default: each runtime's own)")
+    p.add_argument("--device", default="cpu", help="torch rows: cpu, or cuda (fp16, allocator peak) (default: %(default)s)")
+    p.add_argument("--no-validate", action="store_true", help="skip the read-back check of each exported artifact")
+    p.add_argument("--out", type=Path, default=Path("bench-out"), help="results folder: bench.json, bench.md, PNG charts, "
+                                                                     "artifacts/ (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def run_bench(a: argparse.Namespace) -> int:
+    from saap_edge.bench import default_models, run_bench as bench
+    from saap_edge.bench.render import markdown
+    from saap_edge.config import BenchSettings
+
+    settings = BenchSettings(tuple(a.runtimes), a.prompt_tokens, a.new_tokens, a.reps, a.warmup, a.threads, a.device,
+                             not a.no_validate).validate()
+    data = bench(default_models(a.models, a.dense), settings, a.out, progress=not a.no_progress)
+    print(markdown(data))
+    print(f"written: {a.out / 'bench.json'}, {a.out / 'bench.md'}, {a.out / 'bench_memory.png'}, {a.out / 'bench_speed.png'}")
+    return 0
+
+
 COMMANDS = {
     "compress": (add_compress, run_compress, "prune a LLaMA-family model with SAAP (or a baseline), then recover it as an int4 model"),
     "recover": (add_recover, run_recover, "int4 + QA-LoRA recovery of a pruned directory (the stage compress runs after pruning)"),
-    "export": (add_export, run_export, "write a compressed model as GGUF (llama.cpp) with its int4 groups packed"),
+    "export": (add_export, run_export, "write a compressed model as GGUF (llama.cpp) or ONNX (onnxruntime) with its int4 groups packed"),
     "run": (add_run, run_run, "generate text from an exported artifact (streams; prints prefill and decode tokens/s)"),
-    "eval": (add_eval, run_eval, "perplexity of a model on WikiText-2, PTB or a text file"),
+    "bench": (add_bench, run_bench, "memory, parameters and tokens/s of dense vs compressed models in torch, llama.cpp and onnxruntime"),
+    "eval": (add_eval, run_eval, "perplexity on WikiText-2, PTB or a text file, and zero-shot accuracy on ARC, BoolQ, HellaSwag, PIQA, WinoGrande, OpenBookQA"),
 }
 
 

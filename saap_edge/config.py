@@ -146,3 +146,34 @@ class RecoverSettings:
     def from_dict(cls, data: dict) -> "RecoverSettings":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+BENCH_RUNTIMES = ("torch", "gguf-f16", "gguf-q4_1", "onnx-f32", "onnx-int4")
+
+
+@dataclass
+class BenchSettings:
+    """`saap-edge bench`: which runtimes, and the speed protocol (batch 1, greedy)."""
+
+    runtimes: tuple[str, ...] = BENCH_RUNTIMES
+    prompt_tokens: int = 128  # prefill length
+    new_tokens: int = 64  # decode steps timed (the first token comes out of the prefill)
+    reps: int = 3  # timed runs per row: median, min and max reported
+    warmup: int = 1  # untimed runs before them
+    threads: int | None = None  # CPU threads of every runtime; None: the runtime's default
+    device: str = "cpu"  # torch rows: cpu, or cuda (fp16, allocator peak)
+    validate_exports: bool = True  # read each exported artifact back before timing it
+
+    def validate(self) -> "BenchSettings":
+        unknown = [r for r in self.runtimes if r not in BENCH_RUNTIMES]
+        if unknown or not self.runtimes:
+            raise UserError(f"--runtimes {' '.join(unknown) or '(none)'}: choose from {', '.join(BENCH_RUNTIMES)}")
+        for name in ("prompt_tokens", "new_tokens", "reps"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.warmup < 0 or (self.threads is not None and self.threads < 1):
+            raise UserError("--warmup must be >= 0 and --threads >= 1")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -93,7 +93,7 @@ def check_architecture(kind: str, location) -> None:
     """Refuse anything that is not a LLaMA-block causal LM, before weights are read."""
     if kind in ("gguf", "alias"):
         arch = gguf_architecture(location)
-        if arch != "llama":
+        if arch not in ("llama", "deci"):
             raise UserError(f"unsupported architecture {arch!r} in {location}: saap-edge supports {SUPPORTED_TEXT}")
         return
     from transformers import AutoConfig
@@ -104,6 +104,19 @@ def check_architecture(kind: str, location) -> None:
         raise UserError(f"cannot load model {location}: {str(exc).splitlines()[0]}") from exc
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise UserError(f"unsupported architecture {config.model_type!r} in {location}: saap-edge supports {SUPPORTED_TEXT}")
+
+
+def _read_gguf(location: Path, torch_dtype):
+    from transformers import AutoTokenizer
+
+    from exporters.gguf import read_gguf
+
+    model, _ = read_gguf(location)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(location.parent), gguf_file=location.name)
+    except Exception:  # noqa: BLE001  (a tokenizer transformers cannot rebuild: token ids still work)
+        tokenizer = None
+    return model.to(torch_dtype), tokenizer
 
 
 def load_model(name: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
@@ -124,7 +137,11 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto") -> LoadedMo
     try:
         tokenizer = AutoTokenizer.from_pretrained(*args, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(*args, dtype=torch_dtype, **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise UserError(f"cannot load model {name}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+    except (OSError, ValueError, KeyError, RuntimeError, AssertionError) as exc:
+        if kind != "gguf":
+            raise UserError(f"cannot load model {name}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+        # transformers' GGUF loader reads only `llama` files it can map (not `deci`, not
+        # llama2.c exports such as stories260K); our reader takes every llama / deci GGUF
+        model, tokenizer = _read_gguf(location, torch_dtype)
     model.to(target).eval()
     return LoadedModel(model, tokenizer, {"model": name, "kind": kind, "path": str(location)})

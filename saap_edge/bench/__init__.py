@@ -1,0 +1,206 @@
+"""`saap-edge bench`: memory, parameters and tokens/s of the dense and compressed models in each
+runtime, laid out like Table III of the paper, with the memory-bandwidth roofline.
+
+Every row runs in its own child process (saap_edge.bench.worker), so its peak RSS is its own;
+on CUDA the torch rows report the allocator peak instead. Artifacts are exported once into
+`<out>/artifacts/<model>/` with the usual read-back validation. A row that fails (a runtime
+not installed, a width a quant type cannot hold) is kept with its reason; the others run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from saap_edge.config import BenchSettings
+from saap_edge.errors import UserError
+
+# runtime name -> (worker runtime, export format, export quant, embedding type)
+ARTIFACTS = {
+    "torch": ("torch", None, None, None),
+    "gguf-f16": ("llama.cpp", "gguf", "f16", "f16"),
+    "gguf-q4_1": ("llama.cpp", "gguf", "q4_1", "f16"),
+    "onnx-f32": ("onnxruntime", "onnx", "f32", "f32"),
+    "onnx-int4": ("onnxruntime", "onnx", "int4", "f16"),
+}
+DENSE = "dense"
+
+
+@dataclass
+class BenchModel:
+    label: str
+    source: str  # saap-edge / HF directory, .gguf file or alias
+
+
+class RowFailed(Exception):
+    pass
+
+
+def artifact_for(model: BenchModel, runtime: str, work: Path, s: BenchSettings) -> Path | str:
+    """The file the runtime runs: the source itself for torch, else an export (made once)."""
+    _, fmt, quant, embed = ARTIFACTS[runtime]
+    if fmt is None:
+        return model.source
+    from exporters import ExportJob, export
+
+    out = work / model.label / (f"model-{quant}.gguf" if fmt == "gguf" else f"onnx-{quant}")
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    export(ExportJob(model.source, fmt, quant, embed, out, validate=s.validate_exports, overwrite=True))
+    return out
+
+
+def measure(runtime: str, artifact, s: BenchSettings, log: Path) -> dict:
+    """Run the worker on one artifact; its JSON plus the child's peak RSS and wall time."""
+    from saap_edge.bench.probe import run_child
+
+    kind = ARTIFACTS[runtime][0]
+    # torch rows load saap_edge (and torch); device runtimes run runtime.bench, which never imports torch,
+    # so their peak memory is the engine's alone
+    module = ["saap_edge.bench.worker"] if kind == "torch" else ["runtime.bench"]
+    cmd = [sys.executable, "-m", *module, str(artifact), "--prompt-tokens", str(s.prompt_tokens),
+           "--new-tokens", str(s.new_tokens), "--reps", str(s.reps), "--warmup", str(s.warmup)]
+    if kind == "torch":
+        cmd += ["--device", s.device, "--dtype", "float16" if s.device.startswith("cuda") else "float32"]
+    if s.threads:
+        cmd += ["--threads", str(s.threads)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")]))
+    child = run_child(cmd, log, env=env)
+    lines = log.read_text(errors="replace").strip().splitlines()
+    if child["rc"] != 0 or not lines or not lines[-1].startswith("{"):
+        raise RowFailed(f"{kind} exited with {child['rc']}: {lines[-1][:300] if lines else 'no output'} (log: {log})")
+    result = json.loads(lines[-1])
+    result["peak_rss_mib"] = child["peak_rss_mib"]
+    result["peak_memory_mib"] = result.get("cuda_peak_mib", child["peak_rss_mib"])
+    result["memory_kind"] = "CUDA allocator peak" if "cuda_peak_mib" in result else "peak RSS of the row's process"
+    return result
+
+
+def file_weights(runtime: str, artifact) -> dict:
+    from saap_edge.bench.weights import artifact_bytes, gguf_weights, onnx_weights
+
+    fmt = ARTIFACTS[runtime][1]
+    if fmt is None:
+        return {}
+    info = gguf_weights(Path(artifact)) if fmt == "gguf" else onnx_weights(Path(artifact))
+    return {**info, "artifact_bytes": artifact_bytes(Path(artifact))}
+
+
+def bench_row(model: BenchModel, runtime: str, work: Path, s: BenchSettings) -> dict:
+    row = {"model": model.label, "source": model.source, "runtime": runtime, "status": "ok"}
+    t0 = time.perf_counter()
+    try:
+        artifact = artifact_for(model, runtime, work, s)
+        row["artifact"] = str(artifact)
+        row.update(file_weights(runtime, artifact))
+        row.update(measure(runtime, artifact, s, work / f"{model.label}-{runtime}.log"))
+    except (UserError, RowFailed, ImportError, OSError) as exc:
+        row.update(status="failed", reason=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    row["row_s"] = time.perf_counter() - t0
+    return row
+
+
+def add_derived(data: dict) -> None:
+    """Ratios to the dense row of the same runtime, and the bandwidth roofline."""
+    bw = data["bandwidth"]["gbs"] * 1e9
+    dense = {r["runtime"]: r for r in data["rows"] if r["model"] == DENSE and r["status"] == "ok"}
+    for r in data["rows"]:
+        if r["status"] != "ok":
+            continue
+        if r.get("bytes_per_token"):
+            r["roofline_tok_s"] = bw / r["bytes_per_token"]
+            r["roofline_share"] = r["decode_tok_s"]["median"] / r["roofline_tok_s"]
+        d = dense.get(r["runtime"])
+        if d is not None:
+            r["vs_dense"] = {k: _ratio(r, d, k) for k in ("params", "artifact_bytes", "peak_memory_mib", "bytes_per_token")}
+            r["vs_dense"]["prefill_tok_s"] = r["prefill_tok_s"]["median"] / d["prefill_tok_s"]["median"]
+            r["vs_dense"]["decode_tok_s"] = r["decode_tok_s"]["median"] / d["decode_tok_s"]["median"]
+    data["targets"] = targets(data["rows"])
+
+
+def _ratio(r: dict, d: dict, key: str) -> float | None:
+    return r[key] / d[key] if r.get(key) and d.get(key) else None
+
+
+def targets(rows: list[dict]) -> list[dict]:
+    """The two CPU targets of the bench: int4 memory vs dense fp16 weights, and the Q4_1 /
+    dense F16 decode ratio vs the ratio of bytes read per token (the ideal for a memory-bound
+    decode)."""
+    ok = {(r["model"], r["runtime"]): r for r in rows if r["status"] == "ok"}
+    out = []
+    dense_f16 = ok.get((DENSE, "gguf-f16"))
+    for (model, runtime), r in ok.items():
+        if model == DENSE or runtime != "gguf-q4_1" or dense_f16 is None:
+            continue
+        fp16_bytes = 2 * dense_f16["params"]
+        share = r["artifact_bytes"] / fp16_bytes
+        out.append({"target": f"{model}: int4 artifact <= 30% of the dense fp16 weights", "measured": share,
+                    "bar": 0.30, "met": share <= 0.30})
+        ideal = dense_f16["bytes_per_token"] / r["bytes_per_token"]
+        got = r["decode_tok_s"]["median"] / dense_f16["decode_tok_s"]["median"]
+        out.append({"target": f"{model}: Q4_1 / dense F16 decode speed-up >= 90% of the bytes-read ideal ({ideal:.2f}x)",
+                    "measured": got / ideal, "speedup": got, "ideal": ideal, "bar": 0.90, "met": got / ideal >= 0.90})
+    return out
+
+
+def default_models(models: list[str], dense: str | None) -> list[BenchModel]:
+    """The dense model first (label `dense`), then each compressed directory by its name."""
+    if not models:
+        if not Path("saap-out").is_dir():
+            raise UserError("no model to benchmark: give saap-edge output directories (e.g. `saap-edge bench saap-out`) "
+                            "or run `saap-edge compress` first")
+        models = ["saap-out"]
+    for m in models:
+        if not Path(m).exists():
+            raise UserError(f"{m}: no such directory or file to benchmark")
+    if dense is None:
+        report = Path(models[0]) / "report.json"
+        src = json.loads(report.read_text()).get("model", {}) if report.exists() else {}
+        dense = src.get("model") or "smollm2-135m"
+    return [BenchModel(DENSE, dense)] + [BenchModel(_label(m), m) for m in models]
+
+
+def _label(path: str) -> str:
+    p = Path(path)
+    plan = p / "prune_plan.json"
+    ratio = json.loads(plan.read_text()).get("ratio") if plan.exists() else None
+    return f"{p.name} ({ratio:.0%} pruned)" if ratio is not None else p.name
+
+
+def run_bench(models: list[BenchModel], s: BenchSettings, out: Path, progress: bool = True) -> dict:
+    """Measure every (model, runtime) row; results/charts are rewritten after each row."""
+    from saap_edge.bench.probe import cuda_bandwidth_gbs, memory_bandwidth_gbs
+    from saap_edge.bench.render import write_outputs
+    from saap_edge.compress import versions
+
+    s.validate()
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / "artifacts"
+    work.mkdir(exist_ok=True)
+    bw = cuda_bandwidth_gbs() if s.device.startswith("cuda") else memory_bandwidth_gbs(threads=s.threads)
+    data = {"settings": s.to_dict(), "bandwidth": bw, "machine": _machine(s.device), "versions": versions(),
+            "models": [m.__dict__ for m in models], "rows": []}
+    pairs = [(m, r) for m in models for r in s.runtimes]
+    for model, runtime in tqdm(pairs, desc="bench", disable=not progress):
+        data["rows"].append(bench_row(model, runtime, work, s))
+        add_derived(data)
+        write_outputs(data, out)
+    return data
+
+
+def _machine(device: str) -> dict:
+    import platform
+
+    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
+    if device.startswith("cuda"):
+        import torch
+
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
