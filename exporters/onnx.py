@@ -5,12 +5,16 @@ The graph is the Hugging Face forward of the slim model traced by
 each layer's past / present carries that layer's own KV-head count. Only the projection
 modules are swapped before export (DESIGN.md section 5):
 
-- int4: `MatMulNBits(A, B, scales, zero_points, K, N, bits=4, block_size=G)`; B holds the
-  checkpoint's packed codes unchanged (uint8 [N, K/G, G/2], element 2j in the low nibble,
-  which is both our and ORT's nibble order), scales are the checkpoint's fp16 a widened to
-  float32 exactly, and the float zero point zp = -b/a makes ORT's (q - zp) * a equal a*q + b
-  to float32 rounding. A group with a = 0 (all weights equal) gets scale 1 and zp = -b; its
-  codes are all 0, so it decodes to b exactly.
+- int4: y = MatMulNBits(x, B, scales, zero_points = 0, K, N, bits=4, block_size=G)
+  + MatMul(group sums of x, offsets^T). B holds the checkpoint's packed codes unchanged
+  (uint8 [N, K/G, G/2], element 2j in the low nibble: our order and ORT's), scales are the
+  fp16 a widened to float32, the uint8 zero points are 0 and the offsets are the fp16 b
+  widened to float32, so the graph's weights are a*q + b with every stored number intact.
+  Why not one MatMulNBits with float zero points zp = -b/a (DESIGN.md section 5, which is
+  exact to ~1 ulp): onnxruntime 1.32's CPU kernel has no fast path for float zero points;
+  measured on a 1536 x 576 projection at batch 1, 1.39 ms against 0.039 ms with uint8 zero
+  points (0.037 ms for an fp32 MatMul). The group-sum term costs one small MatMul
+  ([.., K/G] x [K/G, N]) per projection.
 - f16: weights stored as float16 initializers, cast to float32 in the graph (half the file,
   float32 arithmetic on every CPU provider). f32: weights as they are.
 
@@ -55,13 +59,19 @@ ONNX_NAMES = {
 # MatMulNBits as a torch custom op: eager semantics == the contrib op's, ONNX translation below
 # ---------------------------------------------------------------------------------------------
 
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    return torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(*packed.shape[:-1], -1)
+
+
 @torch.library.custom_op("saap::matmul_nbits", mutates_args=())
 def matmul_nbits(x: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor,
                  k: int, n: int, block_size: int) -> torch.Tensor:
-    """x [..., K] @ W^T with W[n, k] = (q - zp) * s per block of `block_size` along K."""
-    low, high = b & 0x0F, b >> 4
-    q = torch.stack([low, high], dim=-1).reshape(n, k // block_size, block_size).to(x.dtype)
-    w = (q - zero_points.reshape(n, -1, 1).to(x.dtype)) * scales.reshape(n, -1, 1).to(x.dtype)
+    """x [..., K] @ W^T with W[n, k] = (q - zp) * s per block of `block_size` along K
+    (MatMulNBits with uint8 zero points: two 4-bit zero points a byte, rows padded to whole bytes)."""
+    groups = k // block_size
+    q = _nibbles(b).reshape(n, groups, block_size).to(x.dtype)
+    zp = _nibbles(zero_points.reshape(n, -1))[:, :groups].to(x.dtype)
+    w = (q - zp[..., None]) * scales.reshape(n, groups, 1).to(x.dtype)
     return F.linear(x, w.reshape(n, k))
 
 
@@ -79,7 +89,7 @@ def _matmul_nbits_schema():
     attr = OpSchema.Attribute
     return OpSchema(
         "MatMulNBits", "com.microsoft", 1,
-        inputs=[param("A", "T1"), param("B", "T2"), param("scales", "T1"), param("zero_points", "T1")],
+        inputs=[param("A", "T1"), param("B", "T2"), param("scales", "T1"), param("zero_points", "T2")],
         outputs=[param("Y", "T1")],
         type_constraints=[("T1", ["tensor(float)", "tensor(float16)"], ""), ("T2", ["tensor(uint8)"], "")],
         attributes=[attr("K", OpSchema.AttrType.INT, ""), attr("N", OpSchema.AttrType.INT, ""),
@@ -94,33 +104,32 @@ def _matmul_nbits_onnx(x, b, scales, zero_points, k: int, n: int, block_size: in
     return op(x, b, scales, zero_points, K=k, N=n, bits=4, block_size=block_size)
 
 
-def matmul_nbits_parts(layer: Int4Linear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """MatMulNBits initializers (B uint8 [N, K/G, G/2], scales f32 [N*K/G], zp f32 [N*K/G])."""
+def matmul_nbits_parts(layer: Int4Linear) -> dict[str, torch.Tensor]:
+    """The initializers of one int4 projection: MatMulNBits' B (uint8 [N, K/G, G/2]), scales
+    (f32 [N*K/G]) and zero points (uint8 zeros, [N * ceil(K/G / 2)]), and the offsets (f32 [K/G, N])."""
     n, k, g = layer.out_features, layer.in_features, layer.group_size
-    b = layer.qweight.reshape(n, k // g, g // 2).clone()
-    a = layer.scales.float()
-    off = layer.offsets.float()
-    flat = a == 0
-    scales = torch.where(flat, torch.ones_like(a), a)
-    zp = torch.where(flat, -off, -off / scales)
-    if flat.any() and bool((layer.codes.reshape(n, k // g, g)[flat] != 0).any()):
-        raise UserError("int4 group with scale 0 has non-zero codes; re-quantize the checkpoint")
-    return b, scales.reshape(-1).contiguous(), zp.reshape(-1).contiguous()
+    groups = k // g
+    return {
+        "qweight": layer.qweight.reshape(n, groups, g // 2).clone(),
+        "scales": layer.scales.float().reshape(-1).contiguous(),
+        "zero_points": torch.zeros(n * ((groups + 1) // 2), dtype=torch.uint8),
+        "offsets": layer.offsets.float().t().contiguous(),
+    }
 
 
 class NBitsLinear(nn.Module):
-    """An Int4Linear as MatMulNBits initializers; forward is the custom op (exports as MatMulNBits)."""
+    """An Int4Linear as MatMulNBits (the a*q part) plus the offsets applied to group sums of x."""
 
     def __init__(self, layer: Int4Linear):
         super().__init__()
         self.k, self.n, self.block_size = layer.in_features, layer.out_features, layer.group_size
-        b, scales, zp = matmul_nbits_parts(layer)
-        self.register_buffer("qweight", b)
-        self.register_buffer("scales", scales)
-        self.register_buffer("zero_points", zp)
+        for name, tensor in matmul_nbits_parts(layer).items():
+            self.register_buffer(name, tensor)
 
     def forward(self, x):
-        return torch.ops.saap.matmul_nbits(x, self.qweight, self.scales, self.zero_points, self.k, self.n, self.block_size)
+        scaled = torch.ops.saap.matmul_nbits(x, self.qweight, self.scales, self.zero_points, self.k, self.n, self.block_size)
+        sums = x.reshape(*x.shape[:-1], self.k // self.block_size, self.block_size).sum(-1)
+        return scaled + sums @ self.offsets
 
 
 class HalfLinear(nn.Module):

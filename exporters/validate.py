@@ -116,39 +116,46 @@ LOGITS_ATOL_ONNX = 1e-3
 ONNX_MIN_TOP1 = 0.9  # near-ties may flip within the bound above
 
 
-def check_onnx_weights(info) -> tuple[int, float]:
-    """MatMulNBits B / scales / zero points of the saved model against each Int4Linear.
+def int4_initializer_names(proto, module: str) -> dict[str, str]:
+    """Initializer names of one int4 projection, read off its MatMulNBits node (the exporter's
+    optimizer shares equal constants, e.g. the all-zero zero points, between projections)."""
+    names = {}
+    for node in proto.graph.node:
+        if node.op_type == "MatMulNBits" and node.input[1].endswith(f"{module}.qweight"):
+            names = dict(zip(("qweight", "scales", "zero_points"), node.input[1:4]))
+    offsets = [t.name for t in proto.graph.initializer if t.name.endswith(f"{module}.offsets")]
+    if offsets:
+        names["offsets"] = offsets[0]
+    return names
 
-    Codes (B) and scales must be bit-identical (scale-0 groups: 1); the decoded weights
-    (q - zp) * s must equal a*q + b to float32 rounding. Returns (tensors, max |w diff|)."""
+
+def check_onnx_weights(info) -> tuple[int, float]:
+    """The int4 initializers of the saved model against each Int4Linear, every number exact:
+    MatMulNBits B == the packed codes, scales == a, zero points == 0, offsets == b; and the
+    weights they decode to, (q - 0) * a + b in float32, equal the checkpoint's a*q + b.
+    Returns (tensors checked, max |decoded - a*q + b|), the latter 0 when it passes."""
     import onnx
     from onnx import numpy_helper
 
+    from exporters.onnx import matmul_nbits_parts
+
     proto = onnx.load(str(info.path / "model.onnx"))
     inits = {t.name: t for t in proto.graph.initializer}
-    worst = 0.0
     for name, layer in info.int4_tensors.items():
-        found = {k: n for k in ("qweight", "scales", "zero_points") for n in inits if n.endswith(f"{name}.{k}")}
-        if len(found) != 3:
-            raise UserError(f"validation: the ONNX graph lacks the MatMulNBits initializers of {name}; the folder was not kept")
-        b = numpy_helper.to_array(inits[found["qweight"]])
-        s = numpy_helper.to_array(inits[found["scales"]]).reshape(layer.scales.shape)
-        zp = numpy_helper.to_array(inits[found["zero_points"]]).reshape(layer.scales.shape)
-        a = layer.scales.float().numpy()
-        if not np.array_equal(b.reshape(layer.qweight.shape), layer.qweight.numpy()) or \
-                not np.array_equal(s, np.where(a == 0, 1.0, a).astype(np.float32)):
-            raise UserError(f"validation: {name}: MatMulNBits codes or scales differ from the checkpoint; the folder was not kept")
+        want = {k: v.numpy() for k, v in matmul_nbits_parts(layer).items()}
+        found = int4_initializer_names(proto, name)
+        if len(found) != len(want) or not all(n in inits for n in found.values()):
+            raise UserError(f"validation: the ONNX graph lacks the int4 initializers of {name}; the folder was not kept")
+        got = {k: numpy_helper.to_array(inits[n]) for k, n in found.items()}
+        for key, value in want.items():
+            if got[key].dtype != value.dtype or not np.array_equal(got[key].reshape(value.shape), value):
+                raise UserError(f"validation: {name}.{key} in the ONNX graph differs from the checkpoint; the folder was not kept")
         n, k, g = layer.out_features, layer.in_features, layer.group_size
         q = layer.codes.numpy().reshape(n, k // g, g).astype(np.float32)
-        got = (q - zp[..., None]) * s[..., None]
-        want = layer.dequantized(torch.float32).numpy().reshape(n, k // g, g)
-        diff = float(np.abs(got - want).max())
-        bound = 4 * np.finfo(np.float32).eps * max(1.0, float(np.abs(want).max()))
-        if diff > bound:
-            raise UserError(f"validation: {name}: MatMulNBits weights differ from a*q + b by {diff:.3g} "
-                            f"(bound {bound:.3g}); the folder was not kept")
-        worst = max(worst, diff)
-    return len(info.int4_tensors), worst
+        decoded = q * got["scales"].reshape(n, -1, 1) + got["offsets"].reshape(k // g, n).T[..., None]
+        if not np.array_equal(decoded.reshape(n, k), layer.dequantized(torch.float32).numpy()):
+            raise UserError(f"validation: {name}: the ONNX int4 weights do not decode to a*q + b; the folder was not kept")
+    return len(info.int4_tensors), 0.0
 
 
 def validate_onnx(model, info, ids: list[int]) -> Validation:

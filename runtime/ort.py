@@ -87,10 +87,9 @@ class OrtRuntime(Runtime):
     def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
         if self.tokenizer is None:
             raise RuntimeLoadError(f"{self.folder} has no tokenizer.json; pass token ids instead of text")
-        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
-        if add_bos and self.bos_token_id is not None and (not ids or ids[0] != self.bos_token_id):
-            ids = [self.bos_token_id] + ids
-        return ids
+        # the tokenizer's own post-processor decides on BOS, as transformers does (LLaMA's adds
+        # <s>, SmolLM2's adds nothing); llama.cpp follows the same rule from the GGUF metadata
+        return self.tokenizer.encode(text, add_special_tokens=add_bos).ids
 
     def detokenize(self, ids: list[int]) -> str:
         if self.tokenizer is None:

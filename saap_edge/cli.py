@@ -285,6 +285,7 @@ def add_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-validate", action="store_true", help="skip the read-back check of each exported artifact")
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="results folder: bench.json, bench.md, PNG charts, "
                                                                      "artifacts/ (default: %(default)s)")
+    p.add_argument("--artifacts", type=Path, default=None, help="where exported artifacts and row logs go (default: <out>/artifacts)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -295,7 +296,7 @@ def run_bench(a: argparse.Namespace) -> int:
 
     settings = BenchSettings(tuple(a.runtimes), a.prompt_tokens, a.new_tokens, a.reps, a.warmup, a.threads, a.device,
                              not a.no_validate).validate()
-    data = bench(default_models(a.models, a.dense), settings, a.out, progress=not a.no_progress)
+    data = bench(default_models(a.models, a.dense), settings, a.out, progress=not a.no_progress, artifacts=a.artifacts)
     print(markdown(data))
     print(f"written: {a.out / 'bench.json'}, {a.out / 'bench.md'}, {a.out / 'bench_memory.png'}, {a.out / 'bench_speed.png'}")
     return 0

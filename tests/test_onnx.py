@@ -62,21 +62,28 @@ def hetero_int4(tmp_path_factory):
     return model, folder
 
 
-def test_matmul_nbits_reference_equals_the_int4_layer():
+def test_int4_projection_graph_equals_the_int4_layer():
+    from exporters.onnx import NBitsLinear
+
     torch.manual_seed(0)
-    w = torch.randn(24, 64)
-    w[3, :32] = 0.25  # a constant group: scale 0, handled with scale 1 and zp = -b
+    w = torch.randn(24, 96)
+    w[3, :32] = 0.25  # a constant group: scale 0, the offset carries it
     g = quantize_groups(w, 32)
     layer = Int4Linear.from_parts(g.codes, g.scales, g.offsets)
-    b, s, zp = matmul_nbits_parts(layer)
-    assert b.shape == (24, 2, 16) and torch.equal(b.reshape(24, 32), layer.qweight)
-    assert s[3 * 2] == 1.0 and zp[3 * 2] == -0.25
-    x = torch.randn(5, 64)
-    got = torch.ops.saap.matmul_nbits(x, b, s, zp, 64, 24, 32)
-    assert torch.allclose(got, layer(x), rtol=0, atol=1e-5)
+    parts = matmul_nbits_parts(layer)
+    assert parts["qweight"].shape == (24, 3, 16) and torch.equal(parts["qweight"].reshape(24, 48), layer.qweight)
+    assert parts["zero_points"].shape == (24 * 2,) and not parts["zero_points"].any()  # 3 groups -> 2 bytes a row
+    assert torch.equal(parts["offsets"], layer.offsets.float().t()) and parts["scales"][3 * 3] == 0
+    x = torch.randn(5, 96)
+    assert torch.allclose(NBitsLinear(layer)(x), layer(x), rtol=1e-5, atol=1e-5)
+    # the custom op alone is MatMulNBits: with zero points 1 every weight moves down by one scale
+    ones = torch.full_like(parts["zero_points"], 0x11)
+    got = torch.ops.saap.matmul_nbits(x, parts["qweight"], parts["scales"], ones, 96, 24, 32)
+    shifted = (layer.codes.float().reshape(24, 3, 32) - 1) * layer.scales.float()[..., None]
+    assert torch.allclose(got, x @ shifted.reshape(24, 96).T, rtol=1e-5, atol=1e-5)
 
 
-def test_matmul_nbits_initializers_are_the_checkpoint_groups(hetero_int4):
+def test_int4_initializers_are_the_checkpoint_groups(hetero_int4):
     model, folder = hetero_int4
     layers = {n: m for n, m in model.named_modules() if isinstance(m, Int4Linear)}
     assert len(layers) == 21
@@ -85,18 +92,19 @@ def test_matmul_nbits_initializers_are_the_checkpoint_groups(hetero_int4):
     proto = onnx.load(str(folder / "model.onnx"))
     assert sum(n.op_type == "MatMulNBits" and n.domain == "com.microsoft" for n in proto.graph.node) == 21
     assert proto.ir_version <= 10
-    names = [t.name for t in proto.graph.initializer]
+    from exporters.validate import int4_initializer_names
+
     for name, layer in layers.items():
-        b = initializer(proto, next(n for n in names if n.endswith(f"{name}.qweight")))
-        s = initializer(proto, next(n for n in names if n.endswith(f"{name}.scales")))
-        zp = initializer(proto, next(n for n in names if n.endswith(f"{name}.zero_points")))
+        found = int4_initializer_names(proto, name)
+        get = lambda key: initializer(proto, found[key])  # noqa: E731
+        b, s, zp, off = get("qweight"), get("scales"), get("zero_points"), get("offsets")
         assert np.array_equal(b.reshape(layer.qweight.shape), layer.qweight.numpy())  # codes: every bit
         assert np.array_equal(s, layer.scales.float().numpy().reshape(-1))  # scales: the fp16 values, widened
+        assert not zp.any() and np.array_equal(off, layer.offsets.float().numpy().T)  # offsets: the fp16 b, widened
         n, k, g = layer.out_features, layer.in_features, layer.group_size
         q = layer.codes.numpy().reshape(n, k // g, g).astype(np.float32)
-        decoded = ((q - zp.reshape(n, -1, 1)) * s.reshape(n, -1, 1)).reshape(n, k)
-        want = layer.dequantized().numpy()
-        assert np.abs(decoded - want).max() <= 4 * np.finfo(np.float32).eps * np.abs(want).max()
+        decoded = (q * s.reshape(n, -1, 1) + off.T[..., None]).reshape(n, k)
+        assert np.array_equal(decoded, layer.dequantized().numpy())
 
 
 def test_per_layer_kv_cache_shapes_and_cached_logits(hetero_int4):

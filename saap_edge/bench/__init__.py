@@ -174,16 +174,18 @@ def _label(path: str) -> str:
     return f"{p.name} ({ratio:.0%} pruned)" if ratio is not None else p.name
 
 
-def run_bench(models: list[BenchModel], s: BenchSettings, out: Path, progress: bool = True) -> dict:
-    """Measure every (model, runtime) row; results/charts are rewritten after each row."""
+def run_bench(models: list[BenchModel], s: BenchSettings, out: Path, progress: bool = True,
+              artifacts: Path | None = None) -> dict:
+    """Measure every (model, runtime) row; results/charts are rewritten after each row.
+    Exported artifacts and row logs go to `artifacts` (default `<out>/artifacts`)."""
     from saap_edge.bench.probe import cuda_bandwidth_gbs, memory_bandwidth_gbs
     from saap_edge.bench.render import write_outputs
     from saap_edge.compress import versions
 
     s.validate()
     out.mkdir(parents=True, exist_ok=True)
-    work = out / "artifacts"
-    work.mkdir(exist_ok=True)
+    work = artifacts or out / "artifacts"
+    work.mkdir(parents=True, exist_ok=True)
     bw = cuda_bandwidth_gbs() if s.device.startswith("cuda") else memory_bandwidth_gbs(threads=s.threads)
     data = {"settings": s.to_dict(), "bandwidth": bw, "machine": _machine(s.device), "versions": versions(),
             "models": [m.__dict__ for m in models], "rows": []}
