@@ -100,3 +100,13 @@ def test_bench_cli_bad_inputs(tmp_path, capsys):
     assert "no such directory" in capsys.readouterr().err
     assert main(["bench", str(tmp_path), "--runtimes", "tensorrt"]) == 2
     assert "--runtimes tensorrt" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_bench_torch_rows_on_cuda_report_the_allocator_peak(tmp_path, tiny_model_dir):
+    s = BenchSettings(runtimes=("torch",), prompt_tokens=8, new_tokens=4, reps=1, warmup=0, device="cuda")
+    data = run_bench([BenchModel(DENSE, str(tiny_model_dir))], s, tmp_path / "out", progress=False)
+    row = data["rows"][0]
+    assert row["status"] == "ok", row.get("reason")
+    assert row["memory_kind"] == "CUDA allocator peak" and 0 < row["peak_memory_mib"] < row["peak_rss_mib"]
+    assert data["bandwidth"]["method"].startswith("torch device copy") and "gpu" in data["machine"]

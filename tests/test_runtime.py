@@ -34,7 +34,7 @@ def test_sampling_rules():
 
 
 def test_runtime_needs_no_torch():
-    code = ("import sys, runtime.base, runtime.llamacpp, runtime.__main__\n"
+    code = ("import sys, runtime.base, runtime.llamacpp, runtime.ort, runtime.bench, runtime.__main__\n"
             "assert 'torch' not in sys.modules, 'torch was imported'\nprint('ok')")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
