@@ -270,12 +270,12 @@ def run_run(a: argparse.Namespace) -> int:
 
 
 def add_bench(p: argparse.ArgumentParser) -> None:
-    from saap_edge.config import BENCH_RUNTIMES
+    from saap_edge.config import BENCH_RUNTIMES, EXTRA_BENCH_RUNTIMES
 
     p.add_argument("models", nargs="*", help="saap-edge output directories to compare with the dense model (default: saap-out)")
     p.add_argument("--dense", default=None, help="the dense model: HF directory, .gguf or alias (default: the source "
                                                  "recorded in the first model's report.json, else smollm2-135m)")
-    p.add_argument("--runtimes", nargs="+", default=list(BENCH_RUNTIMES), help=f"rows per model (default: {' '.join(BENCH_RUNTIMES)})")
+    p.add_argument("--runtimes", nargs="+", default=list(BENCH_RUNTIMES), help=f"rows per model (default: {' '.join(BENCH_RUNTIMES)}; also {' '.join(EXTRA_BENCH_RUNTIMES)})")
     p.add_argument("--prompt-tokens", type=int, default=128, help="prefill length (default: %(default)s)")
     p.add_argument("--new-tokens", type=int, default=64, help="generated tokens per run (default: %(default)s)")
     p.add_argument("--reps", type=int, default=3, help="timed runs per row; median, min and max reported (default: %(default)s)")

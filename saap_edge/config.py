@@ -149,6 +149,7 @@ class RecoverSettings:
 
 
 BENCH_RUNTIMES = ("torch", "gguf-f16", "gguf-q4_1", "onnx-f32", "onnx-int4")
+EXTRA_BENCH_RUNTIMES = ("gguf-q4_1-embq4",)  # on request: the embedding / output matrix in Q4_1 too
 
 
 @dataclass
@@ -165,9 +166,10 @@ class BenchSettings:
     validate_exports: bool = True  # read each exported artifact back before timing it
 
     def validate(self) -> "BenchSettings":
-        unknown = [r for r in self.runtimes if r not in BENCH_RUNTIMES]
+        known = BENCH_RUNTIMES + EXTRA_BENCH_RUNTIMES
+        unknown = [r for r in self.runtimes if r not in known]
         if unknown or not self.runtimes:
-            raise UserError(f"--runtimes {' '.join(unknown) or '(none)'}: choose from {', '.join(BENCH_RUNTIMES)}")
+            raise UserError(f"--runtimes {' '.join(unknown) or '(none)'}: choose from {', '.join(known)}")
         for name in ("prompt_tokens", "new_tokens", "reps"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
