@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import machine, write_results  # noqa: E402
 
 from saap_edge.bench.probe import run_child  # noqa: E402
+from saap_edge.bench.weights import torch_weights  # noqa: E402  (int4 projections count their logical weights)
 from saap_edge.compress import versions  # noqa: E402
 from saap_edge.config import PruneSettings  # noqa: E402
 from saap_edge.report import format_table  # noqa: E402
@@ -173,7 +174,7 @@ class Report:
             loaded = load_model(str(out), "cpu", "float32")
             rec = json.loads((out / "report.json").read_text()).get("recovery", {})
             row = {"table": table, "label": f"saap (default) + {recovery}", "ratio": ratio, "recovery": recovery,
-                   "params": sum(p.numel() for p in loaded.model.parameters()), "dir": str(out),
+                   "params": torch_weights(loaded.model)["params"], "dir": str(out),
                    "recover_peak_rss_mib": child["peak_rss_mib"], "recover_wall_s": child["wall_s"],
                    "trainable_params": rec.get("trainable_params"), **self.quality(loaded.model, loaded.tokenizer)}
             if not self.a.skip_bench:
