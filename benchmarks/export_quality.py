@@ -10,6 +10,8 @@ token windows:
   torch int4           the checkpoint through transformers (float32 compute)
   llama.cpp Q4_1       llama-cpp-python, logits of every position (KV cache f16, its default)
   onnxruntime int4     runtime/ort.py, CPU provider
+  llama.cpp Q4_1, embedding Q4_1 too (`--embed-type q4_1`): the smallest GGUF, measured
+                       for what it costs, not held to the bar
 
 Protocol: WikiText-2 test text (rows joined by blank lines), tokenized once; the first
 --windows non-overlapping windows of 128 tokens; each window scored on its own (127
@@ -126,17 +128,21 @@ def ppl_ort(folder: Path, w: np.ndarray, threads: int | None) -> float:
     return float(np.exp(total / (w.shape[0] * (w.shape[1] - 1))))
 
 
-def export(model_dir: Path, fmt: str, a) -> tuple[Path, dict]:
-    out = model_dir / ("model-q4_1.gguf" if fmt == "gguf" else "onnx-int4")
-    log = a.work / f"export-{fmt}.log"
+def export(model_dir: Path, fmt: str, a, embed: str = "f16") -> tuple[Path, dict]:
+    suffix = "" if embed == "f16" else f"-emb{embed}"
+    out = model_dir / (f"model-q4_1{suffix}.gguf" if fmt == "gguf" else f"onnx-int4{suffix}")
+    log = a.work / f"export-{fmt}{suffix}.log"
     t0 = time.perf_counter()
-    _cli(["export", str(model_dir), "--format", fmt, "--overwrite"], log)
+    # the Q4_1-embedding variant is measured, not gated: its read-back check is left to this table
+    extra = [] if embed == "f16" else ["--embed-type", embed, "--no-validate"]
+    _cli(["export", str(model_dir), "--format", fmt, "--overwrite", "--out", str(out)] + extra, log)
     return out, {"bytes": artifact_bytes(out), "export_s": round(time.perf_counter() - t0, 1), "export_log": log.read_text()[-1500:]}
 
 
 def markdown(d: dict) -> str:
     rows = [[r["runtime"], r["artifact"], f"{r['bytes']:,}" if r.get("bytes") else "-", f"{r['ppl']:.3f}",
-             f"{r['vs_torch']:+.2%}", "yes" if abs(r["vs_torch"]) <= BAR else "NO", f"{r['time_s']:.0f}"] for r in d["rows"]]
+             f"{r['vs_torch']:+.2%}", ("yes" if abs(r["vs_torch"]) <= BAR else "NO") if r.get("gated", True) else "(not gated)",
+             f"{r['time_s']:.0f}"] for r in d["rows"]]
     return "\n".join([
         "# Exported artifacts: perplexity through each runtime",
         "",
@@ -167,15 +173,17 @@ def main(argv=None) -> int:
     ref = ppl_torch(model_dir, w)
     data["rows"].append({"runtime": "torch (float32)", "artifact": "checkpoint", "bytes": None, "ppl": ref,
                          "vs_torch": 0.0, "time_s": time.perf_counter() - t0})
-    for fmt, label, score in (("gguf", "llama.cpp", ppl_llama_cpp), ("onnx", "onnxruntime", ppl_ort)):
-        path, info = export(model_dir, fmt, a)
+    runs = (("gguf", "f16", "llama.cpp", ppl_llama_cpp), ("onnx", "f16", "onnxruntime", ppl_ort),
+            ("gguf", "q4_1", "llama.cpp, embedding Q4_1", ppl_llama_cpp))
+    for fmt, embed, label, score in runs:
+        path, info = export(model_dir, fmt, a, embed)
         t0 = time.perf_counter()
         ppl = score(path, w, a.threads)
         data["rows"].append({"runtime": label, "artifact": path.name, "ppl": ppl, "vs_torch": ppl / ref - 1,
-                             "time_s": time.perf_counter() - t0, **info})
+                             "time_s": time.perf_counter() - t0, "gated": embed == "f16", **info})
         write_results(a.out, "export_quality", data, markdown(data))
     print(markdown(data))
-    return 0 if all(abs(r["vs_torch"]) <= BAR for r in data["rows"]) else 1
+    return 0 if all(abs(r["vs_torch"]) <= BAR for r in data["rows"] if r.get("gated", True)) else 1
 
 
 if __name__ == "__main__":

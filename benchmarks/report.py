@@ -222,6 +222,8 @@ def markdown(d: dict) -> str:
                 ("Fig. 6: calibration samples (20%)", "F6")]
     for title, table in sections:
         sel = [r for r in rows if r["table"] == table or (table == "I" and r["table"] == "XII" and r["recovery"] == "qalora")]
+        if table == "I":
+            sel = [r for r in rows if r["table"] == "dense"] + sel
         if not sel:
             continue
         head = ["ratio", "method", "recovery", "params"] + QUALITY_HEADERS

@@ -124,6 +124,9 @@ def add_derived(data: dict) -> None:
             r["vs_dense"] = {k: _ratio(r, d, k) for k in ("params", "artifact_bytes", "peak_memory_mib", "bytes_per_token")}
             r["vs_dense"]["prefill_tok_s"] = r["prefill_tok_s"]["median"] / d["prefill_tok_s"]["median"]
             r["vs_dense"]["decode_tok_s"] = r["decode_tok_s"]["median"] / d["decode_tok_s"]["median"]
+            if r.get("bytes_per_token") and d.get("bytes_per_token"):
+                # a memory-bound decode speeds up by the ratio of bytes read per token
+                r["vs_dense"]["ideal_decode"] = d["bytes_per_token"] / r["bytes_per_token"]
     data["targets"] = targets(data["rows"])
 
 

@@ -56,6 +56,14 @@ def markdown(data: dict) -> str:
     failed = [r for r in data["rows"] if r["status"] != "ok"]
     if failed:
         lines += ["Rows that failed:", ""] + [f"- {r['model']} / {r['runtime']}: {r['reason']}" for r in failed] + [""]
+    ideal = [r for r in data["rows"] if r["status"] == "ok" and r["model"] != "dense"
+             and (r.get("vs_dense") or {}).get("ideal_decode")]
+    if ideal:
+        lines += ["Decode speed-up over the dense model in the same runtime, against the ratio of weight bytes read "
+                  "per token (the ideal for a memory-bound decode):", ""]
+        lines += [f"- {r['model']} / {r['runtime']}: {r['vs_dense']['decode_tok_s']:.2f}x measured, "
+                  f"{r['vs_dense']['ideal_decode']:.2f}x ideal ({r['vs_dense']['decode_tok_s'] / r['vs_dense']['ideal_decode']:.0%})"
+                  for r in ideal] + [""]
     if data.get("targets"):
         lines += ["Targets:", ""]
         for t in data["targets"]:

@@ -13,7 +13,9 @@ from pathlib import Path
 
 
 def torch_weights(model) -> dict:
-    """Logical parameters and bytes per token of a torch model (Int4Linear: its stored bytes)."""
+    """Logical parameters and bytes per token of a torch model. An Int4Linear computes with
+    its cached dequantized weight, so a decode step reads that (in_features x out_features
+    in the model's compute dtype, that of its embedding), not the packed codes."""
     from saap_edge.models.int4_linear import Int4Linear
 
     params, read = 0, 0
@@ -23,7 +25,7 @@ def torch_weights(model) -> dict:
     for module in model.modules():
         if isinstance(module, Int4Linear):
             params += module.in_features * module.out_features
-            read += sum(t.numel() * t.element_size() for t in (module.qweight, module.scales, module.offsets))
+            read += module.in_features * module.out_features * emb.element_size()
         for p in module.parameters(recurse=False):
             if id(p) in seen:
                 continue
@@ -58,7 +60,7 @@ def onnx_weights(folder: Path) -> dict:
             n *= d
         ext = {e.key: e.value for e in t.external_data}
         size = int(ext["length"]) if "length" in ext else len(t.raw_data) or n * 4
-        if t.name.endswith(("scales", "zero_points")):
+        if t.name.endswith(("scales", "zero_points", "offsets")):  # group parameters, not weights
             read += size
             continue
         params += 2 * n if t.name.endswith("qweight") else n
