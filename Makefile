@@ -33,6 +33,12 @@ test: venv
 bench: venv
 	cd $(ROOT) && $(VENV)/bin/python benchmarks/prune_quality.py --data-dir $(DATA_DIR)
 	cd $(ROOT) && $(VENV)/bin/python benchmarks/recovery.py --data-dir $(DATA_DIR) --steps 250 --extra-lr 1e-3
+	cd $(ROOT) && $(VENV)/bin/python benchmarks/export_quality.py --data-dir $(DATA_DIR)
+	cd $(ROOT) && $(VENV)/bin/python benchmarks/matmulnbits_zero_points.py
+	cd $(ROOT) && $(VENV)/bin/python benchmarks/report.py --data-dir $(DATA_DIR) --limit 50
+	cd $(ROOT) && $(VENV)/bin/saap-edge bench benchmarks/work/report/recovered-0.20-qalora benchmarks/work/report/recovered-0.50-qalora \
+		--dense smollm2-135m --runtimes torch gguf-f16 gguf-q4_1 gguf-q4_1-embq4 onnx-f32 onnx-int4 \
+		--out benchmarks/results/table3 --artifacts benchmarks/work/table3 --no-progress
 
 clean:
 	cd $(ROOT) && rm -rf saap-out .saap-out.tmp-* .saap-out.old-* build .pytest_cache *.egg-info
