@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from saap_edge.checkpoint import replace_path
 from saap_edge.errors import UserError
 
 FORMATS = ("gguf", "onnx")
@@ -131,22 +132,11 @@ def export(job: ExportJob) -> ExportResult:
         else:
             result = _export_gguf(job, model, loaded, directory, source, tmp)
         result["write_s"] = time.perf_counter() - t0 - result.get("validate_s", 0.0)
-        _replace(tmp, out)
+        replace_path(tmp, out)
     finally:
         _remove(tmp)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) if out.is_dir() else out.stat().st_size
     return ExportResult(out, size, result)
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Move the finished artifact into place; an old one (--overwrite) goes only after that."""
-    if out.is_dir():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.replace(old)
-        tmp.replace(out)
-        _remove(old)
-    else:
-        tmp.replace(out)
 
 
 def _remove(path: Path) -> None:

@@ -43,9 +43,16 @@ def atomic_dir(out: Path, overwrite: bool):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    replace_path(tmp, out)
+
+
+def replace_path(tmp: Path, out: Path) -> None:
+    """Move a finished file or directory `tmp` onto `out`; an existing `out` goes only after."""
+    if not out.is_dir():
+        tmp.replace(out)
+        return
     old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        out.rename(old)
+    out.rename(old)
     tmp.rename(out)
     shutil.rmtree(old, ignore_errors=True)
 
