@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from saap_edge.errors import UserError
-from saap_edge.models.int4_linear import Int4Linear
+from saap_edge.models.int4_linear import Int4Linear, unpack_nibbles
 
 ONNX_QUANTS = ("int4", "f16", "f32")
 IR_VERSION = 10  # onnx 1.23 writes 14; onnxruntime 1.2x-1.3x read at most 10-13 (DESIGN.md 5)
@@ -59,18 +59,14 @@ ONNX_NAMES = {
 # MatMulNBits as a torch custom op: eager semantics == the contrib op's, ONNX translation below
 # ---------------------------------------------------------------------------------------------
 
-def _nibbles(packed: torch.Tensor) -> torch.Tensor:
-    return torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(*packed.shape[:-1], -1)
-
-
 @torch.library.custom_op("saap::matmul_nbits", mutates_args=())
 def matmul_nbits(x: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor,
                  k: int, n: int, block_size: int) -> torch.Tensor:
     """x [..., K] @ W^T with W[n, k] = (q - zp) * s per block of `block_size` along K
     (MatMulNBits with uint8 zero points: two 4-bit zero points a byte, rows padded to whole bytes)."""
     groups = k // block_size
-    q = _nibbles(b).reshape(n, groups, block_size).to(x.dtype)
-    zp = _nibbles(zero_points.reshape(n, -1))[:, :groups].to(x.dtype)
+    q = unpack_nibbles(b).reshape(n, groups, block_size).to(x.dtype)
+    zp = unpack_nibbles(zero_points.reshape(n, -1))[:, :groups].to(x.dtype)
     w = (q - zp[..., None]) * scales.reshape(n, groups, 1).to(x.dtype)
     return F.linear(x, w.reshape(n, k))
 
