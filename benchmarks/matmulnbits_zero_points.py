@@ -1,5 +1,5 @@
 """Why the ONNX int4 graph uses uint8 zero points: onnxruntime's MatMulNBits with float zero
-points (which would carry b exactly as zp = -b/a) against uint8 zero points and fp32 MatMul.
+points (which would carry b as zp = -b/a, to ~1 float32 ulp) against uint8 zero points and fp32 MatMul.
 
 Protocol: one node, batch 1 (decode), a SmolLM2 MLP shape N=1536 x K=576, G=32, CPU
 provider, --threads intra-op threads, 5 warm-up runs then the mean of --runs runs.

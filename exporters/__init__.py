@@ -180,7 +180,7 @@ def _export_onnx(job: ExportJob, model, loaded, directory: Path | None, tmp: Pat
         quantize_model(model, None)
     info = export_onnx(model, tmp, job.quant, job.embed_type, tokenizer=loaded.tokenizer,
                        provenance=_provenance(directory, model))
-    group = (model.config.quantization or {}).get("group_size") if getattr(model.config, "quantization", None) else None
+    group = (getattr(model.config, "quantization", None) or {}).get("group_size")
     result = {"arch": "decoder with past (" + ("per-layer KV heads" if len({h for h, _ in info.kv}) > 1 else "uniform KV heads") + ")",
               "quant": job.quant, "embed_type": job.embed_type, "int4_tensors": len(info.int4_tensors),
               "group_size": group if job.quant == "int4" else None}
