@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import threading
 import time
 from contextlib import contextmanager
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import psutil
 
-from saap_edge.bench.probe import run_child  # noqa: F401  (re-exported for the scripts)
+from saap_edge.bench.probe import machine, run_child  # noqa: F401  (re-exported for the scripts)
 
 
 class PeakRSS:
@@ -52,10 +51,6 @@ def timed(store: dict, key: str):
     t0 = time.perf_counter()
     yield
     store[key] = store.get(key, 0.0) + time.perf_counter() - t0
-
-
-def machine() -> dict:
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "python": platform.python_version()}
 
 
 def write_results(out_dir: Path, name: str, data: dict, markdown: str) -> tuple[Path, Path]:

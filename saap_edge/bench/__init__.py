@@ -183,7 +183,7 @@ def run_bench(models: list[BenchModel], s: BenchSettings, out: Path, progress: b
               artifacts: Path | None = None) -> dict:
     """Measure every (model, runtime) row; results/charts are rewritten after each row.
     Exported artifacts and row logs go to `artifacts` (default `<out>/artifacts`)."""
-    from saap_edge.bench.probe import cuda_bandwidth_gbs, memory_bandwidth_gbs
+    from saap_edge.bench.probe import cuda_bandwidth_gbs, machine, memory_bandwidth_gbs
     from saap_edge.bench.render import write_outputs
     from saap_edge.compress import versions
 
@@ -192,7 +192,7 @@ def run_bench(models: list[BenchModel], s: BenchSettings, out: Path, progress: b
     work = artifacts or out / "artifacts"
     work.mkdir(parents=True, exist_ok=True)
     bw = cuda_bandwidth_gbs() if s.device.startswith("cuda") else memory_bandwidth_gbs(threads=s.threads)
-    data = {"settings": s.to_dict(), "bandwidth": bw, "machine": _machine(s.device), "versions": versions(),
+    data = {"settings": s.to_dict(), "bandwidth": bw, "machine": machine(s.device), "versions": versions(),
             "models": [m.__dict__ for m in models], "rows": []}
     pairs = [(m, r) for m in models for r in s.runtimes]
     for model, runtime in tqdm(pairs, desc="bench", disable=not progress):
@@ -200,14 +200,3 @@ def run_bench(models: list[BenchModel], s: BenchSettings, out: Path, progress: b
         add_derived(data)
         write_outputs(data, out)
     return data
-
-
-def _machine(device: str) -> dict:
-    import platform
-
-    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
-    if device.startswith("cuda"):
-        import torch
-
-        info["gpu"] = torch.cuda.get_device_name()
-    return info

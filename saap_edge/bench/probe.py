@@ -9,6 +9,19 @@ import numpy as np
 import psutil
 
 
+def machine(device: str = "cpu") -> dict:
+    """What the numbers were measured on: CPU, cores, Python, and the GPU when `device` is CUDA."""
+    import os
+    import platform
+
+    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "python": platform.python_version()}
+    if device.startswith("cuda"):
+        import torch
+
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
 def run_child(cmd: list[str], log: Path | None = None, interval: float = 0.02, env: dict | None = None) -> dict:
     """Run `cmd` as a child process; its exit code, wall time and peak RSS (sampled every
     `interval` s over the child and its own children), so rows do not share one process's peak."""
