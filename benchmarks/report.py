@@ -134,22 +134,24 @@ class Report:
             self.stats[n] = (samples, statistics(self.model, samples, PruneSettings(), progress=False))
         return self.stats[n]
 
-    def pruned(self, ratio: float, overrides: dict, calib: int | None = None):
+    def settings(self, ratio: float, overrides: dict, calib: int | None = None) -> PruneSettings:
+        return PruneSettings(ratio=ratio, calib_samples=calib or self.a.calib_samples, **overrides).validate()
+
+    def pruned(self, s: PruneSettings):
         from saap_edge.prune import prune
 
-        calib = calib or self.a.calib_samples
-        samples, stats = self.samples(calib)
-        s = PruneSettings(ratio=ratio, calib_samples=calib, **overrides).validate()
+        samples, stats = self.samples(s.calib_samples)
         torch.manual_seed(0)
-        return prune(self.model, samples, s, progress=False, stats=stats), s
+        return prune(self.model, samples, s, progress=False, stats=stats)
 
     def pruned_row(self, table: str, label: str, ratio: float, overrides: dict, calib: int | None = None) -> dict:
+        s = self.settings(ratio, overrides, calib)
+
         def make():
-            result, s = self.pruned(ratio, overrides, calib)
+            result = self.pruned(s)
             return {"table": table, "label": label, "ratio": ratio, "recovery": "none", "settings": s.to_dict(),
                     "params": result.plan.params["after"], "removed_share": result.plan.params["removed_share"],
                     **self.quality(result.model)}
-        s = PruneSettings(ratio=ratio, calib_samples=calib or self.a.calib_samples, **overrides).validate()
         key = "pruned-" + hashlib.sha256(json.dumps(s.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
         return self.row(key, make, {"table": table, "label": label})
 
@@ -161,7 +163,7 @@ class Report:
 
             pruned_dir = self.a.work / f"pruned-{ratio:.2f}"
             if not (pruned_dir / "config.json").exists():
-                result, _ = self.pruned(ratio, {"method": "saap"})
+                result = self.pruned(self.settings(ratio, {"method": "saap"}))
                 save_model(pruned_dir, result.model, self.tok)
                 result.plan.save(pruned_dir / PLAN_FILE)
             out = self.a.work / f"recovered-{ratio:.2f}-{recovery}"
