@@ -10,7 +10,10 @@ import json
 import sys
 from pathlib import Path
 
-from saap_edge.config import CPU_RECOVER_STEPS, METHODS, RECOVERIES, PruneSettings, RecoverSettings, RunSettings
+from saap_edge.config import (
+    CPU_RECOVER_STEPS, METHODS, RECON_TARGETS, RECONSTRUCTIONS, RECOVERIES, SELECTIONS, PruneSettings, ReconstructSettings,
+    RecoverSettings, RunSettings,
+)
 from saap_edge.errors import UserError
 from saap_edge.models.load import DEFAULT_MODEL
 
@@ -88,6 +91,20 @@ def add_compress(p: argparse.ArgumentParser) -> None:
     g.add_argument("--keep-first", type=int, default=d.keep_first, help="first layers never pruned (default: %(default)s)")
     g.add_argument("--keep-last", type=int, default=d.keep_last, help="last layers never pruned (default: %(default)s)")
     g.add_argument("--align", type=int, default=d.align, help="kept MLP widths are multiples of this (default: %(default)s)")
+    r = ReconstructSettings()
+    g = p.add_argument_group("reconstruction (refit the kept weights of o_proj and down_proj, layer by layer)")
+    g.add_argument("--reconstruct", default=r.method, choices=RECONSTRUCTIONS,
+                   help="lsq: ridge least-squares refit on activations of the pruned prefix; none: slicing only (default: %(default)s)")
+    g.add_argument("--recon-target", default=r.target, choices=RECON_TARGETS,
+                   help="prefix: the dense layer applied to the pruned prefix's inputs; dense: the dense model's own activations "
+                        "(one more forward pass) (default: %(default)s)")
+    g.add_argument("--recon-samples", type=int, default=r.samples, help="calibration windows for the refit, drawn from --calib with --seed (default: %(default)s)")
+    g.add_argument("--recon-seq-len", type=int, default=r.seq_len, help="tokens per refit window (default: %(default)s)")
+    g.add_argument("--recon-damp", type=float, default=r.damp, help="ridge damping, share of the mean diagonal of X X^T (default: %(default)s)")
+    g.add_argument("--recon-batch-size", type=int, default=r.batch_size, help="windows per forward pass of the refit (default: %(default)s)")
+    g.add_argument("--select", default=r.select, choices=SELECTIONS,
+                   help="global: the method's ranking picks the units removed; local: it sets how many each layer loses and "
+                        "structured OBS on the pruned prefix's activations picks which (default: %(default)s)")
     e = p.add_argument_group("quick check")
     e.add_argument("--eval-ppl", nargs="*", default=["wikitext2"], help="datasets scored before and after, 128-token windows (default: %(default)s; none to skip)")
     e.add_argument("--eval-limit", type=int, default=64, help="windows per dataset for that check, 0 for all (default: %(default)s)")
@@ -105,8 +122,10 @@ def run_compress(a: argparse.Namespace) -> int:
         fusion_scope=a.fusion_scope, weight_norm=a.weight_norm, direction=a.direction,
         indicator=a.indicator, cost_exponent=a.cost_exponent, layer_cap=a.layer_cap, taylor=a.taylor,
     )
+    recon = ReconstructSettings(method=a.reconstruct, target=a.recon_target, samples=a.recon_samples, seq_len=a.recon_seq_len,
+                                damp=a.recon_damp, select=a.select, batch_size=a.recon_batch_size)
     eval_ppl = [] if a.eval_ppl in ([], ["none"]) else a.eval_ppl
-    job = CompressJob(a.model, a.out, settings, _run_settings(a), a.overwrite, eval_ppl, a.eval_limit or None,
+    job = CompressJob(a.model, a.out, settings, recon, _run_settings(a), a.overwrite, eval_ppl, a.eval_limit or None,
                       recover=_recover_settings(a), resume=a.resume, save_every=a.save_every, keep_checkpoints=a.keep_checkpoints)
     report = compress(job)
     print(before_after_table(report))

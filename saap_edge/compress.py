@@ -16,7 +16,7 @@ import torch
 
 from saap_edge import __version__
 from saap_edge.checkpoint import CHART_FILE, PLAN_FILE, REPORT_FILE, atomic_dir, check_output_dir, save_model, write_json
-from saap_edge.config import PruneSettings, RecoverSettings, RunSettings
+from saap_edge.config import PruneSettings, ReconstructSettings, RecoverSettings, RunSettings
 from saap_edge.errors import UserError
 from saap_edge.data import calibration_samples
 from saap_edge.eval.ppl import evaluate_ppl
@@ -24,6 +24,7 @@ from saap_edge.models.load import load_model
 from saap_edge.prune import check_ratio, prune
 from saap_edge.prune.methods import NEEDS_CALIBRATION
 from saap_edge.prune.plan import PrunePlan
+from saap_edge.reconstruct import reconstruct
 from saap_edge.recover import RecoverRun, checkpoint_dir, clear_checkpoints, recover_model
 from saap_edge.quant.int4 import check_prunable_to_int4
 from saap_edge.report import peak_memory_mib, plot_layers
@@ -34,6 +35,7 @@ class CompressJob:
     model: str
     out: Path
     prune: PruneSettings = field(default_factory=PruneSettings)
+    reconstruct: ReconstructSettings = field(default_factory=ReconstructSettings)
     run: RunSettings = field(default_factory=RunSettings)
     overwrite: bool = False
     eval_ppl: list[str] = field(default_factory=list)  # datasets scored before and after
@@ -57,8 +59,8 @@ def _quick_ppl(model, tokenizer, job: CompressJob, device) -> dict:
     )
 
 
-def _prune_stage(job: CompressJob, s: PruneSettings) -> tuple:
-    """Load, calibrate, prune and score: (slim model, tokenizer, plan, report, device)."""
+def _prune_stage(job: CompressJob, s: PruneSettings, r: ReconstructSettings) -> tuple:
+    """Load, calibrate, prune, reconstruct and score: (slim model, tokenizer, plan, report, device)."""
     t0 = time.perf_counter()
     loaded = load_model(job.model, job.run.device, job.run.dtype)
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -70,18 +72,29 @@ def _prune_stage(job: CompressJob, s: PruneSettings) -> tuple:
     samples, calib_hash = None, None
     if s.method in NEEDS_CALIBRATION:
         samples, calib_hash = calibration_samples(tokenizer, s.calib, s.calib_samples, s.seq_len, s.seed, job.run.data_dir)
+    recon_samples, recon_hash = None, None
+    if r.active:  # drawn before the long estimation, so a calibration text too short fails at once
+        recon_samples, recon_hash = calibration_samples(tokenizer, s.calib, r.samples, r.seq_len, s.seed, job.run.data_dir,
+                                                        flag="--recon-samples")
     before = _quick_ppl(model, tokenizer, job, device) if job.eval_ppl else {}
     t1 = time.perf_counter()
     result = prune(model, samples, s, progress=job.run.progress)
     timings["prune_s"] = time.perf_counter() - t1
+    plan = result.plan
+    recon_info = {"method": "none"}
+    if r.active:
+        slim = _reconstruct_stage(model, result.model, plan, recon_samples, r, device, job.run.progress)
+        recon_info = slim.info
+        timings["reconstruct_s"] = recon_info["time_s"]
+        plan.reconstruction = {**r.to_dict(), "source": s.calib, "sha256": recon_hash}
     del model
     after = _quick_ppl(result.model, tokenizer, job, device) if job.eval_ppl else {}
-    plan = result.plan
     plan.calibration = {"source": s.calib, "samples": s.calib_samples, "seq_len": s.seq_len, "sha256": calib_hash} if calib_hash else {}
     plan.versions = versions()
     report = {
         "model": loaded.source,
         "settings": s.to_dict(),
+        "reconstruction": recon_info,
         "params": plan.params,
         "per_layer": [dict(zip(("layer", "heads_before", "heads_after", "mlp_before", "mlp_after"), r)) for r in plan.summary_rows()],
         "ppl": {k: {"before": before[k], "after": after[k]} for k in after},
@@ -92,6 +105,18 @@ def _prune_stage(job: CompressJob, s: PruneSettings) -> tuple:
         "versions": plan.versions,
     }
     return result.model, tokenizer, plan, report, device
+
+
+def _reconstruct_stage(dense, slim, plan: PrunePlan, samples, r: ReconstructSettings, device, progress: bool):
+    """Refit `slim` in place. On a GPU both models wait on the CPU while the stage moves one
+    decoder layer of each at a time to the device (what lets a LLaMA-7B fit 24 GB)."""
+    if device.type == "cuda":
+        dense.to("cpu")
+        slim.to("cpu")
+    try:
+        return reconstruct(dense, slim, plan, samples, r, device=device, progress=progress)
+    finally:
+        slim.to(device)
 
 
 def _save(directory: Path, model, tokenizer, plan: PrunePlan, report: dict, title: str) -> None:
@@ -107,6 +132,9 @@ def _resume_pruned(pruned_dir: Path, job: CompressJob, s: PruneSettings) -> tupl
         raise UserError(f"--resume: no interrupted run to continue at {pruned_dir.parent}; run without --resume")
     plan = PrunePlan.load(pruned_dir / PLAN_FILE)
     diffs = [k for k, v in s.to_dict().items() if plan.settings.get(k) != v]
+    done = plan.reconstruction or {"method": "none"}
+    want = job.reconstruct.to_dict() if job.reconstruct.active else {"method": "none"}
+    diffs += [f"reconstruct {k}" for k, v in want.items() if done.get(k) != v]
     if diffs:
         raise UserError(f"--resume: the interrupted run pruned with other settings ({', '.join(diffs)}); "
                         "rerun with its settings or without --resume")
@@ -118,6 +146,7 @@ def _resume_pruned(pruned_dir: Path, job: CompressJob, s: PruneSettings) -> tupl
 def compress(job: CompressJob) -> dict:
     """Run the whole stage; returns the report written to <out>/report.json."""
     s = job.prune.validate()
+    rc = job.reconstruct.validate()
     r = job.recover.validate() if job.recover is not None else None
     check_output_dir(job.out, job.overwrite)
     t0 = time.perf_counter()
@@ -129,7 +158,7 @@ def compress(job: CompressJob) -> dict:
             raise UserError("--resume continues an interrupted recovery; this run has none (--no-recover / --recovery none)")
         model, tokenizer, plan, report, device = _resume_pruned(pruned_dir, job, s)
     else:
-        model, tokenizer, plan, report, device = _prune_stage(job, s)
+        model, tokenizer, plan, report, device = _prune_stage(job, s, rc)
         if pruned_dir is not None:  # a fresh run: earlier checkpoints no longer apply
             clear_checkpoints(ckpt)
             ckpt.mkdir(parents=True)

@@ -72,6 +72,53 @@ class PruneSettings:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+RECONSTRUCTIONS = ("lsq", "none")
+RECON_TARGETS = ("prefix", "dense")
+SELECTIONS = ("global", "local")
+
+
+@dataclass
+class ReconstructSettings:
+    """The reconstruct stage between slicing and recovery: refit the kept columns of every
+    layer's o_proj and down_proj by least squares, layer after layer on activations of the
+    already pruned-and-refit prefix. Defaults are what benchmarks/prune_quality.py measured best."""
+
+    method: str = "lsq"  # lsq: ridge least-squares refit; none: slicing only
+    target: str = "prefix"  # prefix: the dense layer applied to the pruned prefix's inputs; dense: the dense model's own activations
+    samples: int = 128  # calibration windows (forward only, so more than the gradient pass; 256 measured no better)
+    seq_len: int = 128
+    damp: float = 0.01  # ridge lambda as a share of the mean diagonal of X X^T
+    select: str = "local"  # local: the method's ranking sets how many units each layer loses, the refit error which; global: the ranking picks them
+    batch_size: int = 8  # windows per forward pass
+    version: int = SETTINGS_VERSION
+
+    def validate(self) -> "ReconstructSettings":
+        choices = {"method": RECONSTRUCTIONS, "target": RECON_TARGETS, "select": SELECTIONS}
+        flags = {"method": "--reconstruct", "target": "--recon-target", "select": "--select"}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise UserError(f"{flags[name]} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        if self.samples < 1 or self.seq_len < 2 or self.batch_size < 1:
+            raise UserError("--recon-samples and --recon-batch-size must be >= 1 and --recon-seq-len >= 2")
+        if not 0 < self.damp < 10:
+            raise UserError(f"--recon-damp {self.damp} must be in (0, 10), e.g. 0.01 (1% of the mean diagonal of X X^T)")
+        if self.select == "local" and self.method == "none":
+            raise UserError("--select local chooses units by the refit error; it needs --reconstruct lsq")
+        return self
+
+    @property
+    def active(self) -> bool:
+        return self.method != "none"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ReconstructSettings":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
 @dataclass
 class RunSettings:
     """Where and how a stage runs (not part of what makes a plan)."""

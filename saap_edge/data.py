@@ -187,6 +187,7 @@ def calibration_samples(
     seed: int,
     data_dir: str | os.PathLike | None,
     split: str = "train",
+    flag: str = "--calib-samples",
 ) -> tuple[torch.LongTensor, str]:
     """Draw ``n_samples`` calibration windows of ``seq_len`` tokens.
 
@@ -197,18 +198,18 @@ def calibration_samples(
     and kept in the order drawn. The result is deterministic for a fixed seed and text.
 
     Returns the ``[n_samples, seq_len]`` LongTensor and the sha256 hex digest of its
-    int64 bytes.
+    int64 bytes. ``flag`` names the setting that asked for the samples in error messages.
     """
     if n_samples < 1 or seq_len < 1:
-        raise UserError(f"--calib-samples ({n_samples}) and --seq-len ({seq_len}) must be >= 1")
+        raise UserError(f"{flag} ({n_samples}) and the window length ({seq_len}) must be >= 1")
     needed = n_samples * seq_len
     text = "\n".join(load_rows(source, split, data_dir))
     ids = _tokenize_prefix(tokenizer, text, max(4 * needed, needed))
     n_windows = len(ids) // seq_len
     if n_windows < n_samples:
         raise UserError(
-            f"calibration source {source!r} has {len(ids)} tokens but {n_samples} samples x "
-            f"{seq_len} tokens need {needed}; lower --calib-samples/--seq-len or give more text"
+            f"calibration source {source!r} holds {n_windows} windows of {seq_len} tokens "
+            f"({len(ids)} tokens) but {flag} asks for {n_samples}; lower {flag} or give more text"
         )
     windows = np.asarray(ids[: n_windows * seq_len], dtype=np.int64).reshape(n_windows, seq_len)
     chosen = np.random.default_rng(seed).choice(n_windows, size=n_samples, replace=False)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import resource
+import threading
+import time
 from pathlib import Path
 
+import psutil
 import torch
 
 from saap_edge.prune.plan import PrunePlan
@@ -15,6 +19,38 @@ def peak_memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class PeakRSS:
+    """Samples this process's RSS every `interval` s in a thread; `.peak_mib` after the block.
+
+    ru_maxrss only ever grows over a process's life, so stages (or benchmark rows) measured
+    one after another in one process need a sampler to get each one's own peak."""
+
+    def __init__(self, interval: float = 0.01):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self._proc = psutil.Process(os.getpid())
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            time.sleep(self.interval)
+
+    def __enter__(self) -> "PeakRSS":
+        self.start_mib = self._proc.memory_info().rss / 2**20
+        self.peak = self._proc.memory_info().rss
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    @property
+    def peak_mib(self) -> float:
+        return self.peak / 2**20
 
 
 def format_table(headers: list[str], rows: list[list]) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import book_text
 from saap_edge.cli import main
 
 EXPECTED_FILES = {
@@ -28,7 +29,7 @@ EXPECTED_FILES = {
 }
 # tiny_llama in conftest: 6 layers, hidden 64, 8 heads / 4 KV heads, MLP 128
 LAYERS, HIDDEN, N_HEADS, N_KV, FFN, ALIGN = 6, 64, 8, 4, 128, 32
-FAST = ["--no-progress", "--calib-samples", "8", "--eval-limit", "4", "--no-recover"]  # recovery: test_recover.py
+FAST = ["--no-progress", "--calib-samples", "8", "--recon-samples", "16", "--eval-limit", "4", "--no-recover"]  # recovery: test_recover.py
 VALID = ["--ratio", "0.3", "--keep-first", "1"]
 NO_EVAL = ["--eval-ppl"]  # empty list: skip the before/after perplexity check
 
@@ -119,6 +120,20 @@ def test_compress_report_plan_config_and_weights_agree(compressed):
     assert sum(math.prod(s) for s in shapes.values()) == params["after"]
 
 
+def test_compress_records_the_reconstruction(compressed):
+    """The refit ran layer by layer: its settings are in the plan and the report, with time,
+    peak memory and, per pruned layer, an output error below plain slicing's."""
+    out = compressed["out"]
+    report = json.loads((out / "report.json").read_text())
+    plan = json.loads((out / "prune_plan.json").read_text())
+    recon = report["reconstruction"]
+    assert recon["method"] == "lsq" and recon["samples"] == 16 and plan["reconstruction"]["samples"] == 16
+    assert plan["reconstruction"]["target"] == recon["target"] == "prefix" and len(plan["reconstruction"]["sha256"]) == 64
+    assert recon["time_s"] > 0 and recon["peak_rss_mib"] > 0 and report["time_s"]["reconstruct_s"] == recon["time_s"]
+    refits = [e[k] for e in recon["layers"] for k in ("attn", "mlp") if k in e and e[k]["removed_units"]]
+    assert refits and all(r["rel_err_refit"] < r["rel_err_sliced"] for r in refits)
+
+
 def test_compress_prints_the_before_after_table(compressed):
     report = json.loads((compressed["out"] / "report.json").read_text())
     stdout = compressed["stdout"]
@@ -200,7 +215,19 @@ def test_too_short_calibration_text_names_the_token_count(tmp_path, tiny_model_d
     assert 0 < n_tokens < 8 * 128
     out = tmp_path / "out"
     argv = compress_args(tiny_model_dir, out, data_dir, *VALID, "--calib", str(calib))
-    expect_user_error(capsys, argv, out, f"has {n_tokens} tokens", "8 samples x 128 tokens need 1024")
+    expect_user_error(capsys, argv, out, f"holds 0 windows of 128 tokens ({n_tokens} tokens)", "--calib-samples asks for 8")
+
+
+def test_recon_samples_beyond_the_calibration_text_names_the_windows_found(tmp_path, tiny_model_dir, data_dir, capsys):
+    from transformers import AutoTokenizer
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text(book_text(40_000))
+    n_windows = len(AutoTokenizer.from_pretrained(tiny_model_dir)(book_text(40_000))["input_ids"]) // 128
+    assert 8 <= n_windows < 500
+    out = tmp_path / "out"
+    argv = compress_args(tiny_model_dir, out, data_dir, *VALID, "--calib", str(calib), "--recon-samples", "500")
+    expect_user_error(capsys, argv, out, f"holds {n_windows} windows of 128 tokens", "--recon-samples asks for 500")
 
 
 def test_unknown_method_is_rejected_by_argparse(tmp_path, tiny_model_dir, data_dir, capsys):

@@ -158,4 +158,6 @@ def test_calibration_too_short_reports_token_count(tmp_path: Path) -> None:
     with pytest.raises(UserError) as err:
         calibration_samples(CharTokenizer(), str(short), 4, 8, seed=0, data_dir=None)
     message = str(err.value)
-    assert "10 tokens" in message and "32" in message and "--calib-samples" in message
+    assert "holds 1 windows of 8 tokens (10 tokens)" in message and "--calib-samples asks for 4" in message
+    with pytest.raises(UserError, match="--recon-samples asks for 4"):
+        calibration_samples(CharTokenizer(), str(short), 4, 8, seed=0, data_dir=None, flag="--recon-samples")

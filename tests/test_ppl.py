@@ -83,3 +83,27 @@ def test_evaluate_ppl_on_sources(tmp_path: Path, data_dir: Path) -> None:
     assert set(results) == {str(path), "wikitext2"}
     for result in results.values():
         assert result["windows"] == 4 and result["ppl"] == pytest.approx(300, rel=1e-6)
+
+
+def test_onednn_linears_score_like_plain_float32_and_restore_the_model():
+    """The fast CPU path (oneDNN matmuls) gives the plain float32 perplexity within 1e-5
+    relative and logits within 1e-4 of the logit scale; afterwards every module is back."""
+    from conftest import hetero_model
+    from saap_edge.eval.ppl import window_perplexity
+    from saap_edge.models.onednn import onednn_linears, usable
+
+    if not usable(hetero_model()):
+        pytest.skip("torch without oneDNN")
+    model = hetero_model(seed=3)
+    windows = torch.randint(0, 512, (6, 24), generator=torch.Generator().manual_seed(0))
+    before = [type(m) for m in model.modules()]
+    plain = window_perplexity(model, windows, batch_size=4, progress=False, fast=False)
+    fast = window_perplexity(model, windows, batch_size=4, progress=False, fast=True)
+    assert fast["ppl"] == pytest.approx(plain["ppl"], rel=1e-5)
+    with torch.inference_mode():
+        ref = model(input_ids=windows).logits
+        with onednn_linears(model):
+            assert any(type(m).__name__ == "OneDNNLinear" for m in model.modules())
+            out = model(input_ids=windows).logits
+    assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
+    assert [type(m) for m in model.modules()] == before

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from saap_edge.data import load_text
 from saap_edge.errors import UserError
+from saap_edge.models.onednn import onednn_linears
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -65,17 +66,20 @@ def window_perplexity(
     batch_size: int = 8,
     device: str | torch.device | None = None,
     progress: bool = True,
+    fast: bool = True,
 ) -> dict[str, float | int]:
-    """Perplexity over token windows [N, T], each scored on its own (see `perplexity`)."""
+    """Perplexity over token windows [N, T], each scored on its own (see `perplexity`).
+    `fast`: float32 CPU models compute their linears with oneDNN (saap_edge.models.onednn)."""
     device = torch.device(device) if device is not None else _model_device(model)
     window = windows.shape[1]
     total_nll = torch.zeros((), dtype=torch.float64)
-    for start in tqdm(range(0, len(windows), batch_size), desc="ppl", disable=not progress, leave=False):
-        batch = windows[start : start + batch_size].to(device)
-        logits = model(input_ids=batch).logits[:, :-1].float()
-        logprobs = F.log_softmax(logits, dim=-1)
-        nll = -logprobs.gather(-1, batch[:, 1:, None]).squeeze(-1)
-        total_nll += nll.double().sum().cpu()
+    with onednn_linears(model, enabled=fast):
+        for start in tqdm(range(0, len(windows), batch_size), desc="ppl", disable=not progress, leave=False):
+            batch = windows[start : start + batch_size].to(device)
+            logits = model(input_ids=batch).logits[:, :-1].float()
+            logprobs = F.log_softmax(logits, dim=-1)
+            nll = -logprobs.gather(-1, batch[:, 1:, None]).squeeze(-1)
+            total_nll += nll.double().sum().cpu()
     scored = windows.shape[0] * (window - 1)
     mean_nll = total_nll.item() / scored
     return {"ppl": math.exp(mean_nll), "nll": mean_nll, "windows": windows.shape[0],

@@ -37,6 +37,7 @@ class PrunePlan:
     settings: dict = field(default_factory=dict)
     seed: int | None = None
     calibration: dict = field(default_factory=dict)
+    reconstruction: dict = field(default_factory=dict)  # the reconstruct stage's settings and samples ({} = none)
     params: dict = field(default_factory=dict)
     versions: dict = field(default_factory=dict)
     version: int = PLAN_VERSION
