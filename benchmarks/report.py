@@ -12,8 +12,9 @@ Rows (one model load, pruning in this process with shared calibration statistics
              peak memory and tokens/s of each result in torch and llama.cpp (saap_edge.bench)
   Fig. 6     calibration samples 10 / 30 / 50 at 20%
 
-Quality protocol: perplexity on the first --ppl-windows non-overlapping 128-token windows
-of WikiText-2 and PTB test (text joined by blank lines); zero-shot accuracy on the first
+Every pruned row is refit by the reconstruct stage with its default settings, as `compress`
+does. Quality protocol: perplexity on the non-overlapping 128-token windows (all of them,
+or the first --ppl-windows) of WikiText-2 and PTB test (text joined by blank lines); zero-shot accuracy on the first
 --limit items of each of the seven tasks (local files, lm-eval-style log-likelihood
 scoring, torch float32). Accuracy columns follow the LLM-Pruner / SAAP tables: acc for
 BoolQ, PIQA, WinoGrande, ARC-e; length-normalised acc for HellaSwag, ARC-c, OBQA.
@@ -42,7 +43,7 @@ from harness import machine, write_results  # noqa: E402
 from saap_edge.bench.probe import run_child  # noqa: E402
 from saap_edge.bench.weights import torch_weights  # noqa: E402  (int4 projections count their logical weights)
 from saap_edge.compress import versions  # noqa: E402
-from saap_edge.config import PruneSettings  # noqa: E402
+from saap_edge.config import PruneSettings, ReconstructSettings  # noqa: E402
 from saap_edge.report import format_table  # noqa: E402
 
 TASKS = ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
@@ -70,7 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.5])
     p.add_argument("--limit", type=int, default=100, help="items of each zero-shot task")
-    p.add_argument("--ppl-windows", type=int, default=64)
+    p.add_argument("--ppl-windows", type=int, default=0, help="128-token windows per test set (0: the whole set)")
     p.add_argument("--calib-samples", type=int, default=50)
     p.add_argument("--recover-steps", type=int, default=60, help="K of the recovered rows (the CPU default of compress)")
     p.add_argument("--data-dir", default=os.environ.get("SAAP_EDGE_DATA_DIR"))
@@ -100,7 +101,7 @@ class Report:
         from saap_edge.eval.zeroshot import TorchScorer, evaluate_tasks
 
         tok = tokenizer or self.tok
-        ppl = evaluate_ppl(model, tok, ["wikitext2", "ptb"], window=128, limit=self.a.ppl_windows,
+        ppl = evaluate_ppl(model, tok, ["wikitext2", "ptb"], window=128, limit=self.a.ppl_windows or None,
                            data_dir=self.a.data_dir, progress=False)
         scorer = TorchScorer(model, tok, batch_size=16)
         tasks = evaluate_tasks(scorer, TASKS, self.a.data_dir, self.a.limit, progress=False)
@@ -140,9 +141,16 @@ class Report:
     def pruned(self, s: PruneSettings):
         from saap_edge.prune import prune
 
+        from saap_edge.data import calibration_samples
+        from saap_edge.reconstruct import reconstruct
+
         samples, stats = self.samples(s.calib_samples)
         torch.manual_seed(0)
-        return prune(self.model, samples, s, progress=False, stats=stats)
+        result = prune(self.model, samples, s, progress=False, stats=stats)
+        r = ReconstructSettings()
+        windows, _ = calibration_samples(self.tok, "books", r.samples, r.seq_len, 0, self.a.data_dir)
+        reconstruct(self.model, result.model, result.plan, windows, r, progress=False)
+        return result
 
     def pruned_row(self, table: str, label: str, ratio: float, overrides: dict, calib: int | None = None) -> dict:
         s = self.settings(ratio, overrides, calib)
@@ -152,7 +160,8 @@ class Report:
             return {"table": table, "label": label, "ratio": ratio, "recovery": "none", "settings": s.to_dict(),
                     "params": result.plan.params["after"], "removed_share": result.plan.params["removed_share"],
                     **self.quality(result.model)}
-        key = "pruned-" + hashlib.sha256(json.dumps(s.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+        identity = [s.to_dict(), ReconstructSettings().to_dict(), self.a.ppl_windows]
+        key = "pruned-" + hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
         return self.row(key, make, {"table": table, "label": label})
 
     # ------------------------------------------------------------------ recovery
@@ -161,7 +170,7 @@ class Report:
             from saap_edge.checkpoint import PLAN_FILE, save_model
             from saap_edge.models.load import load_model
 
-            pruned_dir = self.a.work / f"pruned-{ratio:.2f}"
+            pruned_dir = self.a.work / f"pruned-{ratio:.2f}-{ReconstructSettings().method}"
             if not (pruned_dir / "config.json").exists():
                 result = self.pruned(self.settings(ratio, {"method": "saap"}))
                 save_model(pruned_dir, result.model, self.tok)
@@ -182,7 +191,8 @@ class Report:
             if not self.a.skip_bench:
                 row["bench"] = self.bench(out, recovery)
             return row
-        return self.row(f"recovered-{ratio:.2f}-{recovery}-k{self.a.recover_steps}", make, {"table": table})
+        recon = hashlib.sha256(json.dumps(ReconstructSettings().to_dict(), sort_keys=True).encode()).hexdigest()[:8]
+        return self.row(f"recovered-{ratio:.2f}-{recovery}-k{self.a.recover_steps}-{recon}-{self.a.ppl_windows}", make, {"table": table})
 
     def bench(self, directory: Path, recovery: str) -> list[dict]:
         from saap_edge.bench import BenchModel, bench_row
@@ -212,7 +222,8 @@ def markdown(d: dict) -> str:
     p = d["protocol"]
     rows = d["rows"]
     out = ["# SmolLM2-135M: SAAP against the baselines (Tables I, X, XI, XII, Fig. 6 layout)", "",
-           f"Perplexity: first {p['ppl_windows']} windows of {p['window']} tokens of each test set. Zero-shot: first "
+           f"Perplexity: {'all' if not p['ppl_windows'] else 'the first ' + str(p['ppl_windows'])} windows of {p['window']} tokens "
+           "of each test set; pruned rows refit by the reconstruct stage (defaults). Zero-shot: first "
            f"{p['task_limit']} items of each task (`--limit {p['task_limit']}`; standard error of an accuracy near 50% "
            f"is about {50 / p['task_limit'] ** 0.5:.0f} points, so differences below ~10 points on one task are noise), "
            "torch float32, acc for BoolQ, PIQA, WinoGrande, ARC-e and acc_norm for HellaSwag, ARC-c, OBQA. Calibration "

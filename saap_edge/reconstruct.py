@@ -194,8 +194,8 @@ def _attention_mask(config, seq_len: int, dtype, device) -> torch.Tensor | None:
 class _Stage:
     """State of one reconstruction pass: streams, settings, device, per-layer log."""
 
-    def __init__(self, dense, slim, plan, samples, r: ReconstructSettings, device, progress):
-        self.dense, self.slim, self.plan, self.r, self.device, self.progress = dense, slim, plan, r, device, progress
+    def __init__(self, dense, slim, plan, samples, r: ReconstructSettings, device):
+        self.plan, self.r, self.device = plan, r, device
         self.shapes = discover(dense)
         self.dtype = next(slim.parameters()).dtype
         n, t = samples.shape
@@ -263,42 +263,45 @@ class _Stage:
     def _kind(self, i, kind, dl, sl, inputs, dense_inputs, entry):
         """Refit one block kind of layer i; returns the (pruned, dense) streams after it."""
         shape, lp = self.shapes[i], self.plan.layers[i]
+        part = "q" if kind == ATTN else "ch"
         kept_units = lp.kv_groups if kind == ATTN else lp.channels
         n_remove = shape.n_units(kind) - len(kept_units)
         refits = n_remove > 0 or (self.r.target == "dense" and self.drifted)
-        moments = _Moments(shape.n_units(kind) * shape.unit_width("q" if kind == ATTN else "ch"), self.device,
-                           self.r.target == "dense") if refits else None
+        moments = _Moments(shape.n_units(kind) * shape.unit_width(part), self.device, self.r.target == "dense") if refits else None
         z, dense_out = self._dense_pass(dl, kind, inputs, moments, dense_inputs)
-        part = "q" if kind == ATTN else "ch"
-        proj = submodule(sl, OUTPUT_PROJ[kind])
-        if refits and not all(torch.isfinite(m).all() for m in (moments.gram, *moments.targets())):
-            raise UserError(f"layer {i} {OUTPUT_PROJ[kind]}: NaN or inf in the calibration activations the refit reads; "
-                            "check the model's weights, or use --reconstruct none")
         if refits:
-            w = submodule(dl, OUTPUT_PROJ[kind]).weight.detach().to(self.device, torch.float64)
-            if self.r.select == "local" and n_remove > 0:
-                gone = obs_select(w, moments.gram, shape.unit_width(part), n_remove, self.r.damp)
-                kept_units = [u for u in range(shape.n_units(kind)) if u not in set(gone)]
-                _reslice(dl, sl, shape, kind, kept_units)
-                if kind == ATTN:
-                    lp.kv_groups = kept_units
-                else:
-                    lp.channels = kept_units
-            keep = member_index(torch.tensor(kept_units), shape, part).to(self.device)
-            cross, gram_t = moments.targets()
-            w_new = refit(w, cross, moments.gram, keep, self.r.damp)
-            if not torch.isfinite(w_new).all():
-                raise UserError(f"layer {i} {OUTPUT_PROJ[kind]}: the refit is not finite; "
-                                "raise --recon-damp or use --reconstruct none")
-            entry[kind] = {"removed_units": n_remove,
-                           "rel_err_sliced": output_error(w[:, keep], w, cross, moments.gram, gram_t, keep),
-                           "rel_err_refit": output_error(w_new, w, cross, moments.gram, gram_t, keep)}
-            with torch.no_grad():
-                proj.weight.copy_(w_new.to(proj.weight.dtype))
+            kept_units = self._refit(i, kind, dl, sl, moments, n_remove, entry)
             self.drifted = self.drifted or n_remove > 0 or self.r.target == "dense"
         keep = member_index(torch.tensor(kept_units), shape, part)
         dense_next = None if dense_inputs is None else dense_inputs + dense_out
-        return self._advance(inputs, z, keep, proj), dense_next
+        return self._advance(inputs, z, keep, submodule(sl, OUTPUT_PROJ[kind])), dense_next
+
+    def _refit(self, i: int, kind: str, dl, sl, moments: _Moments, n_remove: int, entry: dict) -> list[int]:
+        """Choose the kept units (local selection), refit the slim output projection in place,
+        log the errors; returns the kept units."""
+        shape, lp, path = self.shapes[i], self.plan.layers[i], OUTPUT_PROJ[kind]
+        part = "q" if kind == ATTN else "ch"
+        cross, gram_t = moments.targets()
+        if not all(torch.isfinite(m).all() for m in (moments.gram, cross, gram_t)):
+            raise UserError(f"layer {i} {path}: NaN or inf in the calibration activations the refit reads; "
+                            "check the model's weights, or use --reconstruct none")
+        w = submodule(dl, path).weight.detach().to(self.device, torch.float64)
+        kept_units = lp.kv_groups if kind == ATTN else lp.channels
+        if self.r.select == "local" and n_remove > 0:
+            gone = set(obs_select(w, moments.gram, shape.unit_width(part), n_remove, self.r.damp))
+            kept_units = [u for u in range(shape.n_units(kind)) if u not in gone]
+            _reslice(dl, sl, shape, kind, kept_units)
+            setattr(lp, "kv_groups" if kind == ATTN else "channels", kept_units)
+        keep = member_index(torch.tensor(kept_units), shape, part).to(self.device)
+        w_new = refit(w, cross, moments.gram, keep, self.r.damp)
+        if not torch.isfinite(w_new).all():
+            raise UserError(f"layer {i} {path}: the refit is not finite; raise --recon-damp or use --reconstruct none")
+        entry[kind] = {"removed_units": n_remove,
+                       "rel_err_sliced": output_error(w[:, keep], w, cross, moments.gram, gram_t, keep),
+                       "rel_err_refit": output_error(w_new, w, cross, moments.gram, gram_t, keep)}
+        proj = submodule(sl, path)
+        proj.weight.copy_(w_new.to(proj.weight.dtype))
+        return kept_units
 
 
 def _reslice(dl: nn.Module, sl: nn.Module, shape: LayerShape, kind: str, units: list[int]) -> None:
@@ -333,7 +336,7 @@ def reconstruct(
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     with PeakRSS() as rss:
-        stage = _Stage(dense, slim, plan, samples, r, device, progress)
+        stage = _Stage(dense, slim, plan, samples, r, device)
         pairs = list(zip(decoder_layers(dense), decoder_layers(slim)))
         for i, (dl, sl) in enumerate(tqdm(pairs, desc="reconstruct", disable=not progress)):
             with _on(dl, device), _on(sl, device):

@@ -141,6 +141,7 @@ def test_compress_prints_the_before_after_table(compressed):
     assert re.search(rf"\| parameters\s+\| {before:,}\s+\| {after:,}\s+\|", stdout), stdout
     assert "removed share" in stdout and "(asked 30%)" in stdout
     assert "PPL wikitext2 (4 x 128 tok)" in stdout
+    assert "| saap + refit" in stdout and "lsq, target prefix, 16 x 128 tok, select local" in stdout
     assert str(compressed["out"]) in stdout
 
 
