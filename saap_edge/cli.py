@@ -217,8 +217,9 @@ def _eval_ppl(a: argparse.Namespace, loaded) -> dict:
         loaded.model, loaded.tokenizer, a.ppl, a.split, a.window, a.limit, a.data_dir,
         batch_size=a.batch_size, progress=not a.no_progress,
     )
-    rows = [[name, r["ppl"], r["windows"], r["window"], r["tokens_scored"]] for name, r in results.items()]
-    print(format_table(["dataset", "perplexity", "windows", "window", "tokens scored"], rows))
+    rows = [[name, r["ppl"], r["windows"], r["window"], r["tokens_scored"], f"{r['seconds']:.0f}",
+             f"{r['windows'] * r['window'] / r['seconds']:.0f}"] for name, r in results.items()]
+    print(format_table(["dataset", "perplexity", "windows", "window", "tokens scored", "seconds", "tokens/s"], rows))
     return results
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from typing import Any
 
 import torch
@@ -53,7 +54,8 @@ def perplexity(
     Each window is scored on its own (no context carried over): its ``window - 1`` next
     token predictions are scored with log_softmax in float32 and the NLLs are summed in
     float64. ``limit`` keeps only the first ``limit`` windows. Returns
-    ``{"ppl", "nll" (mean per token), "windows", "tokens_scored", "window"}``.
+    ``{"ppl", "nll" (mean per token), "windows", "tokens_scored", "window", "seconds"}``
+    (``seconds``: wall time of the scoring).
     """
     windows = _windows(tokenizer, text, window, limit)
     return window_perplexity(model, windows, batch_size, device, progress)
@@ -73,6 +75,7 @@ def window_perplexity(
     device = torch.device(device) if device is not None else _model_device(model)
     window = windows.shape[1]
     total_nll = torch.zeros((), dtype=torch.float64)
+    t0 = time.perf_counter()
     with onednn_linears(model, enabled=fast):
         for start in tqdm(range(0, len(windows), batch_size), desc="ppl", disable=not progress, leave=False):
             batch = windows[start : start + batch_size].to(device)
@@ -83,7 +86,7 @@ def window_perplexity(
     scored = windows.shape[0] * (window - 1)
     mean_nll = total_nll.item() / scored
     return {"ppl": math.exp(mean_nll), "nll": mean_nll, "windows": windows.shape[0],
-            "tokens_scored": scored, "window": window}
+            "tokens_scored": scored, "window": window, "seconds": time.perf_counter() - t0}
 
 
 def evaluate_ppl(
