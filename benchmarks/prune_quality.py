@@ -190,26 +190,22 @@ def run(a: argparse.Namespace) -> dict:
     default = ReconstructSettings()
     none = replace(default, method="none")
     # most telling rows first, so an interrupted run (rows are cached) has the headline numbers
-    def main_rows(methods):
+    def main_rows(methods, recons):
         for label, overrides, reads in methods:
             for ratio in a.ratios:
                 s = PruneSettings(ratio=ratio, seed=a.seed, calib=a.calib, calib_samples=a.calib_samples, **overrides).validate()
-                for r in (default, none):
+                for r in recons:
                     b.pruned_row("main", label, s, reads, r)
 
-    main_rows(METHODS[:1])
+    main_rows(METHODS[:1], (default, none))
     if not a.no_ablations:  # the default and its variants on the first --ablation-limit windows
         for ratio in a.ratios:
             s = PruneSettings(ratio=ratio, seed=a.seed, calib=a.calib, calib_samples=a.calib_samples).validate()
             for label, overrides in [("default", {})] + ABLATIONS:
                 b.pruned_row("ablation", f"saap + lsq, {label}", s, "taylor", replace(default, **overrides).validate())
     # the baselines with the same reconstruction first (the fair comparison), then without it
-    for recons in ((default,), (none,)):
-        for label, overrides, reads in METHODS[1:]:
-            for ratio in a.ratios:
-                s = PruneSettings(ratio=ratio, seed=a.seed, calib=a.calib, calib_samples=a.calib_samples, **overrides).validate()
-                for r in recons:
-                    b.pruned_row("main", label, s, reads, r)
+    main_rows(METHODS[1:], (default,))
+    main_rows(METHODS[1:], (none,))
     return {
         "benchmark": "prune_quality",
         "model": b.loaded.source,

@@ -90,6 +90,7 @@ class Report:
         self.loaded = load_model(a.model, "cpu", "float32")
         self.model, self.tok = self.loaded.model, self.loaded.tokenizer
         self.stats: dict[int, tuple] = {}
+        self.recon_windows = None  # the reconstruct stage's calibration windows, drawn on first use
         self.data = {"benchmark": "report", "model": self.loaded.source, "machine": machine(), "versions": versions(),
                      "protocol": {"ppl_windows": a.ppl_windows, "window": 128, "task_limit": a.limit,
                                   "calib_samples": a.calib_samples, "recover_steps": a.recover_steps, "seed": 0},
@@ -139,17 +140,17 @@ class Report:
         return PruneSettings(ratio=ratio, calib_samples=calib or self.a.calib_samples, **overrides).validate()
 
     def pruned(self, s: PruneSettings):
-        from saap_edge.prune import prune
-
         from saap_edge.data import calibration_samples
+        from saap_edge.prune import prune
         from saap_edge.reconstruct import reconstruct
 
         samples, stats = self.samples(s.calib_samples)
         torch.manual_seed(0)
         result = prune(self.model, samples, s, progress=False, stats=stats)
         r = ReconstructSettings()
-        windows, _ = calibration_samples(self.tok, "books", r.samples, r.seq_len, 0, self.a.data_dir)
-        reconstruct(self.model, result.model, result.plan, windows, r, progress=False)
+        if self.recon_windows is None:  # one draw serves every row, as `samples` does
+            self.recon_windows, _ = calibration_samples(self.tok, "books", r.samples, r.seq_len, 0, self.a.data_dir)
+        reconstruct(self.model, result.model, result.plan, self.recon_windows, r, progress=False)
         return result
 
     def pruned_row(self, table: str, label: str, ratio: float, overrides: dict, calib: int | None = None) -> dict:

@@ -7,6 +7,18 @@ from dataclasses import asdict, dataclass, fields, replace
 from saap_edge.errors import UserError
 
 SETTINGS_VERSION = 1
+
+
+class Settings:
+    """What every settings dataclass shares: a plain dict for the artifacts it shapes, and back."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 METHODS = ("saap", "llm-pruner", "flap", "wanda-sp", "magnitude", "random")
 FUSIONS = ("adaptive", "learned", "sum", "vector", "element")
 SCOPES = ("all", "global", "layer")
@@ -14,7 +26,7 @@ INDICATORS = ("fluctuation", "bound", "none")
 
 
 @dataclass
-class PruneSettings:
+class PruneSettings(Settings):
     """How `compress` prunes. Defaults are the variant benchmarks/prune_quality.py chose."""
 
     method: str = "saap"
@@ -63,14 +75,6 @@ class PruneSettings:
             raise UserError("--align must be >= 1 (32 keeps int4 groups and GGUF blocks whole)")
         return self
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "PruneSettings":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
 
 RECONSTRUCTIONS = ("lsq", "none")
 RECON_TARGETS = ("prefix", "dense")
@@ -78,7 +82,7 @@ SELECTIONS = ("global", "local")
 
 
 @dataclass
-class ReconstructSettings:
+class ReconstructSettings(Settings):
     """The reconstruct stage between slicing and recovery: refit the kept columns of every
     layer's o_proj and down_proj by least squares, layer after layer on activations of the
     already pruned-and-refit prefix. Defaults are what benchmarks/prune_quality.py measured best."""
@@ -110,14 +114,6 @@ class ReconstructSettings:
     def active(self) -> bool:
         return self.method != "none"
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "ReconstructSettings":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
 
 @dataclass
 class RunSettings:
@@ -134,7 +130,7 @@ CPU_RECOVER_STEPS = 60  # CPU default: keeps `make demo` near ten minutes on 2 c
 
 
 @dataclass
-class RecoverSettings:
+class RecoverSettings(Settings):
     """How recovery trains. `steps` / `epochs` None: device defaults (see `resolved`)."""
 
     recovery: str = "qalora"  # qalora: int4 groups + group-pooled LoRA merged into offsets; lora: fp LoRA; none: int4 RTN
@@ -186,21 +182,13 @@ class RecoverSettings:
             return replace(self, epochs=2.0)
         return replace(self, steps=CPU_RECOVER_STEPS)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "RecoverSettings":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
 
 BENCH_RUNTIMES = ("torch", "gguf-f16", "gguf-q4_1", "onnx-f32", "onnx-int4")
 EXTRA_BENCH_RUNTIMES = ("gguf-q4_1-embq4",)  # on request: the embedding / output matrix in Q4_1 too
 
 
 @dataclass
-class BenchSettings:
+class BenchSettings(Settings):
     """`saap-edge bench`: which runtimes, and the speed protocol (batch 1, greedy)."""
 
     runtimes: tuple[str, ...] = BENCH_RUNTIMES
@@ -224,5 +212,3 @@ class BenchSettings:
             raise UserError("--warmup must be >= 0 and --threads >= 1")
         return self
 
-    def to_dict(self) -> dict:
-        return asdict(self)

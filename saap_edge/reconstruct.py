@@ -46,6 +46,7 @@ from saap_edge.errors import UserError
 from saap_edge.models.onednn import onednn_linears
 from saap_edge.prune.groups import ATTN, MLP, MEMBERS, OUTPUT_PROJ, LayerShape, decoder_layers, discover, member_index, submodule
 from saap_edge.prune.plan import PrunePlan
+from saap_edge.prune.slicing import member_slice
 from saap_edge.report import PeakRSS
 
 
@@ -310,10 +311,9 @@ def _reslice(dl: nn.Module, sl: nn.Module, shape: LayerShape, kind: str, units: 
     with torch.no_grad():
         for path, axis, part in MEMBERS[kind]:
             src, dst = submodule(dl, path), submodule(sl, path)
-            rows = member_index(index, shape, part).to(src.weight.device)
-            dst.weight.copy_(src.weight.index_select(0 if axis == "out" else 1, rows))
+            dst.weight.copy_(member_slice(src.weight, axis, index, shape, part))
             if axis == "out" and src.bias is not None:
-                dst.bias.copy_(src.bias.index_select(0, rows))
+                dst.bias.copy_(member_slice(src.bias, axis, index, shape, part))
 
 
 @torch.no_grad()

@@ -82,18 +82,16 @@ def before_after_table(report: dict) -> str:
             row.append(result["recovered"]["ppl"] if "recovered" in result else None)
         rows.append(row)
     recon = report.get("reconstruction") or {}
-    method = report["settings"]["method"] + (" + refit" if recon.get("method", "none") != "none" else "")
-    headers = ["", "dense", method]
-    if recon.get("method", "none") != "none":
-        rows.insert(2, ["reconstruction", None, f"{recon['method']}, target {recon['target']}, {recon['samples']} x "
-                                                f"{recon['seq_len']} tok, select {recon['select']}, {recon['time_s']:.0f} s"])
+    refit = recon.get("method", "none") != "none"
+    headers = ["", "dense", report["settings"]["method"] + (" + refit" if refit else "")]
     if recovery:
         rows[0].append(rows[0][2])
         rows[1].append(_recovery_label(recovery))
-        for row in rows[2:]:
-            if row[0] == "reconstruction":
-                row.append(None)
         headers.append(f"+ {recovery['recovery']}" + (" int4" if "group_size" in recovery else ""))
+    if refit:
+        detail = (f"{recon['method']}, target {recon['target']}, {recon['samples']} x {recon['seq_len']} tok, "
+                  f"select {recon['select']}, {recon['time_s']:.0f} s")
+        rows.insert(2, ["reconstruction", None, detail] + [None] * (len(headers) - 3))
     return format_table(headers, rows)
 
 

@@ -34,17 +34,22 @@ def sliced_state_dict(model: nn.Module, plan: PrunePlan) -> dict[str, torch.Tens
     """The model's state dict with the dropped rows / columns removed (keys unchanged)."""
     state = {k: v for k, v in model.state_dict().items()}
     prefix = "model.layers" if hasattr(model, "model") else "layers"
-    for i, (layer, shape) in enumerate(zip(decoder_layers(model), discover(model))):
+    for i, shape in enumerate(discover(model)):
         for kind, members in MEMBERS.items():
             units = _kept_units(plan, i, kind)
             for path, axis, part in members:
-                index = member_index(units, shape, part).to(submodule(layer, path).weight.device)
                 key = f"{prefix}.{i}.{path}"
-                dim = 0 if axis == "out" else 1
-                state[f"{key}.weight"] = state[f"{key}.weight"].index_select(dim, index).contiguous()
+                state[f"{key}.weight"] = member_slice(state[f"{key}.weight"], axis, units, shape, part).contiguous()
                 if f"{key}.bias" in state and axis == "out":
-                    state[f"{key}.bias"] = state[f"{key}.bias"].index_select(0, index).contiguous()
+                    state[f"{key}.bias"] = member_slice(state[f"{key}.bias"], axis, units, shape, part).contiguous()
     return state
+
+
+def member_slice(tensor: torch.Tensor, axis: str, units: torch.Tensor, shape, part: str) -> torch.Tensor:
+    """The rows (axis "out": weight rows or bias entries) or columns ("in") of a member's
+    weight that the given units own."""
+    index = member_index(units, shape, part).to(tensor.device)
+    return tensor.index_select(0 if axis == "out" else 1, index)
 
 
 def apply_plan(model: nn.Module, plan: PrunePlan) -> SlimLlamaForCausalLM:
