@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 from saap_edge.config import (
-    CPU_RECOVER_STEPS, METHODS, RECON_TARGETS, RECONSTRUCTIONS, RECOVERIES, SELECTIONS, PruneSettings, ReconstructSettings,
-    RecoverSettings, RunSettings,
+    CPU_RECOVER_STEPS, METHODS, RECON_TARGETS, RECONSTRUCTIONS, RECOVER_LOSSES, RECOVERIES, SELECTIONS, PruneSettings, ReconstructSettings,
+    RecoverSettings, RunSettings, default_cache_dir,
 )
 from saap_edge.errors import UserError
 from saap_edge.models.load import DEFAULT_MODEL
@@ -53,6 +53,22 @@ def _add_recover_args(p: argparse.ArgumentParser, in_compress: bool) -> None:
     g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step (default: %(default)s)")
     g.add_argument("--recover-seq-len", type=int, default=d.seq_len, help="tokens per training window (default: %(default)s)")
     g.add_argument("--recover-seed", type=int, default=d.seed, help="seed of the data order, held-out pick and dropout (default: %(default)s)")
+    g.add_argument("--recover-loss", default=d.loss, choices=RECOVER_LOSSES,
+                   help="lm: next-token cross-entropy; kd: KL to the dense model's distribution (distillation); "
+                        "kd+lm: both, weighted by --kd-weight (default: %(default)s)")
+    g.add_argument("--train", default=d.train,
+                   help="what training changes, a comma list of lora (QA-LoRA adapters), offsets and scales (the int4 "
+                        "groups' own, codes never change), norms (RMSNorm weights) (default: %(default)s)")
+    g.add_argument("--kd-temperature", type=float, default=d.kd_temperature, help="distillation temperature (default: %(default)s)")
+    g.add_argument("--kd-topk", type=int, default=d.kd_topk,
+                   help="teacher tokens kept per position, the rest as one bucket; 0: the whole vocabulary, no cache (default: %(default)s)")
+    g.add_argument("--kd-weight", type=float, default=d.kd_weight, help="share of the kd term in kd+lm (default: %(default)s)")
+    g.add_argument("--teacher", default=None,
+                   help="the dense model to distil from (default: the model the pruned one was made from, as recorded)")
+    g.add_argument("--teacher-cache", default=str(default_cache_dir()),
+                   help="folder caching the teacher's top-k targets; 'off' computes them every run (default: %(default)s)")
+    g.add_argument("--teacher-cache-mib", type=int, default=4096,
+                   help="the cache folder's size limit; the least recently used entries go first (default: %(default)s)")
     g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps into <out>.checkpoints (default: about ten per run)")
     g.add_argument("--resume", action="store_true", help="continue an interrupted run from <out>.checkpoints with the same settings")
     g.add_argument("--keep-checkpoints", action="store_true", help="keep <out>.checkpoints (peft adapters, optimizer state) after success")
@@ -65,7 +81,15 @@ def _recover_settings(a: argparse.Namespace) -> RecoverSettings | None:
         recovery=a.recovery, data=a.recover_data, steps=a.recover_steps, epochs=a.epochs, rank=a.rank,
         alpha=a.lora_alpha, dropout=a.lora_dropout, group_size=a.group_size, lr=a.lr, warmup=a.warmup,
         batch_size=a.batch_size, grad_accum=a.grad_accum, seq_len=a.recover_seq_len, seed=a.recover_seed,
+        loss=a.recover_loss, kd_temperature=a.kd_temperature, kd_topk=a.kd_topk, kd_weight=a.kd_weight, train=a.train,
     )
+
+
+def _teacher_args(a: argparse.Namespace) -> dict:
+    if a.teacher_cache_mib < 1:
+        raise UserError(f"--teacher-cache-mib must be >= 1, got {a.teacher_cache_mib}")
+    cache = None if a.teacher_cache.lower() in ("off", "none", "") else Path(a.teacher_cache).expanduser()
+    return {"teacher": a.teacher, "teacher_cache": cache, "teacher_cache_mib": a.teacher_cache_mib}
 
 
 def add_compress(p: argparse.ArgumentParser) -> None:
@@ -126,7 +150,8 @@ def run_compress(a: argparse.Namespace) -> int:
                                 damp=a.recon_damp, select=a.select, batch_size=a.recon_batch_size)
     eval_ppl = [] if a.eval_ppl in ([], ["none"]) else a.eval_ppl
     job = CompressJob(a.model, a.out, settings, recon, _run_settings(a), a.overwrite, eval_ppl, a.eval_limit or None,
-                      recover=_recover_settings(a), resume=a.resume, save_every=a.save_every, keep_checkpoints=a.keep_checkpoints)
+                      recover=_recover_settings(a), resume=a.resume, save_every=a.save_every, keep_checkpoints=a.keep_checkpoints,
+                      **_teacher_args(a))
     report = compress(job)
     print(before_after_table(report))
     print(f"saved the {_model_kind(report)}, prune_plan.json, report.json and layers.png to {a.out}")
@@ -157,7 +182,7 @@ def run_recover(a: argparse.Namespace) -> int:
     out = a.out or Path(f"{a.model.rstrip('/')}-{a.recovery}")
     eval_ppl = [] if a.eval_ppl in ([], ["none"]) else a.eval_ppl
     job = RecoverJob(a.model, out, _recover_settings(a), _run_settings(a), a.overwrite, eval_ppl, a.eval_limit or None,
-                     resume=a.resume, save_every=a.save_every, keep_checkpoints=a.keep_checkpoints)
+                     resume=a.resume, save_every=a.save_every, keep_checkpoints=a.keep_checkpoints, **_teacher_args(a))
     report = recover_dir(job)
     print(before_after_table(report))
     print(f"saved the {_model_kind(report)} and report.json to {out}")

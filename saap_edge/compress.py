@@ -26,6 +26,7 @@ from saap_edge.prune.methods import NEEDS_CALIBRATION
 from saap_edge.prune.plan import PrunePlan
 from saap_edge.reconstruct import reconstruct
 from saap_edge.recover import RecoverRun, checkpoint_dir, clear_checkpoints, recover_model
+from saap_edge.recover.distill import check_teacher, default_cache_dir
 from saap_edge.quant.int4 import check_prunable_to_int4
 from saap_edge.report import peak_memory_mib, plot_layers
 
@@ -44,6 +45,9 @@ class CompressJob:
     resume: bool = False  # continue an interrupted run from <out>.checkpoints
     save_every: int = 0  # recovery checkpoint interval in steps (0: about ten over the run)
     keep_checkpoints: bool = False  # keep <out>.checkpoints after success
+    teacher: str | None = None  # --recover-loss kd: the dense model (default: --model itself)
+    teacher_cache: Path | None = field(default_factory=default_cache_dir)  # None: teacher targets on the fly
+    teacher_cache_mib: int = 4096
 
 
 def versions() -> dict:
@@ -60,7 +64,8 @@ def _quick_ppl(model, tokenizer, job: CompressJob, device) -> dict:
 
 
 def _prune_stage(job: CompressJob, s: PruneSettings, r: ReconstructSettings) -> tuple:
-    """Load, calibrate, prune, reconstruct and score: (slim model, tokenizer, plan, report, device)."""
+    """Load, calibrate, prune, reconstruct and score: (slim model, tokenizer, plan, report, device,
+    the dense model when recovery distils from it and no other --teacher is given, else None)."""
     t0 = time.perf_counter()
     loaded = load_model(job.model, job.run.device, job.run.dtype)
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -87,6 +92,11 @@ def _prune_stage(job: CompressJob, s: PruneSettings, r: ReconstructSettings) -> 
         recon_info = slim.info
         timings["reconstruct_s"] = recon_info["time_s"]
         plan.reconstruction = {**r.to_dict(), "source": s.calib, "sha256": recon_hash}
+    keep_dense = job.recover is not None and job.recover.distills and job.teacher is None
+    dense = model.eval().requires_grad_(False) if keep_dense else None
+    if dense is not None:
+        for p in dense.parameters():
+            p.grad = None
     del model
     after = _quick_ppl(result.model, tokenizer, job, device) if job.eval_ppl else {}
     plan.calibration = {"source": s.calib, "samples": s.calib_samples, "seq_len": s.seq_len, "sha256": calib_hash} if calib_hash else {}
@@ -104,7 +114,7 @@ def _prune_stage(job: CompressJob, s: PruneSettings, r: ReconstructSettings) -> 
         "details": result.details,
         "versions": plan.versions,
     }
-    return result.model, tokenizer, plan, report, device
+    return result.model, tokenizer, plan, report, device, dense
 
 
 def _reconstruct_stage(dense, slim, plan: PrunePlan, samples, r: ReconstructSettings, device, progress: bool):
@@ -140,7 +150,18 @@ def _resume_pruned(pruned_dir: Path, job: CompressJob, s: PruneSettings) -> tupl
                         "rerun with its settings or without --resume")
     loaded = load_model(str(pruned_dir), job.run.device, job.run.dtype)
     report = json.loads((pruned_dir / REPORT_FILE).read_text())
-    return loaded.model, loaded.tokenizer, plan, report, next(loaded.model.parameters()).device
+    return loaded.model, loaded.tokenizer, plan, report, next(loaded.model.parameters()).device, None
+
+
+def load_teacher(name: str, student, tokenizer, run: RunSettings, flag_given: bool):
+    """The dense teacher for distillation, checked to speak the student's vocabulary."""
+    try:
+        loaded = load_model(name, run.device, run.dtype)
+    except UserError as exc:
+        hint = "" if flag_given else "; give the dense model with --teacher PATH"
+        raise UserError(f"the teacher {name} cannot be loaded ({exc}){hint}") from exc
+    check_teacher(loaded.model, student, loaded.tokenizer, tokenizer, name)
+    return loaded.model
 
 
 def compress(job: CompressJob) -> dict:
@@ -156,9 +177,9 @@ def compress(job: CompressJob) -> dict:
     if job.resume:
         if pruned_dir is None:
             raise UserError("--resume continues an interrupted recovery; this run has none (--no-recover / --recovery none)")
-        model, tokenizer, plan, report, device = _resume_pruned(pruned_dir, job, s)
+        model, tokenizer, plan, report, device, dense = _resume_pruned(pruned_dir, job, s)
     else:
-        model, tokenizer, plan, report, device = _prune_stage(job, s, rc)
+        model, tokenizer, plan, report, device, dense = _prune_stage(job, s, rc)
         if pruned_dir is not None:  # a fresh run: earlier checkpoints no longer apply
             clear_checkpoints(ckpt)
             ckpt.mkdir(parents=True)
@@ -168,9 +189,13 @@ def compress(job: CompressJob) -> dict:
             tmp.rename(pruned_dir)
     title = f"{s.method} {plan.params['removed_share']:.1%} of {job.model}"
     if r is not None:
+        if r.distills and dense is None:
+            dense = load_teacher(job.teacher or job.model, model, tokenizer, job.run, job.teacher is not None)
         run = RecoverRun(ckpt_dir=ckpt, save_every=job.save_every, resume=job.resume, progress=job.run.progress,
-                         data_dir=job.run.data_dir)
+                         data_dir=job.run.data_dir, teacher=dense, teacher_cache=job.teacher_cache,
+                         teacher_cache_mib=job.teacher_cache_mib)
         recovered = recover_model(model, tokenizer, r, run)
+        del dense, run
         model = recovered.model
         report["recovery"] = recovered.info
         if job.eval_ppl:
@@ -199,6 +224,18 @@ class RecoverJob:
     resume: bool = False
     save_every: int = 0
     keep_checkpoints: bool = False
+    teacher: str | None = None  # --recover-loss kd: the dense model (default: the source recorded in report.json)
+    teacher_cache: Path | None = field(default_factory=default_cache_dir)
+    teacher_cache_mib: int = 4096
+
+
+def _recorded_source(report: dict, source: str) -> str:
+    """The dense model a pruned directory was made from (report.json), for distillation."""
+    recorded = report.get("model") or {}
+    given = recorded.get("path") or recorded.get("model")
+    if not given:
+        raise UserError(f"{source} records no source model (report.json); give the dense teacher with --teacher PATH")
+    return given
 
 
 def recover_dir(job: RecoverJob) -> dict:
@@ -224,6 +261,7 @@ def recover_dir(job: RecoverJob) -> dict:
         params = total_params(model)
         plan.params = {"before": params, "after": params, "removed_share": 0.0}
         report = {}
+    source_report = dict(report)
     report.setdefault("model", loaded.source)
     report.setdefault("params", plan.params)
     report.setdefault("settings", {"method": plan.method or "none", "ratio": plan.ratio or 0.0})
@@ -233,9 +271,15 @@ def recover_dir(job: RecoverJob) -> dict:
     ckpt = checkpoint_dir(job.out) if r.recovery != "none" else None
     if ckpt is not None and not job.resume:
         clear_checkpoints(ckpt)
+    teacher = None
+    if r.distills:
+        name = job.teacher or _recorded_source(source_report, job.source)
+        teacher = load_teacher(name, model, tokenizer, job.run, job.teacher is not None)
     run = RecoverRun(ckpt_dir=ckpt, save_every=job.save_every, resume=job.resume, progress=job.run.progress,
-                     data_dir=job.run.data_dir)
+                     data_dir=job.run.data_dir, teacher=teacher, teacher_cache=job.teacher_cache,
+                     teacher_cache_mib=job.teacher_cache_mib)
     recovered = recover_model(model, tokenizer, r, run)
+    del teacher, run
     report["recovery"] = recovered.info
     for name, result in (_quick_ppl(recovered.model, tokenizer, job, device) if job.eval_ppl else {}).items():
         # "before" (the dense model) is kept from the pruning report only if scored the same way

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
 
 from saap_edge.errors import UserError
 
@@ -126,7 +128,16 @@ class RunSettings:
 
 
 RECOVERIES = ("qalora", "lora", "none")
-CPU_RECOVER_STEPS = 60  # CPU default: keeps `make demo` near ten minutes on 2 cores
+RECOVER_LOSSES = ("lm", "kd", "kd+lm")
+TRAINABLES = ("lora", "offsets", "scales", "norms")  # what recovery may train (see recover/params.py)
+CPU_RECOVER_STEPS = 60
+
+
+def default_cache_dir() -> Path:
+    """Where the teacher's top-k targets are cached: $SAAP_EDGE_CACHE/teacher, else
+    $XDG_CACHE_HOME/saap-edge/teacher, else ~/.cache/saap-edge/teacher."""
+    base = os.environ.get("SAAP_EDGE_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "saap-edge")
+    return Path(base).expanduser() / "teacher"  # CPU default: keeps `make demo` near ten minutes on 2 cores
 
 
 @dataclass
@@ -150,11 +161,27 @@ class RecoverSettings(Settings):
     heldout: int = 16  # windows of the recovery text held out for perplexity
     max_tokens: int | None = 2_000_000  # tokens of the recovery text used at most (None: all)
     seed: int = 0
+    loss: str = "lm"  # lm: next-token cross-entropy; kd: KL(teacher || student); kd+lm: kd_weight * kd + (1 - kd_weight) * lm
+    kd_temperature: float = 1.0  # both distributions at logits / T; the loss is scaled by T^2
+    kd_topk: int = 64  # teacher's k most likely tokens + one bucket for the rest (0: the whole vocabulary, no cache)
+    kd_weight: float = 0.5  # kd+lm only
+    train: str = "lora"  # comma list of lora, offsets, scales, norms (int4 groups: codes never change)
     version: int = SETTINGS_VERSION
 
     # Settings that decide the training result: a resumed run must match them all.
     RESULT_FIELDS = ("recovery", "steps", "epochs", "rank", "alpha", "dropout", "group_size", "lr", "warmup",
-                     "weight_decay", "batch_size", "grad_accum", "seq_len", "heldout", "max_tokens", "seed")
+                     "weight_decay", "batch_size", "grad_accum", "seq_len", "heldout", "max_tokens", "seed",
+                     "loss", "kd_temperature", "kd_topk", "kd_weight", "train")
+
+    @property
+    def trained(self) -> tuple[str, ...]:
+        """The parts `train` names, in a fixed order."""
+        parts = {p.strip() for p in self.train.split(",") if p.strip()}
+        return tuple(t for t in TRAINABLES if t in parts)
+
+    @property
+    def distills(self) -> bool:
+        return self.recovery != "none" and self.loss != "lm"
 
     def validate(self) -> "RecoverSettings":
         if self.recovery not in RECOVERIES:
@@ -172,6 +199,19 @@ class RecoverSettings(Settings):
             raise UserError(f"--lr must be > 0, got {self.lr}")
         if self.group_size is not None and (self.group_size <= 0 or self.group_size % 32):
             raise UserError(f"--group-size {self.group_size} must be a positive multiple of 32 (32, 64 or 128)")
+        if self.loss not in RECOVER_LOSSES:
+            raise UserError(f"--recover-loss {self.loss!r} is not one of {', '.join(RECOVER_LOSSES)}")
+        if not 0 < self.kd_temperature <= 100:
+            raise UserError(f"--kd-temperature {self.kd_temperature} must be in (0, 100], e.g. 1 or 2")
+        if self.kd_topk < 0:
+            raise UserError(f"--kd-topk {self.kd_topk} must be >= 0 (0: the whole vocabulary)")
+        if not 0 < self.kd_weight <= 1:
+            raise UserError(f"--kd-weight {self.kd_weight} must be in (0, 1]")
+        unknown = [p.strip() for p in self.train.split(",") if p.strip() and p.strip() not in TRAINABLES]
+        if unknown or not self.trained:
+            raise UserError(f"--train {self.train!r}: give a comma list of {', '.join(TRAINABLES)} (e.g. offsets,scales)")
+        if self.recovery == "lora" and set(self.trained) & {"offsets", "scales"}:
+            raise UserError("--train offsets / scales trains int4 groups; it needs --recovery qalora (or train lora,norms)")
         return self
 
     def resolved(self, device_type: str) -> "RecoverSettings":

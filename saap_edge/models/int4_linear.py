@@ -9,6 +9,10 @@ Storage of an [out, in] weight with group size G (DESIGN.md section 3):
 - `offsets` fp16  [out, in / G]: b = min of each group (recovery moves only these).
 The layer computes with w = a * q + b, evaluated in float32 from the stored fp16 values,
 which is also what GGUF Q4_1 and ONNX MatMulNBits decode to.
+
+Recovery may train a and b themselves (`train_groups`): they become float32 parameters
+whose forward value is rounded to fp16 (straight-through), so the trained layer computes
+exactly what `freeze_groups` stores; the codes never change.
 """
 
 from __future__ import annotations
@@ -72,13 +76,47 @@ class Int4Linear(nn.Module):
     def codes(self) -> torch.Tensor:
         return unpack_nibbles(self.qweight)
 
+    def train_groups(self, scales: bool = False, offsets: bool = False) -> list[nn.Parameter]:
+        """Make the scales and/or offsets trainable float32 parameters; returns them."""
+        made = []
+        for name, on in (("scales", scales), ("offsets", offsets)):
+            if on and not isinstance(getattr(self, name), nn.Parameter):
+                value = getattr(self, name).detach().float()
+                del self._buffers[name]
+                self.register_parameter(name, nn.Parameter(value))
+            if on:
+                made.append(getattr(self, name))
+        self._cache = None
+        return made
+
+    def freeze_groups(self) -> None:
+        """Round trained scales / offsets to the fp16 buffers the devices run (what training computed)."""
+        for name in ("scales", "offsets"):
+            value = getattr(self, name)
+            if isinstance(value, nn.Parameter):
+                del self._parameters[name]
+                self.register_buffer(name, value.detach().half())
+        self._cache = None
+
+    def _stored(self, name: str) -> torch.Tensor:
+        """scales / offsets as the device stores them: a trained fp32 value is rounded to fp16,
+        with the gradient passed straight through the rounding."""
+        t = getattr(self, name)
+        if t.dtype == torch.float16:
+            return t
+        return t + (t.detach().half().float() - t.detach())
+
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight a * q + b in `dtype`, cached until a buffer changes (in place or replaced)."""
+        if torch.is_grad_enabled() and (self.scales.requires_grad or self.offsets.requires_grad):
+            # trained groups: a fresh graph every forward (a cached one is freed by the first backward)
+            return dequantize(self.codes, self._stored("scales"), self._stored("offsets"), dtype)
         # (a weight made under inference_mode cannot enter autograd: the mode is part of the key)
         key = tuple((id(t), t._version, t.device) for t in (self.qweight, self.scales, self.offsets))
         key += (dtype, torch.is_inference_mode_enabled())
         if self._cache is None or self._cache[0] != key:
-            self._cache = (key, dequantize(self.codes, self.scales, self.offsets, dtype))
+            with torch.no_grad():
+                self._cache = (key, dequantize(self.codes, self._stored("scales"), self._stored("offsets"), dtype))
         return self._cache[1]
 
     @property
@@ -92,10 +130,14 @@ class Int4Linear(nn.Module):
     def _apply(self, fn, recurse=True):
         # Scales and offsets are the stored fp16 values the devices run; a model-wide cast
         # (.to(bfloat16), .float()) must not round them, so only their device follows.
-        scales, offsets = self.scales, self.offsets
+        # Trained fp32 masters keep their dtype the same way.
+        kept = {name: getattr(self, name) for name in ("scales", "offsets")}
         super()._apply(fn, recurse)
-        self.scales = scales.to(self.qweight.device)
-        self.offsets = offsets.to(self.qweight.device)
+        for name, old in kept.items():
+            if isinstance(old, nn.Parameter):
+                getattr(self, name).data = old.data.to(self.qweight.device)
+            else:
+                setattr(self, name, old.to(self.qweight.device))
         self._cache = None
         return self
 

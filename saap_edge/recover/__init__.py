@@ -4,6 +4,10 @@
                  --attach--> group-pooled LoRA adapters (peft) --train--> adapters
                  --merge--> offsets += adapter; codes and scales unchanged: an int4 model
 
+`--train` may add (or use instead of LoRA) the group offsets, the group scales and the
+RMSNorm weights themselves (recover/params.py); `--recover-loss kd` / `kd+lm` learns from
+the dense model the student was pruned from (recover/distill.py).
+
 `lora` trains plain LoRA on the fp projections and merges into the fp weights; `none`
 quantizes to int4 with round-to-nearest and trains nothing.
 """
@@ -18,12 +22,15 @@ from pathlib import Path
 from torch import nn
 
 from saap_edge.config import RecoverSettings
+from saap_edge.errors import UserError
 from saap_edge.eval.ppl import window_perplexity
 from saap_edge.models.slim import SlimLlamaForCausalLM
 from saap_edge.quant.int4 import quantize_model
 from saap_edge.recover.adapters import attach, lora_config, merge, trainable_parameters
 from saap_edge.recover.data import recovery_windows
-from saap_edge.recover.train import latest_checkpoint, total_steps, train
+from saap_edge.recover.distill import Teacher, default_cache_dir
+from saap_edge.recover.params import enable_direct, freeze
+from saap_edge.recover.train import latest_checkpoint, total_steps, train, window_indices
 from saap_edge.report import peak_memory_mib
 
 
@@ -54,6 +61,9 @@ class RecoverRun:
     progress: bool = True
     data_dir: str | None = None
     stop_after: int | None = None
+    teacher: nn.Module | None = None  # the dense model, for --recover-loss kd / kd+lm
+    teacher_cache: Path | None = field(default_factory=default_cache_dir)  # None: no cache (targets on the fly)
+    teacher_cache_mib: int = 4096
 
 
 @dataclass
@@ -79,19 +89,38 @@ def recover_model(model: nn.Module, tokenizer, s: RecoverSettings, run: RecoverR
     n_steps = total_steps(s, len(data.train))
     heldout_before = window_perplexity(model, data.heldout, progress=False)["ppl"]
     model.requires_grad_(False)
-    peft_model = attach(model, lora_config(s.recovery, s.rank, s.alpha, s.dropout, info.get("group_size")))
-    info["trainable_params"] = trainable_parameters(peft_model)
+    trainee = model
+    if "lora" in s.trained:
+        trainee = attach(model, lora_config(s.recovery, s.rank, s.alpha, s.dropout, info.get("group_size")))
+    enable_direct(trainee, s.trained)
+    info["trained"] = list(s.trained)
+    info["trainable_params"] = trainable_parameters(trainee)
+    teacher = None
+    if s.distills:
+        if run.teacher is None:
+            raise UserError(f"--recover-loss {s.loss} needs the dense teacher model; give --teacher PATH")
+        n_train = len(data.train)
+        teacher = Teacher(
+            run.teacher, data.train, lambda start, count: window_indices(start, count, s.seed, n_train),
+            s.kd_temperature, s.kd_topk, {"data_sha256": data.sha256, "heldout": s.heldout, "seed": s.seed},
+            run.teacher_cache, run.teacher_cache_mib, s.batch_size,
+        )
     save_every = run.save_every or max(1, n_steps // 10)
     if run.progress:
         device_note = "the paper's 2 epochs" if s.epochs else f"{n_steps} steps"
-        print(f"recovery: {s.recovery}, {n_steps} optimizer steps of {s.batch_size * s.grad_accum} x {s.seq_len} tokens "
+        print(f"recovery: {s.recovery} training {'+'.join(s.trained)} on {s.loss} loss, {n_steps} optimizer steps of "
+              f"{s.batch_size * s.grad_accum} x {s.seq_len} tokens "
               f"({device_note}{'; a short CPU budget, raise --recover-steps for more' if device.type == 'cpu' else ''})",
               flush=True)
-    result = train(peft_model, data, s, run.ckpt_dir, save_every if run.ckpt_dir else 0, run.resume, run.progress, run.stop_after)
-    heldout_adapter = window_perplexity(peft_model, data.heldout, progress=False)["ppl"]
-    merged = merge(peft_model)
+    result = train(trainee, data, s, run.ckpt_dir, save_every if run.ckpt_dir else 0, run.resume, run.progress, run.stop_after,
+                   teacher=teacher)
+    heldout_adapter = window_perplexity(trainee, data.heldout, progress=False)["ppl"]
+    freeze(trainee)
+    merged = merge(trainee) if "lora" in s.trained else trainee
     merged.eval()
     heldout_after = window_perplexity(merged, data.heldout, progress=False)["ppl"]
+    if teacher is not None:
+        info["teacher"] = teacher.describe()
     info.update(
         steps=n_steps, resumed_from=result.resumed_from, tokens_trained=result.tokens, train_s=result.train_s,
         tokens_per_s=result.tokens / max(result.train_s, 1e-9),

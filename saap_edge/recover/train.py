@@ -1,4 +1,4 @@
-"""The recovery trainer: causal-LM loss, AdamW, warm-up, checkpoints that resume exactly.
+"""The recovery trainer: LM and/or distillation loss, AdamW, warm-up, checkpoints that resume exactly.
 
 A small loop rather than transformers.Trainer: resuming must reproduce an uninterrupted run
 bit for bit, checkpoints must hold no pickles (Trainer saves optimizer and RNG state with
@@ -8,9 +8,14 @@ Determinism: the window order of epoch e is a permutation seeded with (seed, e);
 RNG (LoRA dropout) is reseeded from (seed, step) before every step; so step k sees the same
 data and the same dropout masks whether or not the run was interrupted before it.
 
+Losses (`s.loss`): lm, next-token cross-entropy; kd, KL to the dense teacher's
+distribution (recover/distill.py); kd+lm, kd_weight * kd + (1 - kd_weight) * lm.
+
 Checkpoint `step-NNNNNN/` (written to a temporary name, then renamed):
-adapter_config.json + adapter_model.safetensors (peft's format), optimizer.safetensors
-(AdamW moments and step counts), trainer_state.json (step, settings, data hash, losses).
+adapter_config.json + adapter_model.safetensors (peft's format, when LoRA trains),
+params.safetensors (directly trained group offsets / scales / norms, float32 masters),
+optimizer.safetensors (AdamW moments and step counts), trainer_state.json (step,
+settings, data hash, losses).
 """
 
 from __future__ import annotations
@@ -31,8 +36,11 @@ from tqdm.auto import tqdm
 from saap_edge.config import RecoverSettings
 from saap_edge.errors import UserError
 from saap_edge.recover.data import RecoveryData
+from saap_edge.recover.distill import Teacher, kd_loss
+from saap_edge.recover.params import direct_parameters
 
 STATE_FILE, OPTIMIZER_FILE, ADAPTER_WEIGHTS = "trainer_state.json", "optimizer.safetensors", "adapter_model.safetensors"
+PARAMS_FILE = "params.safetensors"
 KEEP_CHECKPOINTS = 2
 
 
@@ -69,11 +77,30 @@ def _epoch_order(seed: int, epoch: int, n_train: int) -> torch.Tensor:
     return torch.randperm(n_train, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
+def window_indices(start: int, count: int, seed: int, n_train: int) -> torch.Tensor:
+    """Training windows at positions start .. start + count of the endless seeded shuffle."""
+    return torch.stack([_epoch_order(seed, i // n_train, n_train)[i % n_train] for i in range(start, start + count)])
+
+
+def batch_start(step: int, micro: int, s: RecoverSettings) -> int:
+    """Shuffle position of the first window of micro-batch `micro` of optimizer step `step`."""
+    return (step * s.grad_accum + micro) * s.batch_size
+
+
 def batch_indices(step: int, micro: int, s: RecoverSettings, n_train: int) -> torch.Tensor:
-    """Windows of micro-batch `micro` of optimizer step `step` (an endless seeded shuffle)."""
-    start = (step * s.grad_accum + micro) * s.batch_size
-    picks = [_epoch_order(s.seed, i // n_train, n_train)[i % n_train] for i in range(start, start + s.batch_size)]
-    return torch.stack(picks)
+    """Windows of micro-batch `micro` of optimizer step `step`."""
+    return window_indices(batch_start(step, micro, s), s.batch_size, s.seed, n_train)
+
+
+def step_loss_of(model, batch: torch.Tensor, s: RecoverSettings, teacher: Teacher | None, start: int) -> torch.Tensor:
+    """The training loss of one micro-batch (see the module doc)."""
+    if s.loss == "lm":
+        return model(input_ids=batch, labels=batch).loss
+    out = model(input_ids=batch, labels=batch if s.loss == "kd+lm" else None)
+    kd = kd_loss(out.logits, teacher.targets(start, len(batch)).to(batch.device), s.kd_temperature)
+    if s.loss == "kd":
+        return kd
+    return s.kd_weight * kd + (1 - s.kd_weight) * out.loss
 
 
 def _checkpoints(ckpt_dir: Path) -> list[Path]:
@@ -101,12 +128,17 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.T
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
 
 
-def save_checkpoint(ckpt_dir: Path, model: PeftModel, optimizer, step: int, meta: dict) -> Path:
+def save_checkpoint(ckpt_dir: Path, model, optimizer, step: int, meta: dict) -> Path:
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"step-{step:06d}"
     tmp = ckpt_dir / f".step-{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    tmp.mkdir()
+    if isinstance(model, PeftModel):
+        model.save_pretrained(tmp, safe_serialization=True)
+    direct = direct_parameters(model)
+    if direct:
+        save_file({k: v.detach().cpu().contiguous() for k, v in direct.items()}, tmp / PARAMS_FILE)
     save_file(_optimizer_tensors(optimizer), tmp / OPTIMIZER_FILE)
     (tmp / STATE_FILE).write_text(json.dumps({**meta, "step": step}, indent=1) + "\n")
     shutil.rmtree(final, ignore_errors=True)
@@ -130,8 +162,20 @@ def check_resumable(checkpoint: Path, s: RecoverSettings, data_sha256: str) -> d
     return state
 
 
+def _load_direct(model, path: Path) -> None:
+    if not path.exists():
+        raise UserError(f"cannot resume from {path.parent}: it holds no {PARAMS_FILE} (it trained other parameters)")
+    saved = load_file(path)
+    direct = direct_parameters(model)
+    if set(saved) != set(direct):
+        raise UserError(f"cannot resume from {path.parent}: it trained other parameters than this run")
+    with torch.no_grad():
+        for name, value in saved.items():
+            direct[name].copy_(value)
+
+
 def train(
-    model: PeftModel,
+    model,
     data: RecoveryData,
     s: RecoverSettings,
     ckpt_dir: Path | None = None,
@@ -139,8 +183,10 @@ def train(
     resume: bool = False,
     progress: bool = True,
     stop_after: int | None = None,
+    teacher: Teacher | None = None,
 ) -> TrainResult:
-    """Train the adapters of `model` on `data.train` for the resolved number of steps.
+    """Train the trainable parameters of `model` (a PeftModel or a model with direct
+    parameters enabled) on `data.train` for the resolved number of steps.
 
     `save_every` > 0 writes a checkpoint every that many steps (and at the end) into
     `ckpt_dir`; `resume` continues from its latest checkpoint. `stop_after` ends the run
@@ -159,7 +205,10 @@ def train(
         if last is None:
             raise UserError(f"--resume: no checkpoint in {ckpt_dir}; run without --resume to start afresh")
         state = check_resumable(last, s, data.sha256)
-        set_peft_model_state_dict(model, load_file(last / ADAPTER_WEIGHTS, device=str(device)))
+        if isinstance(model, PeftModel):
+            set_peft_model_state_dict(model, load_file(last / ADAPTER_WEIGHTS, device=str(device)))
+        if (last / PARAMS_FILE).exists() or direct_parameters(model):
+            _load_direct(model, last / PARAMS_FILE)
         _load_optimizer(optimizer, load_file(last / OPTIMIZER_FILE, device=str(device)))
         start = result.resumed_from = state["step"]
         result.losses = list(state.get("losses", []))
@@ -177,7 +226,7 @@ def train(
             for micro in range(s.grad_accum):
                 batch = data.train[batch_indices(step, micro, s, n_train)].to(device)
                 with autocast:
-                    loss = model(input_ids=batch, labels=batch).loss
+                    loss = step_loss_of(model, batch, s, teacher, batch_start(step, micro, s))
                 if not torch.isfinite(loss):
                     where = f"{last_good} (step {int(last_good.name[5:])})" if last_good else "none was written yet"
                     raise LossDiverged(

@@ -1,0 +1,191 @@
+"""Distillation from the dense model: the KD loss and the teacher's targets (with a disk cache).
+
+Loss. KL(teacher || student) per token, both distributions at logits / T, scaled by T^2
+(Hinton et al.), averaged over every position of every window. With `topk` = k > 0 the
+teacher keeps its k most likely tokens and one bucket for all the others; the student's
+distribution is grouped the same way (its own probabilities of those k tokens, and the rest
+summed). That is the exact KL between the two grouped distributions: zero, with zero
+gradient, when the student equals the teacher, and equal to the full-vocabulary KL when
+k covers the vocabulary. `topk` = 0 uses the whole vocabulary.
+
+Teacher targets. The teacher is the dense model the student was pruned from, run in eval
+mode without gradients. Its targets for window position p of the run's endless seeded
+shuffle (recover/train.py) depend only on the teacher, the windows, k and T; they are
+computed on the fly, or read from a cache of safetensors chunks (`TeacherCache`) keyed by
+the hash of all of those, so repeated runs and benchmark rows skip the teacher forward.
+
+Why hand-written: transformers' and trl's distillation trainers take full teacher logits
+from a live teacher and cannot resume bit for bit in our checkpoint format; a top-k cache
+with a tail bucket is not offered by any of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from saap_edge.config import default_cache_dir  # noqa: F401 (re-exported: where the teacher cache lives)
+from saap_edge.errors import UserError
+
+CHUNK = 256  # window positions per cache file
+
+
+@dataclass
+class Targets:
+    """Teacher log-probabilities at temperature T: [B, S, k] with their token ids (topk), or
+    [B, S, V] with ids None (the whole vocabulary)."""
+
+    logp: torch.Tensor
+    ids: torch.Tensor | None = None
+
+    def to(self, device) -> "Targets":
+        return Targets(self.logp.to(device), None if self.ids is None else self.ids.to(device))
+
+
+def teacher_targets(logits: torch.Tensor, temperature: float, topk: int) -> Targets:
+    """Targets from teacher logits [B, S, V] (computed in float32)."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    if topk <= 0 or topk >= logp.shape[-1]:
+        return Targets(logp)
+    values, ids = torch.topk(logp, topk, dim=-1, sorted=True)
+    return Targets(values.contiguous(), ids.to(torch.int32).contiguous())
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, stable at both ends (Maechler 2012)."""
+    x = x.clamp(max=-1e-7)
+    return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def kd_loss(student_logits: torch.Tensor, targets: Targets, temperature: float) -> torch.Tensor:
+    """T^2 * mean over positions of KL(teacher || student); see the module doc."""
+    logq = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    if targets.ids is None:
+        p_logp = targets.logp
+        kl = (p_logp.exp() * (p_logp - logq)).sum(-1)
+    else:
+        ids = targets.ids.long()
+        logp_k, logq_k = targets.logp, logq.gather(-1, ids)
+        kl = (logp_k.exp() * (logp_k - logq_k)).sum(-1)
+        # the tail bucket: everything outside the teacher's k tokens
+        logp_tail = _log1mexp(torch.logsumexp(logp_k, dim=-1))
+        logq_tail = _log1mexp(torch.logsumexp(logq_k, dim=-1))
+        kl = kl + logp_tail.exp() * (logp_tail - logq_tail)
+    return kl.mean() * temperature**2
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """Hash of every tensor of `model` (names, dtypes, shapes, bytes): the teacher's identity."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+class Teacher:
+    """The teacher's targets for positions of the run's window shuffle (optionally cached).
+
+    `windows_at(start, count)` gives the window indices of those positions (the trainer's
+    shuffle); `train` is the training windows [n, S].
+    """
+
+    def __init__(self, model: nn.Module, train: torch.Tensor, windows_at, temperature: float, topk: int,
+                 key_parts: dict, cache_dir: Path | None = None, cache_mib: int = 4096, batch_size: int = 8):
+        self.model = model.eval().requires_grad_(False)
+        self.device = next(model.parameters()).device
+        self.train, self.windows_at = train, windows_at
+        self.temperature, self.topk, self.batch_size = temperature, topk, batch_size
+        self.cache_mib = cache_mib
+        self.cache: Path | None = None
+        self.hits = self.computed = 0
+        if cache_dir is not None and topk > 0:
+            meta = {**key_parts, "teacher_sha256": weights_sha256(model), "topk": topk, "temperature": temperature,
+                    "format": 1}
+            key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:24]
+            self.cache = Path(cache_dir) / key
+            self.cache.mkdir(parents=True, exist_ok=True)
+            (self.cache / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")  # also marks it recently used
+            self.key = key
+
+    @torch.no_grad()
+    def _compute(self, windows: torch.Tensor) -> Targets:
+        parts = []
+        for i in range(0, len(windows), self.batch_size):
+            batch = windows[i: i + self.batch_size].to(self.device)
+            parts.append(teacher_targets(self.model(input_ids=batch).logits, self.temperature, self.topk).to("cpu"))
+        ids = None if parts[0].ids is None else torch.cat([p.ids for p in parts])
+        return Targets(torch.cat([p.logp for p in parts]), ids)
+
+    def _chunk(self, index: int) -> Targets:
+        path = self.cache / f"positions-{index * CHUNK:09d}-{(index + 1) * CHUNK:09d}.safetensors"
+        if path.exists():
+            try:
+                data = load_file(path)
+                self.hits += 1
+                return Targets(data["logp"], data["ids"])
+            except (SafetensorError, KeyError, OSError):
+                path.unlink(missing_ok=True)  # a damaged chunk is recomputed, never trusted
+        windows = self.train[self.windows_at(index * CHUNK, CHUNK)]
+        t = self._compute(windows)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file({"logp": t.logp, "ids": t.ids}, tmp)
+        tmp.rename(path)
+        self.computed += 1
+        self._evict()
+        return t
+
+    def targets(self, start: int, count: int) -> Targets:
+        """Targets of window positions start .. start + count (the windows of one micro-batch)."""
+        if self.cache is None:
+            return self._compute(self.train[self.windows_at(start, count)])
+        first, last = start // CHUNK, (start + count - 1) // CHUNK
+        chunks = [self._chunk(i) for i in range(first, last + 1)]
+        logp = torch.cat([c.logp for c in chunks])
+        ids = torch.cat([c.ids for c in chunks])
+        lo = start - first * CHUNK
+        return Targets(logp[lo: lo + count], ids[lo: lo + count])
+
+    def _evict(self) -> None:
+        """Keep the cache folder under cache_mib: drop the least recently used keys (never this one)."""
+        root = self.cache.parent
+        sizes = {}
+        for key in root.iterdir():
+            if key.is_dir():
+                sizes[key] = sum(f.stat().st_size for f in key.iterdir() if f.is_file())
+        total = sum(sizes.values())
+        limit = self.cache_mib * 2**20
+        for key in sorted(sizes, key=lambda k: (k / "meta.json").stat().st_mtime if (k / "meta.json").exists() else 0):
+            if total <= limit:
+                break
+            if key == self.cache:
+                continue
+            shutil.rmtree(key, ignore_errors=True)
+            total -= sizes[key]
+
+    def describe(self) -> dict:
+        return {"topk": self.topk, "temperature": self.temperature, "cache": str(self.cache) if self.cache else None,
+                "cache_chunks_read": self.hits, "cache_chunks_written": self.computed}
+
+
+def check_teacher(teacher: nn.Module, student: nn.Module, teacher_tok, student_tok, where: str) -> None:
+    """UserError unless the teacher speaks the student's vocabulary with the same tokenizer."""
+    tv, sv = teacher.config.vocab_size, student.config.vocab_size
+    if tv != sv:
+        raise UserError(f"teacher {where} has a vocabulary of {tv} tokens, the student {sv}; "
+                        "point --teacher at the dense model this one was pruned from")
+    probe = "The quick brown fox, 1234 — jumps over naïve dogs."
+    if teacher_tok is not None and student_tok is not None and teacher_tok(probe)["input_ids"] != student_tok(probe)["input_ids"]:
+        raise UserError(f"teacher {where} tokenizes text differently from the student; "
+                        "point --teacher at the dense model this one was pruned from")
+
