@@ -59,6 +59,8 @@ def _add_recover_args(p: argparse.ArgumentParser, in_compress: bool) -> None:
     g.add_argument("--train", default=d.train,
                    help="what training changes, a comma list of lora (QA-LoRA adapters), offsets and scales (the int4 "
                         "groups' own, codes never change), norms (RMSNorm weights) (default: %(default)s)")
+    g.add_argument("--group-lr", type=float, default=d.group_lr,
+                   help="AdamW rate of trained offsets and norms; scales take a tenth of it (default: %(default)s)")
     g.add_argument("--kd-temperature", type=float, default=d.kd_temperature, help="distillation temperature (default: %(default)s)")
     g.add_argument("--kd-topk", type=int, default=d.kd_topk,
                    help="teacher tokens kept per position, the rest as one bucket; 0: the whole vocabulary, no cache (default: %(default)s)")
@@ -69,6 +71,8 @@ def _add_recover_args(p: argparse.ArgumentParser, in_compress: bool) -> None:
                    help="folder caching the teacher's top-k targets; 'off' computes them every run (default: %(default)s)")
     g.add_argument("--teacher-cache-mib", type=int, default=4096,
                    help="the cache folder's size limit; the least recently used entries go first (default: %(default)s)")
+    g.add_argument("--heldout-every", type=int, default=0,
+                   help="score the held-out recovery windows every N steps (report.json: recovery.heldout_curve; default: off)")
     g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps into <out>.checkpoints (default: about ten per run)")
     g.add_argument("--resume", action="store_true", help="continue an interrupted run from <out>.checkpoints with the same settings")
     g.add_argument("--keep-checkpoints", action="store_true", help="keep <out>.checkpoints (peft adapters, optimizer state) after success")
@@ -82,6 +86,7 @@ def _recover_settings(a: argparse.Namespace) -> RecoverSettings | None:
         alpha=a.lora_alpha, dropout=a.lora_dropout, group_size=a.group_size, lr=a.lr, warmup=a.warmup,
         batch_size=a.batch_size, grad_accum=a.grad_accum, seq_len=a.recover_seq_len, seed=a.recover_seed,
         loss=a.recover_loss, kd_temperature=a.kd_temperature, kd_topk=a.kd_topk, kd_weight=a.kd_weight, train=a.train,
+        group_lr=a.group_lr,
     )
 
 
@@ -89,7 +94,10 @@ def _teacher_args(a: argparse.Namespace) -> dict:
     if a.teacher_cache_mib < 1:
         raise UserError(f"--teacher-cache-mib must be >= 1, got {a.teacher_cache_mib}")
     cache = None if a.teacher_cache.lower() in ("off", "none", "") else Path(a.teacher_cache).expanduser()
-    return {"teacher": a.teacher, "teacher_cache": cache, "teacher_cache_mib": a.teacher_cache_mib}
+    if a.heldout_every < 0:
+        raise UserError(f"--heldout-every must be >= 0, got {a.heldout_every}")
+    return {"teacher": a.teacher, "teacher_cache": cache, "teacher_cache_mib": a.teacher_cache_mib,
+            "curve_every": a.heldout_every}
 
 
 def add_compress(p: argparse.ArgumentParser) -> None:

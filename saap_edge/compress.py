@@ -48,6 +48,7 @@ class CompressJob:
     teacher: str | None = None  # --recover-loss kd: the dense model (default: --model itself)
     teacher_cache: Path | None = field(default_factory=default_cache_dir)  # None: teacher targets on the fly
     teacher_cache_mib: int = 4096
+    curve_every: int = 0  # score the held-out recovery windows every N steps
 
 
 def versions() -> dict:
@@ -193,7 +194,7 @@ def compress(job: CompressJob) -> dict:
             dense = load_teacher(job.teacher or job.model, model, tokenizer, job.run, job.teacher is not None)
         run = RecoverRun(ckpt_dir=ckpt, save_every=job.save_every, resume=job.resume, progress=job.run.progress,
                          data_dir=job.run.data_dir, teacher=dense, teacher_cache=job.teacher_cache,
-                         teacher_cache_mib=job.teacher_cache_mib)
+                         teacher_cache_mib=job.teacher_cache_mib, curve_every=job.curve_every)
         recovered = recover_model(model, tokenizer, r, run)
         del dense, run
         model = recovered.model
@@ -227,6 +228,7 @@ class RecoverJob:
     teacher: str | None = None  # --recover-loss kd: the dense model (default: the source recorded in report.json)
     teacher_cache: Path | None = field(default_factory=default_cache_dir)
     teacher_cache_mib: int = 4096
+    curve_every: int = 0
 
 
 def _recorded_source(report: dict, source: str) -> str:
@@ -277,7 +279,7 @@ def recover_dir(job: RecoverJob) -> dict:
         teacher = load_teacher(name, model, tokenizer, job.run, job.teacher is not None)
     run = RecoverRun(ckpt_dir=ckpt, save_every=job.save_every, resume=job.resume, progress=job.run.progress,
                      data_dir=job.run.data_dir, teacher=teacher, teacher_cache=job.teacher_cache,
-                     teacher_cache_mib=job.teacher_cache_mib)
+                     teacher_cache_mib=job.teacher_cache_mib, curve_every=job.curve_every)
     recovered = recover_model(model, tokenizer, r, run)
     del teacher, run
     report["recovery"] = recovered.info

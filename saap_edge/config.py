@@ -165,13 +165,14 @@ class RecoverSettings(Settings):
     kd_temperature: float = 1.0  # both distributions at logits / T; the loss is scaled by T^2
     kd_topk: int = 64  # teacher's k most likely tokens + one bucket for the rest (0: the whole vocabulary, no cache)
     kd_weight: float = 0.5  # kd+lm only
+    group_lr: float = 1e-3  # AdamW rate of trained offsets and norms (scales: a tenth of it); lr is the LoRA adapters'
     train: str = "lora"  # comma list of lora, offsets, scales, norms (int4 groups: codes never change)
     version: int = SETTINGS_VERSION
 
     # Settings that decide the training result: a resumed run must match them all.
     RESULT_FIELDS = ("recovery", "steps", "epochs", "rank", "alpha", "dropout", "group_size", "lr", "warmup",
                      "weight_decay", "batch_size", "grad_accum", "seq_len", "heldout", "max_tokens", "seed",
-                     "loss", "kd_temperature", "kd_topk", "kd_weight", "train")
+                     "loss", "kd_temperature", "kd_topk", "kd_weight", "train", "group_lr")
 
     @property
     def trained(self) -> tuple[str, ...]:
@@ -195,8 +196,8 @@ class RecoverSettings(Settings):
             raise UserError(f"--epochs must be > 0, got {self.epochs}")
         if not 0 <= self.dropout < 1 or not 0 <= self.warmup < 1:
             raise UserError("--lora-dropout and --warmup must be in [0, 1)")
-        if self.lr <= 0:
-            raise UserError(f"--lr must be > 0, got {self.lr}")
+        if self.lr <= 0 or self.group_lr <= 0:
+            raise UserError(f"--lr and --group-lr must be > 0, got {self.lr} and {self.group_lr}")
         if self.group_size is not None and (self.group_size <= 0 or self.group_size % 32):
             raise UserError(f"--group-size {self.group_size} must be a positive multiple of 32 (32, 64 or 128)")
         if self.loss not in RECOVER_LOSSES:

@@ -265,8 +265,10 @@ def test_compress_with_kd_records_teacher_and_trained_parts(tmp_path, tiny_token
     rc = main(["compress", "--model", str(model_dir), "--data-dir", str(data_dir), "--calib-samples", "8", "--ratio", "0.25",
                "--keep-first", "1", "--out", str(out), "--recover-data", str(tmp_path / "t.txt"), "--recover-steps", "2",
                "--recover-seq-len", "32", "--batch-size", "4", "--no-progress", "--recover-loss", "kd",
-               "--train", "offsets,norms", "--teacher-cache", str(tmp_path / "cache")])
+               "--train", "offsets,norms", "--teacher-cache", str(tmp_path / "cache"), "--heldout-every", "1"])
     assert rc == 0, capsys.readouterr().err
     rec = json.loads((out / "report.json").read_text())["recovery"]
     assert rec["trained"] == ["offsets", "norms"] and rec["settings"]["loss"] == "kd"
     assert rec["teacher"]["cache_chunks_written"] == 1
+    assert [step for step, _ in rec["heldout_curve"]] == [1, 2]
+    assert rec["heldout_curve"][-1][1] == pytest.approx(rec["heldout_ppl"]["adapter"], rel=1e-6)

@@ -64,6 +64,7 @@ class RecoverRun:
     teacher: nn.Module | None = None  # the dense model, for --recover-loss kd / kd+lm
     teacher_cache: Path | None = field(default_factory=default_cache_dir)  # None: no cache (targets on the fly)
     teacher_cache_mib: int = 4096
+    curve_every: int = 0  # score the held-out windows every N steps (report: recovery.heldout_curve)
 
 
 @dataclass
@@ -113,7 +114,7 @@ def recover_model(model: nn.Module, tokenizer, s: RecoverSettings, run: RecoverR
               f"({device_note}{'; a short CPU budget, raise --recover-steps for more' if device.type == 'cpu' else ''})",
               flush=True)
     result = train(trainee, data, s, run.ckpt_dir, save_every if run.ckpt_dir else 0, run.resume, run.progress, run.stop_after,
-                   teacher=teacher)
+                   teacher=teacher, curve_every=run.curve_every)
     heldout_adapter = window_perplexity(trainee, data.heldout, progress=False)["ppl"]
     freeze(trainee)
     merged = merge(trainee) if "lora" in s.trained else trainee
@@ -125,7 +126,7 @@ def recover_model(model: nn.Module, tokenizer, s: RecoverSettings, run: RecoverR
         steps=n_steps, resumed_from=result.resumed_from, tokens_trained=result.tokens, train_s=result.train_s,
         tokens_per_s=result.tokens / max(result.train_s, 1e-9),
         loss_first=result.losses[0] if result.losses else None, loss_last=result.losses[-1] if result.losses else None,
-        losses=result.losses,
+        losses=result.losses, heldout_curve=result.curve,
         heldout_ppl={"before": heldout_before, "adapter": heldout_adapter, "after": heldout_after},
         time_s=time.perf_counter() - t0, peak_memory_mib=peak_memory_mib(device),
     )

@@ -41,6 +41,7 @@ from saap_edge.recover.params import direct_parameters
 
 STATE_FILE, OPTIMIZER_FILE, ADAPTER_WEIGHTS = "trainer_state.json", "optimizer.safetensors", "adapter_model.safetensors"
 PARAMS_FILE = "params.safetensors"
+SCALE_LR_SHARE = 0.1
 KEEP_CHECKPOINTS = 2
 
 
@@ -52,6 +53,7 @@ class LossDiverged(UserError):
 class TrainResult:
     steps: int
     losses: list[float] = field(default_factory=list)  # mean loss of each optimizer step
+    curve: list[list[float]] = field(default_factory=list)  # [step, held-out perplexity] every curve_every steps
     tokens: int = 0  # tokens trained on by this process
     train_s: float = 0.0
     resumed_from: int = 0
@@ -174,6 +176,26 @@ def _load_direct(model, path: Path) -> None:
             direct[name].copy_(value)
 
 
+def param_groups(model, s: RecoverSettings) -> list[dict]:
+    """AdamW groups: LoRA adapters at `lr`; offsets and norms at `group_lr`; scales at
+    group_lr x SCALE_LR_SHARE (a scale is ~10x smaller than an offset, and Adam's step is
+    about the learning rate whatever the gradient's size). Each group's `lr_share` is its
+    rate relative to `lr`, so one schedule drives them all."""
+    lora, direct, scales = [], [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (lora if "lora_" in name else scales if name.endswith("scales") else direct).append(p)
+    rates = [(lora, s.lr), (direct, s.group_lr), (scales, s.group_lr * SCALE_LR_SHARE)]
+    return [{"params": ps, "lr_share": rate / s.lr} for ps, rate in rates if ps]
+
+
+def _heldout_ppl(model, data: RecoveryData) -> float:
+    from saap_edge.eval.ppl import window_perplexity
+
+    model.eval()
+    return window_perplexity(model, data.heldout, progress=False)["ppl"]
+
+
 def train(
     model,
     data: RecoveryData,
@@ -184,6 +206,7 @@ def train(
     progress: bool = True,
     stop_after: int | None = None,
     teacher: Teacher | None = None,
+    curve_every: int = 0,
 ) -> TrainResult:
     """Train the trainable parameters of `model` (a PeftModel or a model with direct
     parameters enabled) on `data.train` for the resolved number of steps.
@@ -191,12 +214,12 @@ def train(
     `save_every` > 0 writes a checkpoint every that many steps (and at the end) into
     `ckpt_dir`; `resume` continues from its latest checkpoint. `stop_after` ends the run
     after that step (as if it were killed there), for tests and time-boxed runs.
+    `curve_every` > 0 scores the held-out windows every that many steps (result.curve).
     """
     device = next(p for p in model.parameters() if p.requires_grad).device
     n_train = len(data.train)
     n_steps = total_steps(s, n_train)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(model, s), lr=s.lr, weight_decay=s.weight_decay)
     meta = {"settings": s.to_dict(), "data_sha256": data.sha256, "total_steps": n_steps}
     result = TrainResult(steps=n_steps)
     start = 0
@@ -212,6 +235,7 @@ def train(
         _load_optimizer(optimizer, load_file(last / OPTIMIZER_FILE, device=str(device)))
         start = result.resumed_from = state["step"]
         result.losses = list(state.get("losses", []))
+        result.curve = list(state.get("curve", []))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     model.train()
     last_good = latest_checkpoint(ckpt_dir) if ckpt_dir else None
@@ -221,7 +245,7 @@ def train(
         for step in bar:
             torch.manual_seed(s.seed * 1_000_003 + step)
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, s, n_steps)
+                group["lr"] = lr_at(step, s, n_steps) * group["lr_share"]
             step_loss = 0.0
             for micro in range(s.grad_accum):
                 batch = data.train[batch_indices(step, micro, s, n_train)].to(device)
@@ -242,8 +266,12 @@ def train(
             elapsed = time.perf_counter() - t0
             bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{result.tokens / max(elapsed, 1e-9):.0f}")
             done = step + 1
+            if curve_every > 0 and (done % curve_every == 0 or done == n_steps):
+                result.curve.append([done, _heldout_ppl(model, data)])
+                model.train()
             if ckpt_dir is not None and save_every > 0 and (done % save_every == 0 or done == n_steps):
-                last_good = save_checkpoint(ckpt_dir, model, optimizer, done, {**meta, "losses": result.losses})
+                last_good = save_checkpoint(ckpt_dir, model, optimizer, done,
+                                            {**meta, "losses": result.losses, "curve": result.curve})
             if stop_after is not None and done >= stop_after:
                 break
     finally:
