@@ -76,6 +76,7 @@ class Bench:
     def __init__(self, a):
         self.a = a
         (a.work / "rows").mkdir(parents=True, exist_ok=True)
+        (a.work / "models").mkdir(exist_ok=True)
         self.rows: dict[str, dict] = {}
         self.missing: list[str] = []
 

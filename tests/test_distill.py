@@ -272,3 +272,20 @@ def test_compress_with_kd_records_teacher_and_trained_parts(tmp_path, tiny_token
     assert rec["teacher"]["cache_chunks_written"] == 1
     assert [step for step, _ in rec["heldout_curve"]] == [1, 2]
     assert rec["heldout_curve"][-1][1] == pytest.approx(rec["heldout_ppl"]["adapter"], rel=1e-6)
+
+
+def test_each_trained_part_gets_its_learning_rate():
+    """LoRA at lr, offsets and norms at group_lr, scales at a tenth of group_lr; one schedule."""
+    from saap_edge.recover.train import SCALE_LR_SHARE, param_groups
+
+    model = int4_model().requires_grad_(False)
+    peft_model = attach(model, lora_config("qalora", 4, 8, 0.0, 128))
+    enable_direct(peft_model, ("lora", "offsets", "scales", "norms"))
+    s = RecoverSettings(lr=2e-4, group_lr=1e-3)
+    groups = param_groups(peft_model, s)
+    rates = [g["lr_share"] * s.lr for g in groups]
+    assert rates == pytest.approx([2e-4, 1e-3, 1e-3 * SCALE_LR_SHARE])
+    names = {id(p): n for n, p in peft_model.named_parameters()}
+    assert all("lora_" in names[id(p)] for p in groups[0]["params"])
+    assert all(names[id(p)].endswith("scales") for p in groups[2]["params"])
+    assert sum(len(g["params"]) for g in groups) == sum(1 for p in peft_model.parameters() if p.requires_grad)
