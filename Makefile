@@ -32,7 +32,7 @@ test: venv
 
 bench: venv
 	cd $(ROOT) && $(VENV)/bin/python benchmarks/prune_quality.py --data-dir $(DATA_DIR)
-	cd $(ROOT) && $(VENV)/bin/python benchmarks/recovery.py --data-dir $(DATA_DIR) --steps 250 --extra-lr 1e-3
+	cd $(ROOT) && $(VENV)/bin/python benchmarks/recovery.py --data-dir $(DATA_DIR)
 	cd $(ROOT) && $(VENV)/bin/python benchmarks/export_quality.py --data-dir $(DATA_DIR)
 	cd $(ROOT) && $(VENV)/bin/python benchmarks/matmulnbits_zero_points.py
 	cd $(ROOT) && $(VENV)/bin/python benchmarks/report.py --data-dir $(DATA_DIR) --limit 50
