@@ -118,10 +118,15 @@ def test_cache_is_keyed_by_teacher_and_settings_and_bounded(data, tmp_path):
     assert len({a.cache, b.cache, c.cache}) == 3
     b.targets(0, 4)
     assert b.computed == 1 and b.hits == 0
-    # one chunk of 256 x 32 x 16 x 8 bytes = 1 MiB; a 1 MiB bound keeps only the newest key
-    d = make_teacher(dense_model(2), data, cache=tmp_path, mib=1)
+    # one chunk of 256 x 32 x 16 x 8 bytes = 1 MiB; under a 2 MiB bound the new chunk evicts
+    # both older chunks (least recently used first; c holds none)
+    d = make_teacher(dense_model(2), data, cache=tmp_path, mib=2)
     d.targets(0, 4)
-    assert d.cache.exists() and sum(1 for p in tmp_path.iterdir() if p.is_dir()) == 1
+    assert len(list(d.cache.glob("positions-*"))) == 1 and not a.cache.exists() and not b.cache.exists()
+    assert sum(f.stat().st_size for f in tmp_path.rglob("*") if f.is_file()) <= 2 * 2**20
+    # a key that alone would pass the bound computes its targets without storing them
+    e = make_teacher(dense_model(2), data, cache=tmp_path / "small", mib=1)
+    assert torch.equal(e.targets(0, 4).ids, d.targets(0, 4).ids) and not list(e.cache.glob("positions-*"))
 
 
 def test_a_damaged_cache_chunk_is_recomputed(data, tmp_path):

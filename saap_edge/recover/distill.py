@@ -138,12 +138,24 @@ class Teacher:
                 path.unlink(missing_ok=True)  # a damaged chunk is recomputed, never trusted
         windows = self.train[self.windows_at(index * CHUNK, CHUNK)]
         t = self._compute(windows)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file({"logp": t.logp, "ids": t.ids}, tmp)
-        tmp.rename(path)
         self.computed += 1
-        self._evict()
+        if self._room_for(t):
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            save_file({"logp": t.logp, "ids": t.ids}, tmp)
+            tmp.rename(path)
         return t
+
+    def _room_for(self, t: Targets) -> bool:
+        """Make room for one more chunk within cache_mib by dropping the least recently used
+        other keys; False when this key alone would pass the bound (then the chunk is used
+        without being stored: a long GPU run never fills the disk)."""
+        need = t.logp.numel() * t.logp.element_size() + t.ids.numel() * t.ids.element_size()
+        limit = self.cache_mib * 2**20
+        mine = sum(f.stat().st_size for f in self.cache.iterdir() if f.is_file())
+        if mine + need > limit:
+            return False
+        self._evict(limit - need)
+        return True
 
     def targets(self, start: int, count: int) -> Targets:
         """Targets of window positions start .. start + count (the windows of one micro-batch)."""
@@ -156,15 +168,14 @@ class Teacher:
         lo = start - first * CHUNK
         return Targets(logp[lo: lo + count], ids[lo: lo + count])
 
-    def _evict(self) -> None:
-        """Keep the cache folder under cache_mib: drop the least recently used keys (never this one)."""
+    def _evict(self, limit: int) -> None:
+        """Drop the least recently used keys other than this one until the folder holds <= limit bytes."""
         root = self.cache.parent
         sizes = {}
         for key in root.iterdir():
             if key.is_dir():
                 sizes[key] = sum(f.stat().st_size for f in key.iterdir() if f.is_file())
         total = sum(sizes.values())
-        limit = self.cache_mib * 2**20
         for key in sorted(sizes, key=lambda k: (k / "meta.json").stat().st_mtime if (k / "meta.json").exists() else 0):
             if total <= limit:
                 break
