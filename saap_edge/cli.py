@@ -56,9 +56,10 @@ def _add_recover_args(p: argparse.ArgumentParser, in_compress: bool) -> None:
     g.add_argument("--recover-loss", default=d.loss, choices=RECOVER_LOSSES,
                    help="lm: next-token cross-entropy; kd: KL to the dense model's distribution (distillation); "
                         "kd+lm: both, weighted by --kd-weight (default: %(default)s)")
-    g.add_argument("--train", default=d.train,
+    g.add_argument("--train", default=None,
                    help="what training changes, a comma list of lora (QA-LoRA adapters), offsets and scales (the int4 "
-                        "groups' own, codes never change), norms (RMSNorm weights) (default: %(default)s)")
+                        "groups' own, codes never change), norms (RMSNorm weights) (default: offsets with --recovery "
+                        "qalora, lora with --recovery lora)")
     g.add_argument("--group-lr", type=float, default=d.group_lr,
                    help="AdamW rate of trained offsets and norms; scales take a tenth of it (default: %(default)s)")
     g.add_argument("--kd-temperature", type=float, default=d.kd_temperature, help="distillation temperature (default: %(default)s)")

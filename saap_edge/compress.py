@@ -225,7 +225,8 @@ class RecoverJob:
     resume: bool = False
     save_every: int = 0
     keep_checkpoints: bool = False
-    teacher: str | None = None  # --recover-loss kd: the dense model (default: the source recorded in report.json)
+    teacher: str | None = None  # --recover-loss kd: the dense model (default: the source recorded in report.json,
+    # or the input itself when it is not a pruned directory)
     teacher_cache: Path | None = field(default_factory=default_cache_dir)
     teacher_cache_mib: int = 4096
     curve_every: int = 0
@@ -255,7 +256,8 @@ def recover_dir(job: RecoverJob) -> dict:
         raise UserError(f"{job.source} is already an int4 checkpoint; recover its pruned fp directory instead")
     device = next(model.parameters()).device
     source = Path(loaded.source["path"])
-    if source.is_dir() and (source / PLAN_FILE).exists():
+    pruned_input = source.is_dir() and (source / PLAN_FILE).exists()
+    if pruned_input:
         plan = PrunePlan.load(source / PLAN_FILE)
         report = json.loads((source / REPORT_FILE).read_text()) if (source / REPORT_FILE).exists() else {}
     else:
@@ -275,7 +277,9 @@ def recover_dir(job: RecoverJob) -> dict:
         clear_checkpoints(ckpt)
     teacher = None
     if r.distills:
-        name = job.teacher or _recorded_source(source_report, job.source)
+        # a pruned directory learns from the model it was pruned from; any other model from
+        # its own fp weights (int4 recovery of an unpruned model)
+        name = job.teacher or (_recorded_source(source_report, job.source) if pruned_input else job.source)
         teacher = load_teacher(name, model, tokenizer, job.run, job.teacher is not None)
     run = RecoverRun(ckpt_dir=ckpt, save_every=job.save_every, resume=job.resume, progress=job.run.progress,
                      data_dir=job.run.data_dir, teacher=teacher, teacher_cache=job.teacher_cache,

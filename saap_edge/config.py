@@ -161,12 +161,12 @@ class RecoverSettings(Settings):
     heldout: int = 16  # windows of the recovery text held out for perplexity
     max_tokens: int | None = 2_000_000  # tokens of the recovery text used at most (None: all)
     seed: int = 0
-    loss: str = "lm"  # lm: next-token cross-entropy; kd: KL(teacher || student); kd+lm: kd_weight * kd + (1 - kd_weight) * lm
+    loss: str = "kd"  # kd: KL(teacher || student); lm: next-token cross-entropy; kd+lm: kd_weight * kd + (1 - kd_weight) * lm
     kd_temperature: float = 1.0  # both distributions at logits / T; the loss is scaled by T^2
     kd_topk: int = 64  # teacher's k most likely tokens + one bucket for the rest (0: the whole vocabulary, no cache)
     kd_weight: float = 0.5  # kd+lm only
     group_lr: float = 1e-3  # AdamW rate of trained offsets and norms (scales: a tenth of it); lr is the LoRA adapters'
-    train: str = "lora"  # comma list of lora, offsets, scales, norms (int4 groups: codes never change)
+    train: str | None = None  # comma list of lora, offsets, scales, norms (codes never change); None: offsets for qalora, lora for lora
     version: int = SETTINGS_VERSION
 
     # Settings that decide the training result: a resumed run must match them all.
@@ -177,7 +177,8 @@ class RecoverSettings(Settings):
     @property
     def trained(self) -> tuple[str, ...]:
         """The parts `train` names, in a fixed order."""
-        parts = {p.strip() for p in self.train.split(",") if p.strip()}
+        train = self.train if self.train is not None else ("offsets" if self.recovery == "qalora" else "lora")
+        parts = {p.strip() for p in train.split(",") if p.strip()}
         return tuple(t for t in TRAINABLES if t in parts)
 
     @property
@@ -208,7 +209,7 @@ class RecoverSettings(Settings):
             raise UserError(f"--kd-topk {self.kd_topk} must be >= 0 (0: the whole vocabulary)")
         if not 0 < self.kd_weight <= 1:
             raise UserError(f"--kd-weight {self.kd_weight} must be in (0, 1]")
-        unknown = [p.strip() for p in self.train.split(",") if p.strip() and p.strip() not in TRAINABLES]
+        unknown = [p.strip() for p in (self.train or "").split(",") if p.strip() and p.strip() not in TRAINABLES]
         if unknown or not self.trained:
             raise UserError(f"--train {self.train!r}: give a comma list of {', '.join(TRAINABLES)} (e.g. offsets,scales)")
         if self.recovery == "lora" and set(self.trained) & {"offsets", "scales"}:
@@ -216,7 +217,10 @@ class RecoverSettings(Settings):
         return self
 
     def resolved(self, device_type: str) -> "RecoverSettings":
-        """Fill the step budget: the paper's 2 epochs on a GPU; CPU_RECOVER_STEPS steps on a CPU."""
+        """Fill what trains (see `trained`) and the step budget: the paper's 2 epochs on a GPU;
+        CPU_RECOVER_STEPS steps on a CPU."""
+        if self.train is None:
+            return replace(self, train=",".join(self.trained)).resolved(device_type)
         if self.steps is not None or self.epochs is not None:
             return self
         if device_type == "cuda":

@@ -9,6 +9,12 @@ import torch
 DATA_DIR = Path(os.environ.get("SAAP_EDGE_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
 
 
+@pytest.fixture(autouse=True)
+def _teacher_cache(tmp_path_factory, monkeypatch):
+    """Distillation caches go to a temporary folder, never the user's ~/.cache."""
+    monkeypatch.setenv("SAAP_EDGE_CACHE", str(tmp_path_factory.getbasetemp() / "saap-edge-cache"))
+
+
 @pytest.fixture
 def data_dir() -> Path:
     """The offline data folder: $SAAP_EDGE_DATA_DIR, else ../shared/data beside the repo."""

@@ -8,6 +8,7 @@ resume with kd, and the teacher's bad-input messages.
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -240,24 +241,30 @@ def test_bad_distillation_settings(argv, needle, tmp_path, capsys):
 
 
 def test_a_teacher_with_another_vocabulary_is_named(tiny_tokenizer, tmp_path, data_dir, capsys):
-    student_dir, teacher_dir = tmp_path / "student", tmp_path / "teacher"
-    tiny_llama(n_heads=4, n_kv=2, hidden=128, ffn=256, layers=2).save_pretrained(student_dir, safe_serialization=True)
-    tiny_tokenizer.save_pretrained(student_dir)
+    dense_dir, teacher_dir, pruned = tmp_path / "dense", tmp_path / "teacher", tmp_path / "pruned"
+    tiny_llama(n_heads=4, n_kv=2, hidden=128, ffn=256, layers=2).save_pretrained(dense_dir, safe_serialization=True)
+    tiny_tokenizer.save_pretrained(dense_dir)
     tiny_llama(n_heads=4, n_kv=2, hidden=128, ffn=256, layers=2, vocab=600).save_pretrained(teacher_dir, safe_serialization=True)
     tiny_tokenizer.save_pretrained(teacher_dir)
+    assert main(["compress", "--model", str(dense_dir), "--data-dir", str(data_dir), "--calib-samples", "4", "--ratio", "0.2",
+                 "--keep-first", "0", "--keep-last", "0", "--no-recover", "--eval-ppl", "--out", str(pruned),
+                 "--no-progress"]) == 0
     (tmp_path / "t.txt").write_text(book_text(40_000))
     out = tmp_path / "out"
-    base = ["recover", str(student_dir), "--out", str(out), "--recover-loss", "kd", "--data-dir", str(data_dir), "--recover-data", str(tmp_path / "t.txt"),
-            "--recover-seq-len", "32", "--no-progress", "--teacher-cache", "off", "--eval-limit", "2"]
-    assert main(base) == 2  # a directory that records no source model
+    base = ["recover", str(pruned), "--out", str(out), "--recover-loss", "kd", "--data-dir", str(data_dir),
+            "--recover-data", str(tmp_path / "t.txt"), "--recover-seq-len", "32", "--no-progress", "--teacher-cache", "off",
+            "--eval-ppl"]
+    shutil.move(dense_dir, tmp_path / "moved")  # the recorded source is gone
+    assert main(base) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "teacher" in err[0] and str(dense_dir) in err[0] and "--teacher PATH" in err[0], err
+    (pruned / "report.json").unlink()
+    assert main(base) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "records no source model" in err[0] and "--teacher PATH" in err[0]
     assert main(base + ["--teacher", str(teacher_dir)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "vocabulary of 600 tokens, the student 512" in err[0] and "--teacher" in err[0]
-    assert main(base + ["--teacher", str(tmp_path / "moved")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "teacher" in err[0] and "moved" in err[0]
     assert not out.exists() and not (tmp_path / "out.checkpoints").exists()
 
 

@@ -229,7 +229,8 @@ def _data(tiny_tokenizer, tmp_path, heldout: int = 4):
 
 def _train(tiny_tokenizer, tmp_path, steps, ckpt=None, resume=False, stop_after=None, lr=1e-3, dropout=0.1):
     model = int4_model()
-    s = RecoverSettings(steps=steps, rank=4, lr=lr, dropout=dropout, batch_size=4, seq_len=32, heldout=4).validate()
+    s = RecoverSettings(steps=steps, rank=4, lr=lr, dropout=dropout, batch_size=4, seq_len=32, heldout=4, loss="lm",
+                        train="lora").validate()
     peft_model = attach(model.requires_grad_(False), lora_config("qalora", 4, 8, dropout, 128))
     data = _data(tiny_tokenizer, tmp_path)
     result = train(peft_model, data, s, ckpt, 2 if ckpt else 0, resume, False, stop_after)
@@ -367,7 +368,7 @@ def test_bad_recovery_inputs_exit_2(tiny32_dir, recovery_text, data_dir, tmp_pat
 def test_resume_from_the_cli_after_a_nan_keeps_checkpoints(tiny32_dir, recovery_text, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["recover", str(tiny32_dir), "--out", str(out), "--eval-ppl", "--recover-data", str(recovery_text),
-            "--recover-steps", "30", "--save-every", "1", "--lora-dropout", "0"]
+            "--recover-steps", "30", "--save-every", "1", "--lora-dropout", "0", "--train", "lora"]
     line = _expect_error(capsys, cli(*args, "--lr", "1e12"), out, "recovery loss became", "Last good checkpoint")
     ckpt = tmp_path / "out.checkpoints"
     assert ckpt.is_dir() and latest_checkpoint(ckpt) is not None and str(latest_checkpoint(ckpt)) in line

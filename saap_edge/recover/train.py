@@ -216,6 +216,8 @@ def train(
     after that step (as if it were killed there), for tests and time-boxed runs.
     `curve_every` > 0 scores the held-out windows every that many steps (result.curve).
     """
+    if s.loss != "lm" and teacher is None:
+        raise UserError(f"--recover-loss {s.loss} needs the dense teacher model; give --teacher PATH")
     device = next(p for p in model.parameters() if p.requires_grad).device
     n_train = len(data.train)
     n_steps = total_steps(s, n_train)
