@@ -109,6 +109,7 @@ class Teacher:
         self.cache_mib = cache_mib
         self.cache: Path | None = None
         self.hits = self.computed = 0
+        self._recent: dict[int, Targets] = {}  # chunks in memory (a micro-batch reads 1-2 of them)
         if cache_dir is not None and topk > 0:
             meta = {**key_parts, "teacher_sha256": weights_sha256(model), "topk": topk, "temperature": temperature,
                     "format": 1}
@@ -128,6 +129,12 @@ class Teacher:
         return Targets(torch.cat([p.logp for p in parts]), ids)
 
     def _chunk(self, index: int) -> Targets:
+        if index not in self._recent:
+            self._recent = {i: t for i, t in self._recent.items() if i >= index - 1}  # the one before may still be read
+            self._recent[index] = self._load_or_compute(index)
+        return self._recent[index]
+
+    def _load_or_compute(self, index: int) -> Targets:
         path = self.cache / f"positions-{index * CHUNK:09d}-{(index + 1) * CHUNK:09d}.safetensors"
         if path.exists():
             try:
