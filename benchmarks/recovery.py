@@ -13,7 +13,8 @@ Sections (every row is a child process, so its peak RSS and wall time are its ow
    same at 50%, pruned 20% int4 round-to-nearest (no training); then, as references, the
    previous default (lm + QA-LoRA), dense fp32 and pruned 20% fp32.
 3. Equal bytes (llama.cpp): the dense model exported as F16 GGUF and quantized by llama.cpp's
-   own quantizer (Q4_1, Q3_K_M, Q2_K) beside our int4 artifacts: MiB, perplexity on the
+   own quantizer (Q4_1, Q3_K_M, Q2_K) beside our int4 artifacts (the embedding / output
+   matrix f16 as exported by default, and Q4_1 like llama.cpp's): MiB, perplexity on the
    first --llama-limit WikiText-2 windows through llama.cpp, decode tok/s (128-token prompt,
    64 greedy steps, median of 3, all rows in one process run one after another).
 
@@ -238,13 +239,16 @@ def llama_rows(b: Bench) -> dict | None:
                 tmp.rename(path)
             files[f"dense {q} (llama.cpp quantizer)"] = path
         for key, r in ours.items():
-            path = work / f"{key}.gguf"
-            if not path.exists():
-                run = run_child(CLI + ["export", r["model_dir"], "--format", "gguf", "--out", str(path), "--overwrite"],
-                                log=work / f"export-{key}.log")
-                if run["rc"]:
-                    return {"failed": f"export of {key} failed, see {work / f'export-{key}.log'}"}
-            files[f"saap-edge: {r['label']}"] = path
+            # the default export keeps the tied embedding / output matrix f16; llama.cpp's
+            # quantizer also quantizes it, so ours is measured with a Q4_1 one as well
+            for embed, extra in (("f16", []), ("q4_1", ["--embed-type", "q4_1", "--no-validate"])):
+                path = work / f"{key}-emb{embed}.gguf"
+                if not path.exists():
+                    run = run_child(CLI + ["export", r["model_dir"], "--format", "gguf", "--out", str(path), "--overwrite"] + extra,
+                                    log=work / f"export-{key}-{embed}.log")
+                    if run["rc"]:
+                        return {"failed": f"export of {key} failed, see {work / f'export-{key}-{embed}.log'}"}
+                files[f"saap-edge: {r['label']}" + ("" if embed == "f16" else ", Q4_1 embeddings")] = path
         w = _windows(str(Path(ours[next(iter(ours))]["model_dir"])) if ours else a.model, a, a.llama_limit)
         out = {}
         for label, path in files.items():
