@@ -214,7 +214,7 @@ def _llama_ppl_and_speed(path: Path, w, threads: int | None) -> dict:
 
 def llama_rows(b: Bench) -> dict | None:
     a = b.a
-    ours = {k: r for k, r in b.rows.items() if r.get("table") == "main" and r.get("model_dir") and "int4" in r["label"]}
+    ours = {k: r for k, r in b.rows.items() if k in ("main-best", "main-best-long", "main-0.5-default") and r.get("model_dir")}
 
     def make():
         import llama_cpp
