@@ -334,6 +334,15 @@ def verdict(llama: dict | None) -> list[str]:
     return lines
 
 
+def _short(label: str) -> str:
+    """A chart label: 'ours 20%, 300 st, Q4_1 emb' or 'dense Q2_K'."""
+    if not label.startswith("saap-edge"):
+        return label.replace(" (llama.cpp quantizer)", "").replace(" (llama.cpp)", "")
+    ratio = label.split("pruned ", 1)[1].split(" ", 1)[0]
+    steps = label.split(" steps", 1)[0].rsplit(" ", 1)[1]
+    return f"ours {ratio}, {steps} st" + (", Q4_1 emb" if "Q4_1 embeddings" in label else "")
+
+
 def plots(data: dict, out_dir: Path) -> list[str]:
     import matplotlib
 
@@ -343,12 +352,13 @@ def plots(data: dict, out_dir: Path) -> list[str]:
     made = []
     curves = [r for r in data["rows"] if r.get("heldout_curve")]
     best = best_grid(data["rows"])[:2]
-    chosen = best + [r for r in curves if r.get("table") == "main" and r.get("steps", 0) > data["protocol"]["steps"]]
+    chosen = best + [r for r in curves if r.get("key") in ("main-best", "main-best-long")]
     if chosen:
         fig, ax = plt.subplots(figsize=(6.4, 4))
         for r in chosen:
             steps, ppl = zip(*r["heldout_curve"])
-            ax.plot(steps, ppl, marker=".", label=f"{r['loss']} / {r['train']}, {r['steps']} steps")
+            ax.plot(steps, ppl, marker=".", label=f"{r['loss']} / {r['train']}, {r['steps']} steps"
+                    + (" (grid)" if r.get("table") == "grid" else ""))
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("held-out perplexity (books, 16 windows)")
         ax.set_title("Recovery of the 20% pruned int4 model")
@@ -364,7 +374,7 @@ def plots(data: dict, out_dir: Path) -> list[str]:
             mark = "o" if label.startswith("saap-edge") else "s"
             for ax, y in zip(axes, ("ppl", "decode_tok_s")):
                 ax.scatter(e["mib"], e[y], marker=mark)
-                ax.annotate(label.replace(" (llama.cpp quantizer)", "").replace("saap-edge: ", ""), (e["mib"], e[y]), fontsize=7)
+                ax.annotate(_short(label), (e["mib"], e[y]), fontsize=7)
         axes[0].set_ylabel("WikiText-2 perplexity (llama.cpp)")
         axes[0].set_yscale("log")
         axes[1].set_ylabel("decode tok/s (llama.cpp)")
