@@ -87,7 +87,9 @@ def before_after_table(report: dict) -> str:
     if recovery:
         rows[0].append(rows[0][2])
         rows[1].append(_recovery_label(recovery))
-        headers.append(f"+ {recovery['recovery']}" + (" int4" if "group_size" in recovery else ""))
+        trained = "+".join(recovery.get("trained") or [])
+        how = f"{trained} ({recovery['settings']['loss']})" if trained and recovery.get("settings", {}).get("loss") else recovery["recovery"]
+        headers.append(f"+ {how}" + (" int4" if "group_size" in recovery else ""))
     if refit:
         detail = (f"{recon['method']}, target {recon['target']}, {recon['samples']} x {recon['seq_len']} tok, "
                   f"select {recon['select']}, {recon['time_s']:.0f} s")

@@ -325,7 +325,7 @@ def test_compress_prunes_then_recovers_to_int4(tiny32_dir, recovery_text, data_d
     assert "recovered" in report["ppl"]["wikitext2"]
     assert json.loads((out / "config.json").read_text())["quantization"]["group_size"] == 64  # pruned widths
     assert (out / "int4_linear.py").exists() and not (tmp_path / "int4.checkpoints").exists()
-    assert "+ qalora int4" in captured.out
+    assert "+ offsets (kd) int4" in captured.out
 
 
 def test_recover_command_on_a_pruned_directory(tiny32_dir, recovery_text, data_dir, tmp_path, capsys):

@@ -241,7 +241,7 @@ def train(
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     model.train()
     last_good = latest_checkpoint(ckpt_dir) if ckpt_dir else None
-    bar = tqdm(range(start, n_steps), desc=f"recover {s.recovery}", disable=not progress, initial=start, total=n_steps)
+    bar = tqdm(range(start, n_steps), desc=f"recover {'+'.join(s.trained)} ({s.loss})", disable=not progress, initial=start, total=n_steps)
     t0 = time.perf_counter()
     try:
         for step in bar:
