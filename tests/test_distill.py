@@ -142,20 +142,25 @@ def test_a_damaged_cache_chunk_is_recomputed(data, tmp_path):
 # ------------------------------------------------------------------ training the int4 groups
 
 
+def three_lm_steps(model, batch, lr: float) -> torch.Tensor:
+    """Three AdamW steps on every trainable parameter; the logits after them."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for _ in range(3):
+        model(input_ids=batch, labels=batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():
+        return model(input_ids=batch).logits
+
+
 def test_offset_and_scale_training_keeps_codes_and_freezes_exactly(data):
     model = int4_model()
     before = {n: (m.qweight.clone(), m.scales.clone(), m.offsets.clone()) for n, m in model.named_modules() if isinstance(m, Int4Linear)}
     model.requires_grad_(False)
     n = enable_direct(model, ("offsets",))
     assert n == sum(o.numel() for _, _, o in before.values())
-    opt = torch.optim.AdamW(direct_parameters(model).values(), lr=1e-2)
     batch = data.train[:2]
-    for _ in range(3):
-        model(input_ids=batch, labels=batch).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    with torch.no_grad():
-        trained = model(input_ids=batch).logits
+    trained = three_lm_steps(model, batch, lr=1e-2)
     freeze(model)
     with torch.no_grad():
         assert torch.equal(model(input_ids=batch).logits, trained)  # frozen fp16 buffers compute what training did
@@ -175,14 +180,8 @@ def test_scales_norms_and_lora_together_merge_exactly(data):
     enable_direct(peft_model, ("lora", "offsets", "scales", "norms"))
     names = set(direct_parameters(peft_model))
     assert any(n.endswith("scales") for n in names) and any(n.endswith("input_layernorm.weight") for n in names)
-    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-3)
     batch = data.train[:2]
-    for _ in range(3):
-        peft_model(input_ids=batch, labels=batch).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    with torch.no_grad():
-        trained = peft_model(input_ids=batch).logits
+    trained = three_lm_steps(peft_model, batch, lr=1e-3)
     freeze(peft_model)
     merged = merge(peft_model)
     with torch.no_grad():
