@@ -37,6 +37,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import machine, run_child, write_results  # noqa: E402
@@ -167,18 +168,6 @@ def best_grid(rows: list[dict]) -> list[dict]:
 # ------------------------------------------------------------------ llama.cpp at equal bytes
 
 
-def _windows(tokenizer_dir: str, a, n: int):
-    import numpy as np
-    from transformers import AutoTokenizer
-
-    from saap_edge.data import load_text
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    ids = tok(load_text("wikitext2", "test", a.data_dir), add_special_tokens=False)["input_ids"]
-    n = min(n, len(ids) // 128)
-    return np.asarray(ids[: n * 128], dtype=np.int64).reshape(n, 128)
-
-
 def _llama_ppl_and_speed(path: Path, w, threads: int | None) -> dict:
     """Perplexity of the windows through llama.cpp, and decode tok/s (median of 3)."""
     import statistics
@@ -249,7 +238,9 @@ def llama_rows(b: Bench) -> dict | None:
                     if run["rc"]:
                         return {"failed": f"export of {key} failed, see {work / f'export-{key}-{embed}.log'}"}
                 files[f"saap-edge: {r['label']}" + ("" if embed == "f16" else ", Q4_1 embeddings")] = path
-        w = _windows(str(Path(ours[next(iter(ours))]["model_dir"])) if ours else a.model, a, a.llama_limit)
+        from export_quality import windows  # the same WikiText-2 windows export_quality scores
+
+        w = windows(Path(ours[next(iter(ours))]["model_dir"]), SimpleNamespace(windows=a.llama_limit, window=128, data_dir=a.data_dir))
         out = {}
         for label, path in files.items():
             out[label] = _llama_ppl_and_speed(path, w, a.threads)

@@ -94,10 +94,9 @@ def _prune_stage(job: CompressJob, s: PruneSettings, r: ReconstructSettings) -> 
         timings["reconstruct_s"] = recon_info["time_s"]
         plan.reconstruction = {**r.to_dict(), "source": s.calib, "sha256": recon_hash}
     keep_dense = job.recover is not None and job.recover.distills and job.teacher is None
-    dense = model.eval().requires_grad_(False) if keep_dense else None
+    dense = model if keep_dense else None  # the teacher (recover/distill.py sets eval mode, no gradients)
     if dense is not None:
-        for p in dense.parameters():
-            p.grad = None
+        dense.zero_grad(set_to_none=True)  # estimation's gradients are not the teacher's
     del model
     after = _quick_ppl(result.model, tokenizer, job, device) if job.eval_ppl else {}
     plan.calibration = {"source": s.calib, "samples": s.calib_samples, "seq_len": s.seq_len, "sha256": calib_hash} if calib_hash else {}

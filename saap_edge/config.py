@@ -21,6 +21,8 @@ class Settings:
     def from_dict(cls, data: dict):
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
 METHODS = ("saap", "llm-pruner", "flap", "wanda-sp", "magnitude", "random")
 FUSIONS = ("adaptive", "learned", "sum", "vector", "element")
 SCOPES = ("all", "global", "layer")
@@ -130,14 +132,14 @@ class RunSettings:
 RECOVERIES = ("qalora", "lora", "none")
 RECOVER_LOSSES = ("lm", "kd", "kd+lm")
 TRAINABLES = ("lora", "offsets", "scales", "norms")  # what recovery may train (see recover/params.py)
-CPU_RECOVER_STEPS = 60
+CPU_RECOVER_STEPS = 60  # CPU default: keeps `make demo` near ten minutes on 2 cores
 
 
 def default_cache_dir() -> Path:
     """Where the teacher's top-k targets are cached: $SAAP_EDGE_CACHE/teacher, else
     $XDG_CACHE_HOME/saap-edge/teacher, else ~/.cache/saap-edge/teacher."""
     base = os.environ.get("SAAP_EDGE_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "saap-edge")
-    return Path(base).expanduser() / "teacher"  # CPU default: keeps `make demo` near ten minutes on 2 cores
+    return Path(base).expanduser() / "teacher"
 
 
 @dataclass

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from saap_edge.config import RecoverSettings
 from saap_edge.errors import UserError
+from saap_edge.eval.ppl import window_perplexity
 from saap_edge.recover.data import RecoveryData
 from saap_edge.recover.distill import Teacher, kd_loss
 from saap_edge.recover.params import direct_parameters
@@ -190,8 +191,6 @@ def param_groups(model, s: RecoverSettings) -> list[dict]:
 
 
 def _heldout_ppl(model, data: RecoveryData) -> float:
-    from saap_edge.eval.ppl import window_perplexity
-
     model.eval()
     return window_perplexity(model, data.heldout, progress=False)["ppl"]
 
