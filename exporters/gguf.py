@@ -48,6 +48,7 @@ LAYER_NAMES = {
     "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
 }
 NORMS = {"attn_norm", "ffn_norm"}
+ATTENTION_TENSORS = {"attn_q", "attn_k", "attn_v", "attn_output", "attn_norm"}
 
 
 # ---------------------------------------------------------------------- layout helpers
@@ -287,6 +288,8 @@ def write_gguf(
         add("rope_freqs.weight", factors)
     for i, layer in enumerate(inner.layers):
         for hf, gg in LAYER_NAMES.items():
+            if heads[i] == 0 and gg in ATTENTION_TENSORS:
+                continue  # an attention-free layer: llama.cpp's deci loader reads no attention tensor there
             module = layer.get_submodule(hf)
             tname = f"blk.{i}.{gg}.weight"
             if gg in NORMS:
@@ -376,6 +379,8 @@ def read_gguf(path: str | os.PathLike) -> tuple[SlimLlamaForCausalLM, dict]:
     for i in range(n):
         layer = model.model.layers[i]
         for hf, gg in LAYER_NAMES.items():
+            if heads[i] == 0 and gg in ATTENTION_TENSORS:
+                continue
             t = tensors.get(f"blk.{i}.{gg}.weight")
             if t is None:
                 raise UserError(f"{path}: tensor blk.{i}.{gg}.weight is missing; the file is incomplete")

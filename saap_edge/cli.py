@@ -121,6 +121,9 @@ def add_compress(p: argparse.ArgumentParser) -> None:
     g.add_argument("--direction", default=d.direction, help="with --indicator fluctuation: high prunes the most volatile units first (paper's wording), low the least (default: %(default)s)")
     g.add_argument("--layer-cap", type=float, default=d.layer_cap, help="saap: most of a layer's KV groups / MLP channels one plan removes; raised only if --ratio needs it (default: %(default)s)")
     g.add_argument("--taylor", default=d.taylor, help="llm-pruner importance: vectorize or param_mix (default: %(default)s)")
+    g.add_argument("--units", default=d.units, help="attention units that may leave, comma list: groups (KV groups), heads "
+                   "(query-head slots: one head of every KV group), modules (a whole attention module; the layer keeps its MLP); "
+                   "heads and modules need saap or flap (default: %(default)s)")
     g.add_argument("--keep-first", type=int, default=d.keep_first, help="first layers never pruned (default: %(default)s)")
     g.add_argument("--keep-last", type=int, default=d.keep_last, help="last layers never pruned (default: %(default)s)")
     g.add_argument("--align", type=int, default=d.align, help="kept MLP widths are multiples of this (default: %(default)s)")
@@ -153,7 +156,7 @@ def run_compress(a: argparse.Namespace) -> int:
         method=a.method, ratio=a.ratio, calib=a.calib, calib_samples=a.calib_samples, seq_len=a.seq_len,
         seed=a.seed, keep_first=a.keep_first, keep_last=a.keep_last, align=a.align, fusion=a.fusion,
         fusion_scope=a.fusion_scope, weight_norm=a.weight_norm, direction=a.direction,
-        indicator=a.indicator, cost_exponent=a.cost_exponent, layer_cap=a.layer_cap, taylor=a.taylor,
+        indicator=a.indicator, cost_exponent=a.cost_exponent, layer_cap=a.layer_cap, taylor=a.taylor, units=a.units,
     )
     recon = ReconstructSettings(method=a.reconstruct, target=a.recon_target, samples=a.recon_samples, seq_len=a.recon_seq_len,
                                 damp=a.recon_damp, select=a.select, batch_size=a.recon_batch_size)

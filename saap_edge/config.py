@@ -27,6 +27,8 @@ METHODS = ("saap", "llm-pruner", "flap", "wanda-sp", "magnitude", "random")
 FUSIONS = ("adaptive", "learned", "sum", "vector", "element")
 SCOPES = ("all", "global", "layer")
 INDICATORS = ("fluctuation", "bound", "none")
+UNIT_CHOICES = ("groups", "heads", "modules")  # attention units; see prune/groups.py
+GLOBAL_METHODS = ("saap", "flap")  # the methods whose one global ranking can weigh heads and modules
 
 
 @dataclass
@@ -50,7 +52,12 @@ class PruneSettings(Settings):
     cost_exponent: float = 0.0  # rank by score / (unit parameter cost) ** this
     layer_cap: float = 0.8  # saap: no layer loses more than this share of its KV groups / channels
     taylor: str = "param_mix"  # llm-pruner: vectorize | param_mix
+    units: str = "groups"  # attention units, comma list: groups (KV groups), heads (query-head slots), modules (whole attention)
     version: int = SETTINGS_VERSION
+
+    @property
+    def unit_set(self) -> set[str]:
+        return {u.strip() for u in self.units.split(",") if u.strip()}
 
     def validate(self) -> "PruneSettings":
         choices = {
@@ -77,6 +84,13 @@ class PruneSettings(Settings):
             raise UserError(f"--layer-cap {self.layer_cap} must be in (0, 1]")
         if self.align < 1:
             raise UserError("--align must be >= 1 (32 keeps int4 groups and GGUF blocks whole)")
+        units = self.unit_set
+        if "groups" not in units or units - set(UNIT_CHOICES):
+            raise UserError(f"--units {self.units!r} must be a comma list of {', '.join(UNIT_CHOICES)} that includes groups, "
+                            "e.g. groups,heads")
+        if units != {"groups"} and self.method not in GLOBAL_METHODS:
+            raise UserError(f"--units {self.units} needs a method with one global ranking ({', '.join(GLOBAL_METHODS)}); "
+                            f"--method {self.method} allocates uniformly, use --units groups")
         return self
 
 

@@ -45,8 +45,8 @@ from saap_edge.config import ReconstructSettings
 from saap_edge.errors import UserError
 from saap_edge.models.onednn import onednn_linears
 from saap_edge.prune.groups import ATTN, MLP, MEMBERS, OUTPUT_PROJ, LayerShape, decoder_layers, discover, member_index, submodule
-from saap_edge.prune.plan import PrunePlan
-from saap_edge.prune.slicing import member_slice
+from saap_edge.prune.plan import LayerPlan, PrunePlan
+from saap_edge.prune.slicing import kept_index
 from saap_edge.report import PeakRSS
 
 
@@ -95,7 +95,8 @@ def output_error(w_k: torch.Tensor, w: torch.Tensor, cross: torch.Tensor, gram: 
     return max(fit - 2 * mixed + yy, 0.0) / max(yy, 1e-30)
 
 
-def obs_select(w: torch.Tensor, gram: torch.Tensor, width: int, n_remove: int, damp: float, steps: int = 16) -> list[int]:
+def obs_select(w: torch.Tensor, gram: torch.Tensor, width: int, n_remove: int, damp: float, steps: int = 16,
+               families: torch.Tensor | None = None, quota: int | None = None) -> list[int]:
     """Greedy structured OBS: the `n_remove` units (blocks of `width` consecutive input
     columns) whose removal, with the remaining columns refit, costs least output error.
 
@@ -103,7 +104,9 @@ def obs_select(w: torch.Tensor, gram: torch.Tensor, width: int, n_remove: int, d
     ceil(n_remove / steps) cheapest together and applies the optimal update for that block,
     W -= W_B (H^-1_BB)^-1 H^-1_B: and H^-1 -= H^-1_:B (H^-1_BB)^-1 H^-1_B: (Schur complement).
     steps >= n_remove is the exact one-at-a-time greedy of ZipLM; fewer steps trade a little
-    of it for time (a 1536-channel MLP losing 1000 channels: 16 steps instead of 1000)."""
+    of it for time (a 1536-channel MLP losing 1000 channels: 16 steps instead of 1000).
+    `families` [n_units] with `quota`: no family loses more than `quota` units (query heads of
+    one KV group: every kept group loses the same number)."""
     n_in = gram.shape[0]
     n_units = n_in // width
     lam = ridge_lambda(gram, damp)
@@ -120,7 +123,19 @@ def obs_select(w: torch.Tensor, gram: torch.Tensor, width: int, n_remove: int, d
         blocks = torch.linalg.inv(hinv[cols[:, :, None], cols[:, None, :]])  # [u, width, width]
         wb = w[:, cols]  # [out, u, width]
         err = torch.einsum("oui,uij,ouj->u", wb, blocks, wb)
-        take = units[err.argsort()[: min(per_step, n_remove - len(removed))]]
+        want = min(per_step, n_remove - len(removed))
+        if families is None:
+            take = units[err.argsort()[:want]]
+        else:  # cheapest first, skipping units whose family has lost its quota
+            lost = torch.bincount(families[~alive.cpu()], minlength=int(families.max()) + 1).tolist()
+            picked = []
+            for u in units[err.argsort()].tolist():
+                if lost[int(families[u])] < quota:
+                    picked.append(u)
+                    lost[int(families[u])] += 1
+                    if len(picked) == want:
+                        break
+            take = torch.tensor(picked, dtype=torch.long, device=gram.device)
         b = (take[:, None] * width + offsets[None, :]).reshape(-1)
         m = torch.linalg.inv(hinv[b][:, b])
         w -= w[:, b] @ m @ hinv[b, :]
@@ -265,21 +280,30 @@ class _Stage:
         """Refit one block kind of layer i; returns the (pruned, dense) streams after it."""
         shape, lp = self.shapes[i], self.plan.layers[i]
         part = "q" if kind == ATTN else "ch"
-        kept_units = lp.kv_groups if kind == ATTN else lp.channels
-        n_remove = shape.n_units(kind) - len(kept_units)
+        if kind == ATTN and lp.attention_free:  # the whole module left (or never was): nothing to refit
+            if not shape.n_kv:
+                return inputs, dense_inputs
+            entry[kind] = {"removed_units": shape.n_kv, "module": True}
+            dense_next = None
+            if dense_inputs is not None:
+                _, dense_out = self._dense_pass(dl, kind, inputs, None, dense_inputs)
+                dense_next = dense_inputs + dense_out
+            self.drifted = True
+            return inputs, dense_next
+        n_remove = _removed(lp, shape, kind)
         refits = n_remove > 0 or (self.r.target == "dense" and self.drifted)
         moments = _Moments(shape.n_units(kind) * shape.unit_width(part), self.device, self.r.target == "dense") if refits else None
         z, dense_out = self._dense_pass(dl, kind, inputs, moments, dense_inputs)
         if refits:
-            kept_units = self._refit(i, kind, dl, sl, moments, n_remove, entry)
+            self._refit(i, kind, dl, sl, moments, entry)
             self.drifted = self.drifted or n_remove > 0 or self.r.target == "dense"
-        keep = member_index(torch.tensor(kept_units), shape, part)
+        keep = kept_index(lp, shape, part)
         dense_next = None if dense_inputs is None else dense_inputs + dense_out
         return self._advance(inputs, z, keep, submodule(sl, OUTPUT_PROJ[kind])), dense_next
 
-    def _refit(self, i: int, kind: str, dl, sl, moments: _Moments, n_remove: int, entry: dict) -> list[int]:
+    def _refit(self, i: int, kind: str, dl, sl, moments: _Moments, entry: dict) -> None:
         """Choose the kept units (local selection), refit the slim output projection in place,
-        log the errors; returns the kept units."""
+        log the errors."""
         shape, lp, path = self.shapes[i], self.plan.layers[i], OUTPUT_PROJ[kind]
         part = "q" if kind == ATTN else "ch"
         cross, gram_t = moments.targets()
@@ -287,33 +311,60 @@ class _Stage:
             raise UserError(f"layer {i} {path}: NaN or inf in the calibration activations the refit reads; "
                             "check the model's weights, or use --reconstruct none")
         w = submodule(dl, path).weight.detach().to(self.device, torch.float64)
-        kept_units = lp.kv_groups if kind == ATTN else lp.channels
+        n_remove = _removed(lp, shape, kind)
         if self.r.select == "local" and n_remove > 0:
-            gone = set(obs_select(w, moments.gram, shape.unit_width(part), n_remove, self.r.damp))
-            kept_units = [u for u in range(shape.n_units(kind)) if u not in gone]
-            _reslice(dl, sl, shape, kind, kept_units)
-            setattr(lp, "kv_groups" if kind == ATTN else "channels", kept_units)
-        keep = member_index(torch.tensor(kept_units), shape, part).to(self.device)
+            _select_local(lp, shape, kind, w, moments.gram, self.r.damp)
+            _reslice(dl, sl, shape, kind, lp)
+        keep = kept_index(lp, shape, part).to(self.device)
         w_new = refit(w, cross, moments.gram, keep, self.r.damp)
         if not torch.isfinite(w_new).all():
             raise UserError(f"layer {i} {path}: the refit is not finite; raise --recon-damp or use --reconstruct none")
-        entry[kind] = {"removed_units": n_remove,
+        entry[kind] = {"removed_units": shape.n_units(kind) - len(lp.kv_groups if kind == ATTN else lp.channels),
                        "rel_err_sliced": output_error(w[:, keep], w, cross, moments.gram, gram_t, keep),
                        "rel_err_refit": output_error(w_new, w, cross, moments.gram, gram_t, keep)}
+        if kind == ATTN and lp.kept_heads < len(lp.kv_groups) * shape.n_rep:
+            entry[kind]["removed_heads"] = shape.n_heads - lp.kept_heads
         proj = submodule(sl, path)
         proj.weight.copy_(w_new.to(proj.weight.dtype))
-        return kept_units
 
 
-def _reslice(dl: nn.Module, sl: nn.Module, shape: LayerShape, kind: str, units: list[int]) -> None:
-    """Load the slim layer's `kind` weights from the dense layer for a new set of kept units."""
-    index = torch.tensor(units, dtype=torch.long)
+def _removed(lp: LayerPlan, shape: LayerShape, kind: str) -> int:
+    """Units of `kind` the plan removes from this layer (query heads for attention: a KV
+    group counts as its heads)."""
+    return shape.n_heads - lp.kept_heads if kind == ATTN else shape.ffn - len(lp.channels)
+
+
+def _select_local(lp: LayerPlan, shape: LayerShape, kind: str, w: torch.Tensor, gram: torch.Tensor, damp: float) -> None:
+    """Re-choose, in place, which units `lp` keeps, as many as it keeps now, by structured OBS
+    on the o_proj / down_proj inputs: first whole KV groups (blocks of their query heads), then
+    within the kept groups the same number of query heads in each."""
+    if kind == MLP:
+        gone = set(obs_select(w, gram, 1, shape.ffn - len(lp.channels), damp))
+        lp.channels = [u for u in range(shape.ffn) if u not in gone]
+        return
+    n_groups = len(lp.kv_groups)
+    per_group = lp.kept_heads // n_groups
+    gone = set(obs_select(w, gram, shape.unit_width("q"), shape.n_kv - n_groups, damp)) if n_groups < shape.n_kv else set()
+    lp.kv_groups = [g for g in range(shape.n_kv) if g not in gone]
+    lp.heads = None
+    if per_group < shape.n_rep:
+        heads = torch.tensor(lp.group_heads(lp.kv_groups), dtype=torch.long)
+        cols = member_index(heads, shape, "qh").to(gram.device)
+        families = heads // shape.n_rep
+        dropped = obs_select(w[:, cols], gram[cols][:, cols], shape.head_dim, (shape.n_rep - per_group) * n_groups, damp,
+                             families=families, quota=shape.n_rep - per_group)
+        lp.heads = [int(h) for j, h in enumerate(heads) if j not in set(dropped)]
+
+
+def _reslice(dl: nn.Module, sl: nn.Module, shape: LayerShape, kind: str, lp: LayerPlan) -> None:
+    """Load the slim layer's `kind` weights from the dense layer for the units `lp` now keeps."""
     with torch.no_grad():
         for path, axis, part in MEMBERS[kind]:
             src, dst = submodule(dl, path), submodule(sl, path)
-            dst.weight.copy_(member_slice(src.weight, axis, index, shape, part))
+            index = kept_index(lp, shape, part).to(src.weight.device)
+            dst.weight.copy_(src.weight.index_select(0 if axis == "out" else 1, index))
             if axis == "out" and src.bias is not None:
-                dst.bias.copy_(member_slice(src.bias, axis, index, shape, part))
+                dst.bias.copy_(src.bias.index_select(0, index))
 
 
 @torch.no_grad()

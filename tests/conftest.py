@@ -34,11 +34,15 @@ def tiny_llama(n_heads=8, n_kv=4, layers=6, hidden=64, ffn=128, vocab=512, seed=
     return LlamaForCausalLM(config).eval()
 
 
-def hetero_model(seed: int = 0, uniform: bool = False, vocab: int = 512):
-    """A random slim model (saap_edge.models.slim) whose layers differ (or not), head_dim 32, scaled so logits spread."""
+def hetero_model(seed: int = 0, uniform: bool = False, vocab: int = 512, heads_and_modules: bool = False):
+    """A random slim model (saap_edge.models.slim) whose layers differ (or not), head_dim 32, scaled so logits spread.
+    `heads_and_modules`: layers as query-head and module units leave them: 2 KV groups x 2 heads,
+    an attention-free layer, 3 KV groups x 2 heads."""
     from saap_edge.models.slim import SlimLlamaConfig, SlimLlamaForCausalLM
 
     heads, kv, ffn = ([4, 4, 4], [2, 2, 2], [256, 256, 256]) if uniform else ([4, 2, 4], [2, 1, 1], [256, 96, 160])
+    if heads_and_modules:
+        heads, kv = [4, 0, 6], [2, 0, 3]
     config = SlimLlamaConfig(
         vocab_size=vocab, hidden_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
         intermediate_size=256, head_dim=32, num_attention_heads_per_layer=heads, num_key_value_heads_per_layer=kv,

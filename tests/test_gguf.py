@@ -68,20 +68,25 @@ def test_rope_permutation_round_trips():
     assert not np.array_equal(p, w) and np.array_equal(unpermute_rows(p, 2), w)
 
 
-def test_deci_q4_1_weights_equal_the_checkpoint_bit_for_bit(tmp_path, tiny_tokenizer):
-    model = hetero_model()
+@pytest.mark.parametrize("heads_and_modules", [False, True])
+def test_deci_q4_1_weights_equal_the_checkpoint_bit_for_bit(tmp_path, tiny_tokenizer, heads_and_modules):
+    model = hetero_model(heads_and_modules=heads_and_modules)
     quantize_model(model, 32)
     tiny_tokenizer.save_pretrained(tmp_path / "tok")
     info = write_gguf(model, tmp_path / "m.gguf", "q4_1", "f32", tokenizer_dir=tmp_path / "tok")
     assert info.arch == "deci"
     reader = GGUFReader(tmp_path / "m.gguf")
-    assert [int(x) for x in reader.fields["deci.attention.head_count"].contents()] == [4, 2, 4]
+    expect_heads = [4, 0, 6] if heads_and_modules else [4, 2, 4]
+    assert [int(x) for x in reader.fields["deci.attention.head_count"].contents()] == expect_heads
     assert [int(x) for x in reader.fields["deci.feed_forward_length"].contents()] == [256, 96, 160]
     tensors = {t.name: t for t in reader.tensors}
+    if heads_and_modules:  # the attention-free layer carries no attention tensor and no attention norm
+        assert not [name for name in tensors if name.startswith("blk.1.attn")]
     for i, layer in enumerate(model.model.layers):
-        for hf, gg, heads in (("self_attn.q_proj", "attn_q", layer.self_attn.config.num_attention_heads_per_layer[i]),
-                              ("self_attn.k_proj", "attn_k", layer.self_attn.config.num_key_value_heads_per_layer[i]),
-                              ("mlp.down_proj", "ffn_down", None)):
+        config = model.config
+        attention = [("self_attn.q_proj", "attn_q", config.num_attention_heads_per_layer[i]),
+                     ("self_attn.k_proj", "attn_k", config.num_key_value_heads_per_layer[i])] if expect_heads[i] else []
+        for hf, gg, heads in (*attention, ("mlp.down_proj", "ffn_down", None)):
             t = tensors[f"blk.{i}.{gg}.weight"]
             assert t.tensor_type == QT.Q4_1
             decoded = dequantize(np.asarray(t.data), QT.Q4_1).reshape(t.shape[1], t.shape[0])
@@ -96,9 +101,9 @@ def test_deci_q4_1_weights_equal_the_checkpoint_bit_for_bit(tmp_path, tiny_token
             assert isinstance(b, Int4Linear) and torch.equal(a.dequantized(), b.dequantized())
 
 
-@pytest.mark.parametrize("uniform", [False, True])
-def test_f32_gguf_logits_match_torch_in_llama_cpp(tmp_path, tiny_tokenizer, llama_cpp, uniform):
-    model = hetero_model(uniform=uniform)
+@pytest.mark.parametrize("uniform, heads_and_modules", [(False, False), (True, False), (False, True)])
+def test_f32_gguf_logits_match_torch_in_llama_cpp(tmp_path, tiny_tokenizer, llama_cpp, uniform, heads_and_modules):
+    model = hetero_model(uniform=uniform, heads_and_modules=heads_and_modules)
     tiny_tokenizer.save_pretrained(tmp_path / "tok")
     info = write_gguf(model, tmp_path / "m.gguf", "f32", "f32", tokenizer_dir=tmp_path / "tok")
     assert info.arch == ("llama" if uniform else "deci")

@@ -144,6 +144,40 @@ def test_torch_onnx_and_llama_cpp_agree_on_a_heterogeneous_model(tmp_path, tiny_
     assert greedy_runtime(cpp, IDS, 12) == want
 
 
+def test_query_head_slots_and_attention_free_layers_in_onnx_and_llama_cpp(tmp_path, tiny_tokenizer):
+    """Layers as head and module units leave them (2 groups x 2 heads, no attention, 3 groups
+    x 2 heads): int4 ONNX carries each layer's KV shape (0 heads for the attention-free one) and
+    matches torch with and without the cache; torch, ONNX and llama.cpp pick the same tokens."""
+    from runtime.ort import OrtRuntime
+
+    model = int4_model_with(heads_and_modules=True)
+    export_onnx(model, tmp_path / "int4", "int4")
+    rt = OrtRuntime(tmp_path / "int4")
+    assert rt.kv == [(2, 32), (0, 32), (3, 32)]
+    ref = torch_logits(model, IDS)
+    assert np.abs(rt.forward(np.asarray([IDS]))[0][0] - ref).max() < ORT_ATOL
+    rt.reset()
+    steps = [rt.logits(IDS[:5])] + [rt.logits([t]) for t in IDS[5:]]
+    assert np.abs(np.stack(steps) - ref[4:]).max() < ORT_ATOL
+    want = greedy_torch(model, IDS, 12)
+    assert greedy_runtime(rt, IDS, 12) == want
+    pytest.importorskip("llama_cpp")
+    from exporters.gguf import write_gguf
+    from runtime.llamacpp import LlamaCppRuntime
+
+    tiny_tokenizer.save_pretrained(tmp_path / "tok")
+    dense = hetero_model(heads_and_modules=True)  # f32: llama.cpp's Q4_1 path quantizes activations
+    write_gguf(dense, tmp_path / "m.gguf", "f32", "f32", tokenizer_dir=tmp_path / "tok")
+    cpp = LlamaCppRuntime(tmp_path / "m.gguf", n_ctx=128, f32_kv=True)
+    assert greedy_runtime(cpp, IDS, 12) == greedy_torch(dense, IDS, 12)
+
+
+def int4_model_with(**kw):
+    m = hetero_model(**kw)
+    quantize_model(m, 32)
+    return m
+
+
 def test_f16_weights_halve_the_file_and_stay_close(tmp_path):
     model = hetero_model(seed=2)
     export_onnx(model, tmp_path / "f32", "f32", "f32")

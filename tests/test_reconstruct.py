@@ -196,3 +196,51 @@ def test_reconstruct_on_cuda_in_bfloat16_moves_one_layer_at_a_time():
     for entry in result.info["layers"][1:3]:
         for kind in ("attn", "mlp"):
             assert entry[kind]["rel_err_refit"] < entry[kind]["rel_err_sliced"]
+
+
+def _head_plan(model) -> PrunePlan:
+    """Layer 1 keeps 3 KV groups x 1 query head, layer 2 loses its attention module and half
+    its MLP, layer 3 keeps every group with one head each."""
+    plan = PrunePlan.keep_all(discover(model))
+    plan.layers[1].kv_groups, plan.layers[1].heads = [0, 2, 3], [1, 4, 7]
+    plan.layers[2].kv_groups, plan.layers[2].channels = [], list(range(0, 128, 2))
+    plan.layers[3].heads = [0, 3, 4, 6]
+    return plan
+
+
+@pytest.mark.parametrize("target", ["prefix", "dense"])
+@pytest.mark.parametrize("select", ["global", "local"])
+def test_head_slots_and_attention_free_layers_refit_and_select(target, select):
+    model = tiny_llama()
+    plan = _head_plan(model)
+    sliced = apply_plan(model, plan)
+    slim = apply_plan(model, plan)
+    result = reconstruct(model, slim, plan, _samples(), _settings(target=target, select=select), progress=False)
+    log = result.info["layers"]
+    assert log[2]["attn"] == {"removed_units": 4, "module": True}
+    for i in (1, 3):
+        assert log[i]["attn"]["rel_err_refit"] < log[i]["attn"]["rel_err_sliced"]
+        assert log[i]["attn"]["removed_heads"] == (5 if i == 1 else 4)
+    # local selection may choose other groups and heads, never other counts
+    for i, lp in enumerate(result.plan.layers):
+        lp.check(i)
+        assert (len(lp.kv_groups), lp.kept_heads) == (len(_head_plan(model).layers[i].kv_groups), _head_plan(model).layers[i].kept_heads)
+    held_out = _samples(8, 32, seed=1)
+    with torch.no_grad():
+        dense = _hidden(model, held_out, 5)
+        if select == "global":  # the same units: the refit alone must help
+            assert (_hidden(slim, held_out, 5) - dense).norm() < (_hidden(sliced, held_out, 5) - dense).norm()
+        # the plan the stage returns slices to the model it refit
+        again = apply_plan(model, result.plan)
+        assert [p.shape for p in again.parameters()] == [p.shape for p in slim.parameters()]
+
+
+def test_obs_quota_keeps_families_equal():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 12, generator=gen, dtype=torch.float64)
+    w = torch.randn(5, 12, generator=gen, dtype=torch.float64)
+    w[:, :4] *= 0.01  # family 0's units are nearly free to remove: unconstrained OBS takes them all
+    families = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2])
+    assert set(obs_select(w, x.T @ x, 1, 3, 1e-6)) <= {0, 1, 2, 3}
+    picked = obs_select(w, x.T @ x, 1, 6, 1e-6, families=families, quota=2)
+    assert torch.bincount(families[picked], minlength=3).tolist() == [2, 2, 2]

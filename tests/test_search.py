@@ -7,7 +7,8 @@ from conftest import tiny_llama
 from saap_edge.config import PruneSettings
 from saap_edge.errors import UserError
 from saap_edge.prune import prune
-from saap_edge.prune.groups import ATTN, MLP, discover, total_params, unit_costs
+from saap_edge.prune.groups import ATTN, HEAD, MLP, MODULE, discover, total_params, unit_costs
+from saap_edge.prune.slicing import apply_plan
 from saap_edge.prune.search import search
 
 
@@ -117,3 +118,56 @@ def test_cost_exponent_weighs_units_by_their_parameter_cost():
 
     # per parameter, heads look cheaper relative to channels than per unit
     assert channels_above_weakest_head(1.0) > channels_above_weakest_head(0.0)
+
+
+def _scores_with_heads(shapes, layers, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {(i, k): torch.rand(shapes[i].n_units(k), generator=g, dtype=torch.float64)
+            for i in layers for k in (ATTN, MLP, HEAD)}
+
+
+@pytest.mark.parametrize("modules", [False, True])
+@pytest.mark.parametrize("ratio", [0.15, 0.3, 0.4])
+def test_head_slots_and_modules_reach_the_ratio_exactly_counted(modules, ratio):
+    """The parameters the plan's slim model really lost reach the target and overshoot it by
+    at most one candidate: a KV group that leaves after some head slots is counted with the
+    heads it still had, a module with its norm. Every kept group keeps as many heads as the others."""
+    model = tiny_llama(n_heads=8, n_kv=4, layers=6, ffn=160)
+    shapes, layers = discover(model), [1, 2, 3, 4]
+    total = total_params(model)
+    costs = unit_costs(model, shapes, layers)
+    scores = _scores_with_heads(shapes, layers)
+    scores[(2, ATTN)] -= 10.0  # layer 2's attention looks least important by far
+    plan = search(scores, shapes, costs, total, ratio, "global", align=32, modules=modules)
+    removed = total - total_params(apply_plan(model, plan))
+    biggest_step = max(costs[(i, MLP)] * 32 for i in layers) + max(costs[(i, ATTN)] + costs[(i, MODULE)] for i in layers)
+    assert ratio * total - 1 <= removed <= ratio * total + biggest_step
+    assert any(lp.heads is not None for lp in plan.layers)  # head slots were used
+    for i, lp in enumerate(plan.layers):
+        lp.check(i)
+        assert len(lp.channels) >= 32 and len(lp.channels) % 32 == 0
+    assert plan.layers[2].attention_free == modules  # groups alone always leave one
+
+
+def test_heads_and_modules_need_a_global_method():
+    with pytest.raises(UserError, match="--units"):
+        PruneSettings(method="llm-pruner", units="groups,heads").validate()
+    with pytest.raises(UserError, match="--units"):
+        PruneSettings(units="heads").validate()
+    model = tiny_llama(layers=4)
+    shapes, layers = discover(model), [1, 2]
+    with pytest.raises(UserError, match="global allocation"):
+        search(_scores_with_heads(shapes, layers), shapes, unit_costs(model, shapes, layers), total_params(model), 0.1, "uniform", 32)
+
+
+@pytest.mark.parametrize("method", ["saap", "flap"])
+def test_methods_rank_query_heads_from_calibration(method):
+    model = tiny_llama(n_heads=8, n_kv=2, layers=6, ffn=256)
+    samples = torch.randint(0, 512, (4, 16), generator=torch.Generator().manual_seed(0))
+    # per-kind standardisation: heads compete with groups and channels on one scale
+    s = PruneSettings(method=method, ratio=0.3, keep_first=1, keep_last=1, units="groups,heads,modules",
+                      fusion_scope="global").validate()
+    result = prune(model, samples, s, progress=False)
+    assert any(lp.heads is not None for lp in result.plan.layers)
+    assert result.plan.settings["units"] == "groups,heads,modules"
+    assert result.model(samples).logits.isfinite().all()

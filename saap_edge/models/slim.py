@@ -10,12 +10,17 @@ Per-layer sizes live in three config lists of length `num_hidden_layers`:
 `intermediate_size_per_layer`. With a `quantization` section the seven projections of each
 layer are Int4Linear (packed int4 codes, fp16 scales and offsets). The scalar fields keep the dense model's values; `head_dim`
 is always explicit because it can no longer be derived from hidden / heads.
+
+A layer with 0 heads and 0 KV heads is attention-free: it has no attention projections and
+no attention norm, and adds only its MLP to the residual stream (llama.cpp's `deci` layers
+with n_head = 0 compute the same).
 """
 
 from __future__ import annotations
 
 import copy
 
+import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, LlamaConfig
 from transformers.models.llama.modeling_llama import (
@@ -67,10 +72,12 @@ class SlimLlamaConfig(LlamaConfig):
             setattr(self, field, values)
         for i in range(n_layers):
             heads, kv_heads, ffn = self.layer_sizes(i)
-            if kv_heads < 1 or ffn < 1 or heads % kv_heads:
+            attention_free = heads == 0 and kv_heads == 0
+            if ffn < 1 or not attention_free and (kv_heads < 1 or heads < 1 or heads % kv_heads):
                 raise ValueError(
                     f"layer {i}: {heads} query heads, {kv_heads} KV heads, MLP width {ffn}: "
-                    "each layer needs >= 1 KV head, heads divisible by KV heads and MLP width >= 1"
+                    "each layer needs >= 1 KV head and heads divisible by KV heads (or 0 of both), "
+                    "and MLP width >= 1"
                 )
 
     def layer_sizes(self, layer: int) -> tuple[int, int, int]:
@@ -87,15 +94,38 @@ class SlimLlamaConfig(LlamaConfig):
         return len({self.layer_sizes(i) for i in range(self.num_hidden_layers)}) == 1
 
 
+class NoAttention(nn.Module):
+    """The attention of an attention-free layer: adds nothing to the residual stream. It still
+    appends empty keys and values (0 heads) to the cache, so that the cache's length, which
+    transformers reads from any layer, stays the number of tokens seen."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.config, self.layer_idx, self.head_dim = config, layer_idx, config.head_dim
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
+                cache_position=None, **kwargs):
+        if past_key_values is not None:
+            empty = hidden_states.new_zeros(hidden_states.shape[0], 0, hidden_states.shape[1], self.head_dim)
+            past_key_values.update(empty, empty, self.layer_idx, {"cache_position": cache_position})
+        return torch.zeros_like(hidden_states), None
+
+
 def _build_layer(config: SlimLlamaConfig, layer: int) -> LlamaDecoderLayer:
     """A decoder layer with this layer's sizes that still reads the shared config at run time.
 
     The modules are built from a shallow copy holding the layer's sizes, then pointed back at
     the shared config, so settings changed later (attention implementation) reach every layer.
+    An attention-free layer gets NoAttention and no attention norm.
     """
     sized = copy.copy(config)
     sized.num_attention_heads, sized.num_key_value_heads, sized.intermediate_size = config.layer_sizes(layer)
+    attention_free = sized.num_key_value_heads == 0
+    if attention_free:  # built at one head, then replaced
+        sized.num_attention_heads = sized.num_key_value_heads = 1
     block = LlamaDecoderLayer(sized, layer)
+    if attention_free:
+        block.self_attn, block.input_layernorm = NoAttention(config, layer), nn.Identity()
     block.self_attn.config = config
     block.mlp.config = config
     return block

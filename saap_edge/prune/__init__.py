@@ -9,7 +9,7 @@ from torch import nn
 
 from saap_edge.config import PruneSettings
 from saap_edge.errors import UserError
-from saap_edge.prune.groups import ATTN, MLP, discover, total_params, unit_costs
+from saap_edge.prune.groups import ATTN, HEAD, MLP, discover, total_params, unit_costs
 from saap_edge.prune.methods import RANKERS, Statistics
 from saap_edge.prune.plan import PrunePlan
 from saap_edge.prune.search import candidates, check_feasible, search
@@ -37,14 +37,21 @@ def check_ratio(model: nn.Module, s: PruneSettings) -> None:
     """Fail fast, before any estimation, when --ratio cannot be reached under the constraints."""
     shapes = discover(model)
     layers = prunable_layers(len(shapes), s)
-    zeros = {(i, k): torch.zeros(shapes[i].n_units(k)) for i in layers for k in (ATTN, MLP)}
-    check_feasible(s.ratio, candidates(zeros, shapes, unit_costs(model, shapes, layers), s.align), total_params(model))
+    free = [i for i in layers if shapes[i].n_kv == 0]
+    if free:
+        raise UserError(f"layer {free[0]} has no attention left (an attention-free layer of a pruned model); pruning "
+                        "such layers again is not supported: keep them with --keep-first / --keep-last, or prune the dense model")
+    kinds = (ATTN, MLP, HEAD) if "heads" in s.unit_set else (ATTN, MLP)
+    zeros = {(i, k): torch.zeros(shapes[i].n_units(k)) for i in layers for k in kinds}
+    costs = unit_costs(model, shapes, layers)
+    cands = candidates(zeros, shapes, costs, s.align, "modules" in s.unit_set)
+    check_feasible(s.ratio, cands, total_params(model), shapes, costs)
 
 
 def statistics(model: nn.Module, samples: torch.Tensor | None, s: PruneSettings, progress: bool = True) -> Statistics:
     """The lazily collected calibration statistics that `prune` ranks with (shareable)."""
     shapes = discover(model)
-    return Statistics(model, samples, shapes, prunable_layers(len(shapes), s), progress)
+    return Statistics(model, samples, shapes, prunable_layers(len(shapes), s), progress, heads="heads" in s.unit_set)
 
 
 def prune(
@@ -53,9 +60,13 @@ def prune(
     """Rank units with `s.method` on the calibration samples [D, T], search, slice.
     `stats` lets several calls on the same model and samples share one estimation."""
     stats = stats or statistics(model, samples, s, progress)
+    if "heads" in s.unit_set:
+        stats.want_heads()
     ranking = RANKERS[s.method](stats, s)
     before = total_params(model)
-    plan = search(ranking.keep, stats.shapes, stats.costs, before, s.ratio, ranking.allocation, s.align, ranking.cap)
+    keep = ranking.keep if "heads" in s.unit_set else {k: v for k, v in ranking.keep.items() if k[1] != HEAD}
+    plan = search(keep, stats.shapes, stats.costs, before, s.ratio, ranking.allocation, s.align, ranking.cap,
+                  modules="modules" in s.unit_set)
     slim = apply_plan(model, plan)
     after = total_params(slim)
     plan.method, plan.ratio, plan.settings, plan.seed = s.method, s.ratio, s.to_dict(), s.seed

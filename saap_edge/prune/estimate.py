@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from saap_edge.errors import UserError
-from saap_edge.prune.groups import MEMBERS, OUTPUT_PROJ, LayerShape, decoder_layers, submodule, unit_reduce
+from saap_edge.prune.groups import HEAD, MEMBERS, OUTPUT_PROJ, LayerShape, decoder_layers, submodule, unit_reduce
 from saap_edge.prune.importance import Key, Scores
 
 
@@ -48,14 +48,19 @@ def _only_grads_for(model: nn.Module, params: list[nn.Parameter]):
             p.grad = None
 
 
-def _members(model: nn.Module, shapes: list[LayerShape], layers: list[int]):
-    """(key, name, weight, axis, n_units) for every coupled projection of the given layers."""
+def _members(model: nn.Module, shapes: list[LayerShape], layers: list[int], heads: bool = False):
+    """(name, weight, axis, targets) for every coupled projection of the given layers; targets
+    are the (key, n_units) its gradient folds into: its unit kind, and the query heads (HEAD)
+    for q_proj / o_proj when `heads`."""
     blocks = decoder_layers(model)
     for i in layers:
         for kind, members in MEMBERS.items():
-            for path, axis, _ in members:
+            for path, axis, part in members:
                 weight = submodule(blocks[i], path).weight
-                yield (i, kind), f"layer {i} {path}", weight, axis, shapes[i].n_units(kind)
+                targets = [((i, kind), shapes[i].n_units(kind))]
+                if heads and part == "q":
+                    targets.append(((i, HEAD), shapes[i].n_heads))
+                yield f"layer {i} {path}", weight, axis, targets
 
 
 class _TaylorHooks:
@@ -69,9 +74,10 @@ class _TaylorHooks:
         self.grad_sq: dict[int, torch.Tensor] = {}
         self.bad: str | None = None
 
-    def make(self, key: Key, name: str, axis: str, n_units: int):
-        for store in (self.vector, self.element):
-            store.setdefault(key, torch.zeros(self.n_samples, n_units, dtype=torch.float32))
+    def make(self, name: str, axis: str, targets: list[tuple[Key, int]]):
+        for key, n_units in targets:
+            for store in (self.vector, self.element):
+                store.setdefault(key, torch.zeros(self.n_samples, n_units, dtype=torch.float32))
 
         def hook(param: nn.Parameter) -> None:
             grad = param.grad.float()
@@ -79,8 +85,10 @@ class _TaylorHooks:
             if self.bad is None and not torch.isfinite(grad).all():
                 self.bad = name
             gw = grad * param.detach().float()
-            self.vector[key][self.sample] += unit_reduce(gw, axis, n_units).cpu()
-            self.element[key][self.sample] += unit_reduce((gw - 0.5 * gw * gw).abs(), axis, n_units).cpu()
+            element = (gw - 0.5 * gw * gw).abs()
+            for key, n_units in targets:
+                self.vector[key][self.sample] += unit_reduce(gw, axis, n_units).cpu()
+                self.element[key][self.sample] += unit_reduce(element, axis, n_units).cpu()
             if self.with_mix:  # LLM-Pruner param_mix needs whole-set element-wise gradients
                 pid = id(param)
                 self.grad_sum[pid] = self.grad_sum.get(pid, 0) + grad
@@ -112,7 +120,7 @@ def _locate_nonfinite(model: nn.Module, ids: torch.Tensor) -> str:
 def _param_mix(model, shapes, layers, hooks: _TaylorHooks, n: int) -> Scores:
     """LLM-Pruner's param_mix: sum |w * g_mean - w^2 * mean(g^2) / 2| over each unit's weights."""
     scores: Scores = {}
-    for key, _, weight, axis, n_units in _members(model, shapes, layers):
+    for _, weight, axis, [(key, n_units)] in _members(model, shapes, layers):
         w = weight.detach().float()
         g_mean, g2_mean = hooks.grad_sum.pop(id(weight)) / n, hooks.grad_sq.pop(id(weight)) / n
         salience = (w * g_mean - 0.5 * w * w * g2_mean).abs()
@@ -127,17 +135,19 @@ def collect_taylor(
     layers: list[int],
     with_param_mix: bool = False,
     progress: bool = True,
+    heads: bool = False,
 ) -> TaylorStats:
-    """Forward + backward each calibration sample [D, T] and gather per-unit Taylor sums."""
+    """Forward + backward each calibration sample [D, T] and gather per-unit Taylor sums
+    (per query head too when `heads`)."""
     device = next(model.parameters()).device
     hooks = _TaylorHooks(samples.shape[0], with_param_mix)
-    members = list(_members(model, shapes, layers))
+    members = list(_members(model, shapes, layers, heads))
     handles = []
     losses = []
-    with _only_grads_for(model, [m[2] for m in members]):
+    with _only_grads_for(model, [m[1] for m in members]):
         try:
-            for key, name, weight, axis, n_units in members:
-                handles.append(weight.register_post_accumulate_grad_hook(hooks.make(key, name, axis, n_units)))
+            for name, weight, axis, targets in members:
+                handles.append(weight.register_post_accumulate_grad_hook(hooks.make(name, axis, targets)))
             for d in tqdm(range(samples.shape[0]), desc="importance", disable=not progress):
                 hooks.sample = d
                 ids = samples[d : d + 1].to(device)

@@ -6,6 +6,14 @@ expands KV head j to query heads j*n_rep ... (j+1)*n_rep-1, so query head h belo
 group h // n_rep and a group's q rows (and o_proj columns) are one contiguous block.
 With MHA (n_rep = 1) a unit is one head. An MLP unit is one intermediate channel: a row of
 gate_proj and up_proj and a column of down_proj. The hidden size is never pruned.
+
+Finer and coarser attention units (`PruneSettings.units`):
+- a query head (HEAD): its q_proj rows and o_proj columns. Search removes query heads as
+  slots, one head from every KV group of the layer at once, so every kept group keeps the
+  same number of query heads (llama.cpp needs n_head divisible by n_head_kv): a layer may
+  keep 3 KV groups x 2 query heads;
+- the whole attention module (MODULE): every KV group and the attention norm; the layer
+  keeps its MLP (a `deci` layer with 0 heads; never the reverse, which llama.cpp drops).
 """
 
 from __future__ import annotations
@@ -15,7 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-ATTN, MLP = "attn", "mlp"
+ATTN, MLP, HEAD, MODULE = "attn", "mlp", "head", "module"
+UNIT_CHOICES = ("groups", "heads", "modules")
 
 # Coupled projections of each unit kind: (module path in the decoder layer, axis that holds
 # the unit: "out" = weight rows, "in" = weight columns, which slice of the unit it holds).
@@ -32,8 +41,19 @@ MEMBERS: dict[str, tuple[tuple[str, str, str], ...]] = {
         ("mlp.down_proj", "in", "ch"),
     ),
 }
+# Members of one query head ("qh": head_dim rows of q_proj, head_dim columns of o_proj).
+HEAD_MEMBERS = (("self_attn.q_proj", "out", "qh"), ("self_attn.o_proj", "in", "qh"))
 # The projection whose input columns a unit owns (FLAP / Wanda-sp read their inputs).
 OUTPUT_PROJ = {ATTN: "self_attn.o_proj", MLP: "mlp.down_proj"}
+
+
+def kind_members(kind: str) -> tuple[tuple[str, str, str], ...]:
+    """The coupled projections of a unit kind (ATTN, MLP or HEAD)."""
+    return HEAD_MEMBERS if kind == HEAD else MEMBERS[kind]
+
+
+def output_proj(kind: str) -> str:
+    return OUTPUT_PROJ.get(kind, OUTPUT_PROJ[ATTN])
 
 
 @dataclass(frozen=True)
@@ -52,11 +72,12 @@ class LayerShape:
         return self.n_heads // self.n_kv
 
     def n_units(self, kind: str) -> int:
-        return self.n_kv if kind == ATTN else self.ffn
+        return {ATTN: self.n_kv, MLP: self.ffn, HEAD: self.n_heads}[kind]
 
     def unit_width(self, part: str) -> int:
-        """Rows/columns one unit owns in a member holding `part` ("q", "kv" or "ch")."""
-        return {"q": self.n_rep * self.head_dim, "kv": self.head_dim, "ch": 1}[part]
+        """Rows/columns one unit owns in a member holding `part` ("q": a KV group's query
+        heads, "kv", "qh": one query head, "ch")."""
+        return {"q": self.n_rep * self.head_dim, "kv": self.head_dim, "qh": self.head_dim, "ch": 1}[part]
 
 
 def submodule(layer: nn.Module, path: str) -> nn.Linear:
@@ -74,13 +95,14 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 def layer_shape(layer: nn.Module, index: int, head_dim: int) -> LayerShape:
     attn, mlp = layer.self_attn, layer.mlp
+    free = not hasattr(attn, "q_proj")  # an attention-free layer of a pruned model
     return LayerShape(
         layer=index,
-        n_heads=attn.q_proj.weight.shape[0] // head_dim,
-        n_kv=attn.k_proj.weight.shape[0] // head_dim,
+        n_heads=0 if free else attn.q_proj.weight.shape[0] // head_dim,
+        n_kv=0 if free else attn.k_proj.weight.shape[0] // head_dim,
         head_dim=head_dim,
         ffn=mlp.gate_proj.weight.shape[0],
-        hidden=attn.q_proj.weight.shape[1],
+        hidden=mlp.gate_proj.weight.shape[1],
     )
 
 
@@ -118,15 +140,19 @@ def member_params(member: nn.Linear, axis: str, n_units: int) -> int:
 
 
 def unit_cost(layer: nn.Module, shape: LayerShape, kind: str) -> int:
-    """Parameters removed with one unit of `kind` from this layer, counted from real shapes."""
+    """Parameters removed with one unit of `kind` from this layer, counted from real shapes
+    (MODULE: what goes beyond the KV groups with the whole attention, its norm)."""
+    if kind == MODULE:
+        return sum(p.numel() for p in layer.input_layernorm.parameters())
     n = shape.n_units(kind)
-    return sum(member_params(submodule(layer, path), axis, n) for path, axis, _ in MEMBERS[kind])
+    return sum(member_params(submodule(layer, path), axis, n) for path, axis, _ in kind_members(kind))
 
 
 def unit_costs(model: nn.Module, shapes: list[LayerShape], layers: list[int]) -> dict[tuple[int, str], int]:
-    """Parameters one unit of each kind removes, per prunable layer."""
+    """Parameters one unit of each kind removes, per prunable layer (ATTN and MLP units, one
+    query head, and the attention module's own extra parameters)."""
     blocks = decoder_layers(model)
-    return {(i, kind): unit_cost(blocks[i], shapes[i], kind) for i in layers for kind in (ATTN, MLP)}
+    return {(i, kind): unit_cost(blocks[i], shapes[i], kind) for i in layers for kind in (ATTN, MLP, HEAD, MODULE)}
 
 
 def total_params(model: nn.Module) -> int:

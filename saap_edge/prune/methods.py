@@ -22,22 +22,43 @@ from torch import nn
 from saap_edge.config import METHODS, PruneSettings
 from saap_edge.prune import importance as imp
 from saap_edge.prune.estimate import collect_inputs, collect_taylor
-from saap_edge.prune.groups import MEMBERS, OUTPUT_PROJ, LayerShape, decoder_layers, submodule, unit_costs, unit_reduce
+from saap_edge.prune.groups import (
+    ATTN,
+    HEAD,
+    MEMBERS,
+    MLP,
+    LayerShape,
+    decoder_layers,
+    kind_members,
+    output_proj,
+    submodule,
+    unit_costs,
+    unit_reduce,
+)
 from saap_edge.prune.importance import Scores
 
 class Statistics:
     """Calibration statistics of one model and sample set, collected once on first use, so
     that methods (and benchmark variants) sharing a statistic share its cost."""
 
-    def __init__(self, model: nn.Module, samples, shapes: list[LayerShape], layers: list[int], progress: bool = True):
+    def __init__(self, model: nn.Module, samples, shapes: list[LayerShape], layers: list[int], progress: bool = True,
+                 heads: bool = False):
         self.model, self.samples, self.shapes, self.layers, self.progress = model, samples, shapes, layers, progress
+        self.heads = heads  # score query heads (HEAD units) too
+        self.kinds = (ATTN, MLP, HEAD) if heads else (ATTN, MLP)
         self.costs = unit_costs(model, shapes, layers)
         self._taylor = None
         self._inputs = None
 
+    def want_heads(self) -> None:
+        """Score query heads from now on (statistics collected without them are collected again)."""
+        self.heads, self.kinds = True, (ATTN, MLP, HEAD)
+
     def taylor(self, with_param_mix: bool = False):
-        if self._taylor is None or (with_param_mix and not self._taylor.param_mix):
-            self._taylor = collect_taylor(self.model, self.samples, self.shapes, self.layers, with_param_mix, self.progress)
+        missing_heads = self.heads and self._taylor is not None and not any(k[1] == HEAD for k in self._taylor.vector)
+        if self._taylor is None or (with_param_mix and not self._taylor.param_mix) or missing_heads:
+            self._taylor = collect_taylor(self.model, self.samples, self.shapes, self.layers, with_param_mix,
+                                          self.progress, self.heads)
         return self._taylor
 
     def inputs(self):
@@ -54,14 +75,14 @@ class Ranking:
     cap: float = 1.0  # global allocation: most of a layer's units (per kind) one plan may remove
 
 
-def weight_norm2(model: nn.Module, shapes: list[LayerShape], layers: list[int], extent: str) -> Scores:
+def weight_norm2(model: nn.Module, shapes: list[LayerShape], layers: list[int], extent: str, kinds=tuple(MEMBERS)) -> Scores:
     """||W_unit||^2 per unit: over every coupled weight ("group") or the output projection's
     columns only ("out", FLAP's choice)."""
     blocks = decoder_layers(model)
     out: Scores = {}
     for i in layers:
-        for kind, members in MEMBERS.items():
-            paths = [m for m in members if extent == "group" or m[0] == OUTPUT_PROJ[kind]]
+        for kind in kinds:
+            paths = [m for m in kind_members(kind) if extent == "group" or m[0] == output_proj(kind)]
             total = 0
             for path, axis, _ in paths:
                 w = submodule(blocks[i], path).weight.detach().double()
@@ -78,7 +99,7 @@ def rank_saap(st: Statistics, s: PruneSettings) -> Ranking:
     stats = st.taylor()
     iv = {k: v.abs() for k, v in stats.vector.items()}
     fused = imp.fuse(iv, stats.element, s.fusion, s.fusion_scope, log_term=False)
-    norms = weight_norm2(st.model, st.shapes, st.layers, s.weight_norm) if s.indicator == "fluctuation" else {}
+    norms = weight_norm2(st.model, st.shapes, st.layers, s.weight_norm, st.kinds) if s.indicator == "fluctuation" else {}
     raw = {k: imp.indicator(v, norms.get(k), s.indicator) / st.costs[k] ** s.cost_exponent for k, v in fused.items()}
     z = imp.standardize(raw, s.fusion_scope)
     flip = s.indicator == "fluctuation" and s.direction == "high"
@@ -101,9 +122,9 @@ def _output_columns(st: Statistics, feature) -> Scores:
     blocks, shapes, inputs = decoder_layers(st.model), st.shapes, st.inputs()
     out: Scores = {}
     for i in st.layers:
-        for kind, path in OUTPUT_PROJ.items():
-            w = submodule(blocks[i], path).weight.detach().double().cpu()
-            per_column = feature(w, *inputs[(i, kind)])
+        for kind in st.kinds:
+            w = submodule(blocks[i], output_proj(kind)).weight.detach().double().cpu()
+            per_column = feature(w, *inputs[(i, kind if kind != HEAD else ATTN)])
             out[(i, kind)] = per_column.reshape(shapes[i].n_units(kind), -1).sum(1)
     return out
 

@@ -7,8 +7,8 @@ from torch import nn
 from transformers.modeling_utils import no_init_weights
 
 from saap_edge.models.slim import SlimLlamaConfig, SlimLlamaForCausalLM
-from saap_edge.prune.groups import MEMBERS, decoder_layers, discover, member_index, submodule
-from saap_edge.prune.plan import PrunePlan
+from saap_edge.prune.groups import ATTN, MEMBERS, OUTPUT_PROJ, LayerShape, decoder_layers, discover, member_index, submodule
+from saap_edge.prune.plan import LayerPlan, PrunePlan
 
 
 def slim_config(config, plan: PrunePlan) -> SlimLlamaConfig:
@@ -25,31 +25,47 @@ def slim_config(config, plan: PrunePlan) -> SlimLlamaConfig:
     return SlimLlamaConfig(**fields)
 
 
-def _kept_units(plan: PrunePlan, layer: int, kind: str) -> torch.Tensor:
-    lp = plan.layers[layer]
-    return torch.tensor(lp.kv_groups if kind == "attn" else lp.channels, dtype=torch.long)
+def kept_index(lp: LayerPlan, shape: LayerShape, part: str) -> torch.Tensor:
+    """Rows (or columns) a layer plan keeps in a member holding `part`: query-head rows of
+    q_proj and columns of o_proj ("q") follow the kept heads, k/v rows ("kv") the kept
+    groups, MLP lines ("ch") the kept channels."""
+    if part == "q":
+        return member_index(torch.tensor(lp.query_heads, dtype=torch.long), shape, "qh")
+    units = lp.kv_groups if part == "kv" else lp.channels
+    return member_index(torch.tensor(units, dtype=torch.long), shape, part)
 
 
 def sliced_state_dict(model: nn.Module, plan: PrunePlan) -> dict[str, torch.Tensor]:
-    """The model's state dict with the dropped rows / columns removed (keys unchanged)."""
+    """The model's state dict with the dropped rows / columns removed (keys unchanged); an
+    attention-free layer loses its attention projections and attention norm."""
     state = {k: v for k, v in model.state_dict().items()}
     prefix = "model.layers" if hasattr(model, "model") else "layers"
     for i, shape in enumerate(discover(model)):
+        lp = plan.layers[i]
         for kind, members in MEMBERS.items():
-            units = _kept_units(plan, i, kind)
             for path, axis, part in members:
                 key = f"{prefix}.{i}.{path}"
-                state[f"{key}.weight"] = member_slice(state[f"{key}.weight"], axis, units, shape, part).contiguous()
+                if kind == ATTN and lp.attention_free:
+                    state.pop(f"{key}.weight", None)
+                    state.pop(f"{key}.bias", None)
+                    continue
+                index = kept_index(lp, shape, part)
+                state[f"{key}.weight"] = _take(state[f"{key}.weight"], axis, index).contiguous()
                 if f"{key}.bias" in state and axis == "out":
-                    state[f"{key}.bias"] = member_slice(state[f"{key}.bias"], axis, units, shape, part).contiguous()
+                    state[f"{key}.bias"] = _take(state[f"{key}.bias"], axis, index).contiguous()
+        if lp.attention_free:
+            state.pop(f"{prefix}.{i}.input_layernorm.weight", None)
     return state
+
+
+def _take(tensor: torch.Tensor, axis: str, index: torch.Tensor) -> torch.Tensor:
+    return tensor.index_select(0 if axis == "out" else 1, index.to(tensor.device))
 
 
 def member_slice(tensor: torch.Tensor, axis: str, units: torch.Tensor, shape, part: str) -> torch.Tensor:
     """The rows (axis "out": weight rows or bias entries) or columns ("in") of a member's
     weight that the given units own."""
-    index = member_index(units, shape, part).to(tensor.device)
-    return tensor.index_select(0 if axis == "out" else 1, index)
+    return _take(tensor, axis, member_index(units, shape, part))
 
 
 def apply_plan(model: nn.Module, plan: PrunePlan) -> SlimLlamaForCausalLM:
@@ -73,15 +89,18 @@ def apply_plan(model: nn.Module, plan: PrunePlan) -> SlimLlamaForCausalLM:
 
 
 def mask_units(model: nn.Module, plan: PrunePlan) -> None:
-    """Zero, in place, the output-side weights of every dropped unit (o_proj / down_proj columns).
+    """Zero, in place, the output-side weights of every dropped unit (o_proj columns of every
+    dropped query head, down_proj columns of every dropped channel).
 
     A dropped unit then contributes nothing to the residual stream, which is what slicing does
-    physically; tests compare the two.
+    physically (an attention-free layer too: all of its o_proj columns are zero); tests
+    compare the two.
     """
     for i, (layer, shape) in enumerate(zip(decoder_layers(model), discover(model))):
-        for kind, (path, part) in {"attn": ("self_attn.o_proj", "q"), "mlp": ("mlp.down_proj", "ch")}.items():
-            kept = set(_kept_units(plan, i, kind).tolist())
-            dropped = torch.tensor([u for u in range(shape.n_units(kind)) if u not in kept], dtype=torch.long)
-            if len(dropped):
-                with torch.no_grad():
-                    submodule(layer, path).weight[:, member_index(dropped, shape, part)] = 0
+        lp = plan.layers[i]
+        for kind, part in ((ATTN, "q"), ("mlp", "ch")):
+            weight = submodule(layer, OUTPUT_PROJ[kind]).weight
+            keep = torch.zeros(weight.shape[1], dtype=torch.bool)
+            keep[kept_index(lp, shape, part)] = True
+            with torch.no_grad():
+                weight[:, ~keep.to(weight.device)] = 0
