@@ -7,6 +7,9 @@ Rows
              applied to every method so the comparison stays fair
   ablations  SAAP with the reconstruction variants: target prefix vs dense, selection global
              vs local, refit samples, damping
+  units      SAAP with finer and coarser attention units (query-head slots, whole attention
+             modules; --units), with the default reconstruction: first on the ablation
+             windows, then the full test sets
 
 Protocol: one model load (float32, CPU); one calibration draw for importance (--calib-samples
 x 128 tokens of books, seed 0) whose statistics are collected once and shared by the methods
@@ -63,6 +66,16 @@ ABLATIONS = [
     ("samples 256", {"samples": 256}),
     ("damp 0.001", {"damp": 0.001}),
 ]
+# SAAP with other attention units: (label, PruneSettings overrides). Per-kind standardisation
+# ("fusion_scope": "global") is tried with them because under the default one scale for all
+# units a query head, a small unit, competes with KV groups and channels by raw Taylor sums.
+UNIT_VARIANTS = [
+    ("units groups,heads", {"units": "groups,heads"}),
+    ("units groups,modules", {"units": "groups,modules"}),
+    ("units groups,heads,modules", {"units": "groups,heads,modules"}),
+    ("units groups,heads,modules, scope per kind", {"units": "groups,heads,modules", "fusion_scope": "global"}),
+    ("scope per kind", {"fusion_scope": "global"}),
+]
 TARGETS = {0.2: 110.0, 0.5: 600.0}  # WikiText-2, full test set, no recovery training
 
 
@@ -79,6 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--only", nargs="*", default=None, help="run only rows whose key starts with one of these (e.g. main-0.20)")
     p.add_argument("--no-ablations", action="store_true")
+    p.add_argument("--units-main", nargs="*", default=[], help="UNIT_VARIANTS labels to measure on the full test sets too")
     p.add_argument("--cached-only", action="store_true", help="write the results from the rows cached under --work; run nothing")
     p.add_argument("--work", type=Path, default=Path("benchmarks/work/prune_quality"))
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
@@ -147,8 +161,10 @@ class Bench:
                                                              "reconstruct": "none", **self.ppl(self.model, self.a.limit)})
 
     def pruned_row(self, table: str, label: str, s: PruneSettings, reads: str | None, r: ReconstructSettings) -> dict | None:
-        limit = self.a.ablation_limit if table == "ablation" else self.a.limit
-        digest = hashlib.sha256(json.dumps([s.to_dict(), r.to_dict(), self.calib_hash, limit], sort_keys=True).encode())
+        limit = self.a.ablation_limit if table in ("ablation", "units") else self.a.limit
+        # a setting added later keeps the rows measured before it cached while it has its default
+        keyed = {k: v for k, v in s.to_dict().items() if not (k == "units" and v == "groups")}
+        digest = hashlib.sha256(json.dumps([keyed, r.to_dict(), self.calib_hash, limit], sort_keys=True).encode())
         key = f"{table}-{s.ratio:.2f}-{label.split(' ')[0]}-{r.method}-{digest.hexdigest()[:10]}"
 
         def make() -> dict:
@@ -168,6 +184,7 @@ class Bench:
                 row.update(reconstruct_s=info["time_s"], reconstruct_peak_rss_mib=info["peak_rss_mib"],
                            rel_err=_mean_errors(info["layers"]))
             row.update(kept_heads=[lp.kept_heads for lp in result.plan.layers],
+                       kept_kv=[len(lp.kv_groups) for lp in result.plan.layers],
                        kept_mlp=[len(lp.channels) for lp in result.plan.layers], **self.ppl(result.model, limit))
             return row
 
@@ -203,6 +220,13 @@ def run(a: argparse.Namespace) -> dict:
             s = PruneSettings(ratio=ratio, seed=a.seed, calib=a.calib, calib_samples=a.calib_samples).validate()
             for label, overrides in [("default", {})] + ABLATIONS:
                 b.pruned_row("ablation", f"saap + lsq, {label}", s, "taylor", replace(default, **overrides).validate())
+    if not a.no_ablations:  # attention units, on the ablation windows (the default row above is their reference)
+        for ratio in a.ratios:
+            for label, overrides in UNIT_VARIANTS:
+                s = PruneSettings(ratio=ratio, seed=a.seed, calib=a.calib, calib_samples=a.calib_samples, **overrides).validate()
+                b.pruned_row("units", f"saap + lsq, {label}", s, "taylor", default)
+    chosen = [(f"saap, {label}", overrides, "taylor") for label, overrides in UNIT_VARIANTS if label in a.units_main]
+    main_rows(chosen, (default,))
     # the baselines with the same reconstruction first (the fair comparison), then without it
     main_rows(METHODS[1:], (default,))
     main_rows(METHODS[1:], (none,))
@@ -287,7 +311,28 @@ def markdown(data: dict) -> str:
                 "with each other, not with the table above. Relative output error of the refit projections on the calibration "
                 "tokens, mean over the layers that lost units: ||W_K' x_K - W z||^2 / ||W z||^2.", "",
                 format_table(head, body), ""]
+    units = [r for r in rows if r["table"] == "units"] + [r for r in abl if r["label"].endswith(", default")]
+    if any(r["table"] == "units" for r in units):
+        out += _units_table(units, datasets)
     return "\n".join(out)
+
+
+def _units_table(rows: list[dict], datasets: list[str]) -> list[str]:
+    """SAAP with other attention units: what each keeps of attention and MLP, and its perplexity."""
+    head = ["ratio", "variant"] + datasets + ["query heads kept", "KV groups kept", "attention-free layers", "MLP channels kept",
+                                              "reconstruct s"]
+    body = []
+    for r in sorted(rows, key=lambda r: (r["ratio"], r["table"] != "ablation")):
+        free = sum(1 for h in r["kept_heads"] if h == 0)
+        kv = sum(r["kept_kv"]) if "kept_kv" in r else "-"
+        body.append([f"{r['ratio']:.0%}", r["label"].replace("saap + lsq, ", "")] + [r["ppl"][d] for d in datasets]
+                    + [sum(r["kept_heads"]), kv, free, sum(r["kept_mlp"]), r.get("reconstruct_s")])
+    n = ", ".join(f"{d} {k}" for d, k in rows[0]["windows"].items())
+    return ["## Attention units (SAAP + the default reconstruction)", "",
+            f"Perplexity on the first windows only ({n}), comparable with the variants table above. `heads`: query-head "
+            "slots (one head of every KV group of a layer at once) may leave; `modules`: a layer's whole attention may "
+            "leave (its MLP stays); `scope per kind`: importance fused and standardised per unit kind instead of over all "
+            "units. Totals over the 30 layers.", "", format_table(head, body), ""]
 
 
 def _targets(main: list[dict], ds: str) -> list[str]:

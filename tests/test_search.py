@@ -171,3 +171,17 @@ def test_methods_rank_query_heads_from_calibration(method):
     assert any(lp.heads is not None for lp in result.plan.layers)
     assert result.plan.settings["units"] == "groups,heads,modules"
     assert result.model(samples).logits.isfinite().all()
+
+
+def test_shared_statistics_with_heads_leave_group_rankings_unchanged():
+    from saap_edge.prune import statistics
+
+    model = tiny_llama(n_heads=8, n_kv=2, layers=6, ffn=256)
+    samples = torch.randint(0, 512, (4, 16), generator=torch.Generator().manual_seed(0))
+    groups = PruneSettings(ratio=0.3, keep_first=1, keep_last=1).validate()
+    heads = PruneSettings(ratio=0.3, keep_first=1, keep_last=1, units="groups,heads", fusion_scope="global").validate()
+    stats = statistics(model, samples, groups, progress=False)
+    before = prune(model, samples, groups, progress=False, stats=stats).plan
+    prune(model, samples, heads, progress=False, stats=stats)  # collects the per-head statistics too
+    assert stats.heads
+    assert prune(model, samples, groups, progress=False, stats=stats).plan.layers == before.layers

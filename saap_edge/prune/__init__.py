@@ -60,12 +60,10 @@ def prune(
     """Rank units with `s.method` on the calibration samples [D, T], search, slice.
     `stats` lets several calls on the same model and samples share one estimation."""
     stats = stats or statistics(model, samples, s, progress)
-    if "heads" in s.unit_set:
-        stats.want_heads()
+    stats.use_heads("heads" in s.unit_set)
     ranking = RANKERS[s.method](stats, s)
     before = total_params(model)
-    keep = ranking.keep if "heads" in s.unit_set else {k: v for k, v in ranking.keep.items() if k[1] != HEAD}
-    plan = search(keep, stats.shapes, stats.costs, before, s.ratio, ranking.allocation, s.align, ranking.cap,
+    plan = search(ranking.keep, stats.shapes, stats.costs, before, s.ratio, ranking.allocation, s.align, ranking.cap,
                   modules="modules" in s.unit_set)
     slim = apply_plan(model, plan)
     after = total_params(slim)

@@ -50,13 +50,20 @@ class Statistics:
         self._taylor = None
         self._inputs = None
 
-    def want_heads(self) -> None:
-        """Score query heads from now on (statistics collected without them are collected again)."""
-        self.heads, self.kinds = True, (ATTN, MLP, HEAD)
+    def use_heads(self, heads: bool) -> None:
+        """Whether the next rankings score query heads (HEAD units). Statistics collected without
+        them are collected again when they are wanted; rankings without them never see them."""
+        self.heads = self.heads or heads
+        self.kinds = (ATTN, MLP, HEAD) if heads else (ATTN, MLP)
+
+    def only_kinds(self, scores: Scores) -> Scores:
+        """`scores` restricted to the unit kinds the ranking uses."""
+        return {k: v for k, v in scores.items() if k[1] in self.kinds}
 
     def taylor(self, with_param_mix: bool = False):
         missing_heads = self.heads and self._taylor is not None and not any(k[1] == HEAD for k in self._taylor.vector)
         if self._taylor is None or (with_param_mix and not self._taylor.param_mix) or missing_heads:
+            with_param_mix = with_param_mix or bool(self._taylor and self._taylor.param_mix)
             self._taylor = collect_taylor(self.model, self.samples, self.shapes, self.layers, with_param_mix,
                                           self.progress, self.heads)
         return self._taylor
@@ -97,8 +104,8 @@ def rank_saap(st: Statistics, s: PruneSettings) -> Ranking:
     (eq. 11) within the scope. Keep-score: higher keeps, except that `direction` high prunes
     the most volatile units first under the fluctuation indicator (the paper's wording)."""
     stats = st.taylor()
-    iv = {k: v.abs() for k, v in stats.vector.items()}
-    fused = imp.fuse(iv, stats.element, s.fusion, s.fusion_scope, log_term=False)
+    iv = {k: v.abs() for k, v in st.only_kinds(stats.vector).items()}
+    fused = imp.fuse(iv, st.only_kinds(stats.element), s.fusion, s.fusion_scope, log_term=False)
     norms = weight_norm2(st.model, st.shapes, st.layers, s.weight_norm, st.kinds) if s.indicator == "fluctuation" else {}
     raw = {k: imp.indicator(v, norms.get(k), s.indicator) / st.costs[k] ** s.cost_exponent for k, v in fused.items()}
     z = imp.standardize(raw, s.fusion_scope)
@@ -113,7 +120,7 @@ def rank_llm_pruner(st: Statistics, s: PruneSettings) -> Ranking:
     if mix:
         keep = stats.param_mix
     else:  # |sum over the group of w * mean-gradient| = |mean over samples of the signed sums|
-        keep = {k: v.double().mean(0).abs() for k, v in stats.vector.items()}
+        keep = {k: v.double().mean(0).abs() for k, v in st.only_kinds(stats.vector).items()}
     return Ranking(keep, "uniform", {"calib_loss": sum(stats.losses) / len(stats.losses)})
 
 
