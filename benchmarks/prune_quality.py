@@ -52,6 +52,7 @@ from saap_edge.report import format_table  # noqa: E402
 # (label, settings overrides, statistic it reads)
 METHODS = [
     ("saap (default)", {"method": "saap"}, "taylor"),
+    ("saap --units groups", {"method": "saap", "units": "groups"}, "taylor"),  # the default before query-head units
     ("llm-pruner (param_mix)", {"method": "llm-pruner", "taylor": "param_mix"}, "taylor"),
     ("flap", {"method": "flap"}, "inputs"),
     ("wanda-sp", {"method": "wanda-sp"}, "inputs"),
@@ -69,12 +70,12 @@ ABLATIONS = [
 # SAAP with other attention units: (label, PruneSettings overrides). Per-kind standardisation
 # ("fusion_scope": "global") is tried with them because under the default one scale for all
 # units a query head, a small unit, competes with KV groups and channels by raw Taylor sums.
-UNIT_VARIANTS = [
+UNIT_VARIANTS = [  # (the reference, --units groups, is the ablations' default row)
     ("units groups,heads", {"units": "groups,heads"}),
     ("units groups,modules", {"units": "groups,modules"}),
     ("units groups,heads,modules", {"units": "groups,heads,modules"}),
     ("units groups,heads,modules, scope per kind", {"units": "groups,heads,modules", "fusion_scope": "global"}),
-    ("scope per kind", {"fusion_scope": "global"}),
+    ("scope per kind", {"fusion_scope": "global", "units": "groups"}),
 ]
 TARGETS = {0.2: 110.0, 0.5: 600.0}  # WikiText-2, full test set, no recovery training
 
@@ -137,7 +138,7 @@ class Bench:
                                                                 self.a.data_dir)[0]
         return self.recon_samples[r.samples]
 
-    def cached(self, key: str, make, what: str = "") -> dict | None:
+    def cached(self, key: str, make, what: str = "", label: str | None = None) -> dict | None:
         if self.a.only and not key.startswith(tuple(self.a.only)):
             return None
         path = self.a.work / "rows" / f"{key}.json"
@@ -146,6 +147,7 @@ class Bench:
             return None
         if path.exists():
             row = json.loads(path.read_text())
+            row["label"] = label or row["label"]  # the same settings may have been measured under an older name
         else:
             row = {"key": key, **make()}
             tmp = path.with_name(path.name + ".tmp")
@@ -188,7 +190,7 @@ class Bench:
                        kept_mlp=[len(lp.channels) for lp in result.plan.layers], **self.ppl(result.model, limit))
             return row
 
-        return self.cached(key, make, f"{s.ratio:.0%} {label}, reconstruct {r.method}")
+        return self.cached(key, make, f"{s.ratio:.0%} {label}, reconstruct {r.method}", label)
 
 
 def _mean_errors(layers: list[dict]) -> dict:
@@ -214,10 +216,10 @@ def run(a: argparse.Namespace) -> dict:
                 for r in recons:
                     b.pruned_row("main", label, s, reads, r)
 
-    main_rows(METHODS[:1], (default, none))
-    if not a.no_ablations:  # the default and its variants on the first --ablation-limit windows
+    main_rows(METHODS[:2], (default, none))
+    if not a.no_ablations:  # reconstruction variants on the first --ablation-limit windows, measured with --units groups
         for ratio in a.ratios:
-            s = PruneSettings(ratio=ratio, seed=a.seed, calib=a.calib, calib_samples=a.calib_samples).validate()
+            s = PruneSettings(ratio=ratio, seed=a.seed, calib=a.calib, calib_samples=a.calib_samples, units="groups").validate()
             for label, overrides in [("default", {})] + ABLATIONS:
                 b.pruned_row("ablation", f"saap + lsq, {label}", s, "taylor", replace(default, **overrides).validate())
     if not a.no_ablations:  # attention units, on the ablation windows (the default row above is their reference)
@@ -228,8 +230,8 @@ def run(a: argparse.Namespace) -> dict:
     chosen = [(f"saap, {label}", overrides, "taylor") for label, overrides in UNIT_VARIANTS if label in a.units_main]
     main_rows(chosen, (default,))
     # the baselines with the same reconstruction first (the fair comparison), then without it
-    main_rows(METHODS[1:], (default,))
-    main_rows(METHODS[1:], (none,))
+    main_rows(METHODS[2:], (default,))
+    main_rows(METHODS[2:], (none,))
     return {
         "benchmark": "prune_quality",
         "model": b.loaded.source,
@@ -307,7 +309,7 @@ def markdown(data: dict) -> str:
                     (r.get("rel_err", {}).get("attn"), r.get("rel_err", {}).get("mlp"))]
             body.append([f"{r['ratio']:.0%}", name] + [r["ppl"][d] for d in datasets] + [r.get("reconstruct_s")] + errs)
         n_abl = ", ".join(f"{d} {n}" for d, n in abl[0]["windows"].items())
-        out += ["## Reconstruction variants (SAAP)", "", f"Perplexity on the first windows only ({n_abl}), so these rows compare "
+        out += ["## Reconstruction variants (SAAP, --units groups)", "", f"Perplexity on the first windows only ({n_abl}), so these rows compare "
                 "with each other, not with the table above. Relative output error of the refit projections on the calibration "
                 "tokens, mean over the layers that lost units: ||W_K' x_K - W z||^2 / ||W z||^2.", "",
                 format_table(head, body), ""]
@@ -325,7 +327,8 @@ def _units_table(rows: list[dict], datasets: list[str]) -> list[str]:
     for r in sorted(rows, key=lambda r: (r["ratio"], r["table"] != "ablation")):
         free = sum(1 for h in r["kept_heads"] if h == 0)
         kv = sum(r["kept_kv"]) if "kept_kv" in r else "-"
-        body.append([f"{r['ratio']:.0%}", r["label"].replace("saap + lsq, ", "")] + [r["ppl"][d] for d in datasets]
+        name = "units groups (the ablations' default row)" if r["table"] == "ablation" else r["label"].replace("saap + lsq, ", "")
+        body.append([f"{r['ratio']:.0%}", name] + [r["ppl"][d] for d in datasets]
                     + [sum(r["kept_heads"]), kv, free, sum(r["kept_mlp"]), r.get("reconstruct_s")])
     n = ", ".join(f"{d} {k}" for d, k in rows[0]["windows"].items())
     return ["## Attention units (SAAP + the default reconstruction)", "",

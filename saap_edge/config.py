@@ -29,6 +29,9 @@ SCOPES = ("all", "global", "layer")
 INDICATORS = ("fluctuation", "bound", "none")
 UNIT_CHOICES = ("groups", "heads", "modules")  # attention units; see prune/groups.py
 GLOBAL_METHODS = ("saap", "flap")  # the methods whose one global ranking can weigh heads and modules
+# --units auto: what benchmarks/prune_quality.py measured best per method (query-head slots
+# helped SAAP at 50% and cost nothing at 20%; the others keep their papers' units)
+DEFAULT_UNITS = {"saap": "groups,heads"}
 
 
 @dataclass
@@ -52,12 +55,13 @@ class PruneSettings(Settings):
     cost_exponent: float = 0.0  # rank by score / (unit parameter cost) ** this
     layer_cap: float = 0.8  # saap: no layer loses more than this share of its KV groups / channels
     taylor: str = "param_mix"  # llm-pruner: vectorize | param_mix
-    units: str = "groups"  # attention units, comma list: groups (KV groups), heads (query-head slots), modules (whole attention)
+    units: str = "auto"  # attention units, comma list: groups (KV groups), heads (query-head slots), modules (whole attention); auto: DEFAULT_UNITS
     version: int = SETTINGS_VERSION
 
     @property
     def unit_set(self) -> set[str]:
-        return {u.strip() for u in self.units.split(",") if u.strip()}
+        units = DEFAULT_UNITS.get(self.method, "groups") if self.units == "auto" else self.units
+        return {u.strip() for u in units.split(",") if u.strip()}
 
     def validate(self) -> "PruneSettings":
         choices = {
@@ -84,6 +88,8 @@ class PruneSettings(Settings):
             raise UserError(f"--layer-cap {self.layer_cap} must be in (0, 1]")
         if self.align < 1:
             raise UserError("--align must be >= 1 (32 keeps int4 groups and GGUF blocks whole)")
+        if self.units == "auto":
+            self.units = DEFAULT_UNITS.get(self.method, "groups")
         units = self.unit_set
         if "groups" not in units or units - set(UNIT_CHOICES):
             raise UserError(f"--units {self.units!r} must be a comma list of {', '.join(UNIT_CHOICES)} that includes groups, "

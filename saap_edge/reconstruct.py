@@ -283,7 +283,8 @@ class _Stage:
         if kind == ATTN and lp.attention_free:  # the whole module left (or never was): nothing to refit
             if not shape.n_kv:
                 return inputs, dense_inputs
-            entry[kind] = {"removed_units": shape.n_kv, "module": True}
+            # the block's whole output is gone: relative error 1 before and after (no refit)
+            entry[kind] = {"removed_units": shape.n_kv, "module": True, "rel_err_sliced": 1.0, "rel_err_refit": 1.0}
             dense_next = None
             if dense_inputs is not None:
                 _, dense_out = self._dense_pass(dl, kind, inputs, None, dense_inputs)

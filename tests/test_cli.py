@@ -98,7 +98,8 @@ def test_compress_report_plan_config_and_weights_agree(compressed):
 
     layers = plan["layers"]
     assert len(layers) == config["num_hidden_layers"] == LAYERS
-    heads = [len(lp["kv_groups"]) * lp["n_heads"] // lp["n_kv"] for lp in layers]
+    assert report["settings"]["units"] == "groups,heads"  # auto, resolved and recorded
+    heads = [len(lp["kv_groups"]) * lp["n_heads"] // lp["n_kv"] if lp["heads"] is None else len(lp["heads"]) for lp in layers]
     assert heads == config["num_attention_heads_per_layer"]
     assert [len(lp["kv_groups"]) for lp in layers] == config["num_key_value_heads_per_layer"]
     assert [len(lp["channels"]) for lp in layers] == config["intermediate_size_per_layer"]
@@ -194,10 +195,12 @@ def test_bad_input_exits_2_and_writes_nothing(case, tmp_path, tiny_model_dir, da
 
 
 def test_ratio_beyond_the_feasible_max_names_the_max(tmp_path, tiny_model_dir, data_dir, capsys):
-    # each prunable layer (1..4) keeps one KV group and one ALIGN-wide MLP block
+    # each prunable layer (1..4) keeps one KV group with one query head (saap's default units
+    # include query-head slots) and one ALIGN-wide MLP block
     head_dim, per_kv = HIDDEN // N_HEADS, N_HEADS // N_KV
     kv_group = 2 * per_kv * head_dim * HIDDEN + 2 * head_dim * HIDDEN  # q + o rows/cols, k + v rows
-    per_layer = (N_KV - 1) * kv_group + (FFN - ALIGN) * 3 * HIDDEN
+    head = 2 * head_dim * HIDDEN  # q rows + o columns of one query head
+    per_layer = (N_KV - 1) * kv_group + (per_kv - 1) * head + (FFN - ALIGN) * 3 * HIDDEN
     from transformers import AutoModelForCausalLM
 
     total = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters())
