@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from pathlib import Path
 
 from saap_edge.checkpoint import replace_path
 from saap_edge.errors import UserError
+from saap_edge.files import read_json
 
 FORMATS = ("gguf", "onnx")
 GGUF_QUANTS = ("q4_1", "f16", "f32")
@@ -46,7 +46,7 @@ def _provenance(directory: Path | None, model) -> dict:
         return out
     plan = directory / "prune_plan.json"
     if plan.exists():
-        data = json.loads(plan.read_text())
+        data = read_json(plan, "prune plan")
         out.update(method=data.get("method"), ratio=data.get("ratio"),
                    plan_sha256=hashlib.sha256(plan.read_bytes()).hexdigest())
     q = getattr(model.config, "quantization", None)
@@ -54,7 +54,7 @@ def _provenance(directory: Path | None, model) -> dict:
         out.update(int4_scheme=q["scheme"], int4_group_size=q["group_size"])
     report = directory / "report.json"
     if report.exists():
-        rec = json.loads(report.read_text()).get("recovery")
+        rec = read_json(report, "report").get("recovery")
         if rec:
             out["recovery"] = rec["recovery"]
     return out
@@ -66,7 +66,7 @@ def _source_gguf(directory: Path | None, loaded_source: dict) -> Path | None:
         return Path(loaded_source["path"])
     report = directory / "report.json" if directory else None
     if report and report.exists():
-        src = json.loads(report.read_text()).get("model", {})
+        src = read_json(report, "report").get("model", {})
         if src.get("kind") in ("gguf", "alias") and Path(src.get("path", "")).exists():
             return Path(src["path"])
     return None

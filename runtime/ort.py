@@ -73,7 +73,12 @@ class OrtRuntime(Runtime):
         cfg = {}
         for name in ("config.json", "generation_config.json"):
             if (self.folder / name).exists():
-                cfg.update({k: v for k, v in json.loads((self.folder / name).read_text()).items() if v is not None})
+                try:
+                    data = json.loads((self.folder / name).read_bytes().decode("utf-8-sig"))
+                    cfg.update({k: v for k, v in data.items() if v is not None})
+                except (ValueError, AttributeError) as exc:  # not UTF-8, not JSON, not an object
+                    raise RuntimeLoadError(f"{self.folder / name}: cannot be read ({type(exc).__name__}: "
+                                           f"{str(exc).splitlines()[0][:160]}); the file is damaged: export again") from exc
         self.vocab_size = cfg.get("vocab_size")
         self.bos_token_id = cfg.get("bos_token_id")
         eos = cfg.get("eos_token_id")
@@ -82,7 +87,11 @@ class OrtRuntime(Runtime):
         if (self.folder / "tokenizer.json").exists():
             from tokenizers import Tokenizer
 
-            self.tokenizer = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
+            try:
+                self.tokenizer = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
+            except Exception as exc:  # the tokenizers library raises plain Exception
+                raise RuntimeLoadError(f"{self.folder / 'tokenizer.json'}: cannot be read ({str(exc).splitlines()[0][:160]}); "
+                                       "the file is damaged: export again") from exc
 
     def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
         if self.tokenizer is None:

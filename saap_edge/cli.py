@@ -382,6 +382,10 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # our own messages say what matters; keep HF's notices out
+    if args.command in ("compress", "recover"):
+        from saap_edge.seeding import deterministic_cuda
+
+        deterministic_cuda()  # the same command, the same bytes (CPU kernels already are)
     try:
         return COMMANDS[args.command][1](args)
     except UserError as exc:

@@ -6,7 +6,6 @@ training checkpoints, so `--resume` after a crash skips pruning and continues tr
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 from dataclasses import dataclass, field
@@ -18,6 +17,8 @@ from saap_edge import __version__
 from saap_edge.checkpoint import CHART_FILE, PLAN_FILE, REPORT_FILE, atomic_dir, check_output_dir, save_model, write_json
 from saap_edge.config import PruneSettings, ReconstructSettings, RecoverSettings, RunSettings
 from saap_edge.errors import UserError
+from saap_edge.files import read_json
+from saap_edge.seeding import set_seed
 from saap_edge.data import calibration_samples
 from saap_edge.eval.ppl import evaluate_ppl
 from saap_edge.models.load import load_model
@@ -68,6 +69,7 @@ def _prune_stage(job: CompressJob, s: PruneSettings, r: ReconstructSettings) -> 
     """Load, calibrate, prune, reconstruct and score: (slim model, tokenizer, plan, report, device,
     the dense model when recovery distils from it and no other --teacher is given, else None)."""
     t0 = time.perf_counter()
+    set_seed(s.seed)  # torch's generator starts differently in every process
     loaded = load_model(job.model, job.run.device, job.run.dtype)
     model, tokenizer = loaded.model, loaded.tokenizer
     device = next(model.parameters()).device
@@ -149,7 +151,7 @@ def _resume_pruned(pruned_dir: Path, job: CompressJob, s: PruneSettings) -> tupl
         raise UserError(f"--resume: the interrupted run pruned with other settings ({', '.join(diffs)}); "
                         "rerun with its settings or without --resume")
     loaded = load_model(str(pruned_dir), job.run.device, job.run.dtype)
-    report = json.loads((pruned_dir / REPORT_FILE).read_text())
+    report = read_json(pruned_dir / REPORT_FILE, "report")
     return loaded.model, loaded.tokenizer, plan, report, next(loaded.model.parameters()).device, None
 
 
@@ -258,7 +260,7 @@ def recover_dir(job: RecoverJob) -> dict:
     pruned_input = source.is_dir() and (source / PLAN_FILE).exists()
     if pruned_input:
         plan = PrunePlan.load(source / PLAN_FILE)
-        report = json.loads((source / REPORT_FILE).read_text()) if (source / REPORT_FILE).exists() else {}
+        report = read_json(source / REPORT_FILE, "report") if (source / REPORT_FILE).exists() else {}
     else:
         plan = PrunePlan.keep_all(discover(model))
         params = total_params(model)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from saap_edge.errors import UserError
+from saap_edge.files import read_text
 
 DATA_DIR_ENV = "SAAP_EDGE_DATA_DIR"
 CHUNK_CHARS = 200_000  # characters tokenized at a time by calibration_samples
@@ -91,7 +92,7 @@ def _read_rows(files: list[Path], style: str = "plain") -> list[str]:
     """Rows of the given text files, read in order (BOM and CRLF removed)."""
     rows: list[str] = []
     for path in files:
-        rows.extend(_split_lines(path.read_text(encoding="utf-8-sig"), style))
+        rows.extend(_split_lines(read_text(path, "text"), style))
     if not any(row.strip() for row in rows):
         raise UserError(f"no text found in {', '.join(map(str, files))}: the file is empty")
     return rows

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from saap_edge.config import BenchSettings
 from saap_edge.errors import UserError
+from saap_edge.files import read_json
 
 # runtime name -> (worker runtime, export format, export quant, embedding type)
 ARTIFACTS = {
@@ -167,7 +168,7 @@ def default_models(models: list[str], dense: str | None) -> list[BenchModel]:
             raise UserError(f"{m}: no such directory or file to benchmark")
     if dense is None:
         report = Path(models[0]) / "report.json"
-        src = json.loads(report.read_text()).get("model", {}) if report.exists() else {}
+        src = read_json(report, "report").get("model", {}) if report.exists() else {}
         dense = src.get("model") or "smollm2-135m"
     return [BenchModel(DENSE, dense)] + [BenchModel(_label(m), m) for m in models]
 
@@ -175,7 +176,7 @@ def default_models(models: list[str], dense: str | None) -> list[BenchModel]:
 def _label(path: str) -> str:
     p = Path(path)
     plan = p / "prune_plan.json"
-    ratio = json.loads(plan.read_text()).get("ratio") if plan.exists() else None
+    ratio = read_json(plan, "prune plan").get("ratio") if plan.exists() else None
     return f"{p.name} ({ratio:.0%} pruned)" if ratio is not None else p.name
 
 

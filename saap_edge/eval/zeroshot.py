@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 from saap_edge.data import DATA_DIR_ENV, resolve_data_dir
 from saap_edge.errors import UserError
+from saap_edge.files import read_text
 from saap_edge.eval.ppl import _model_device
 
 DEFAULT_MAX_LENGTH = 2048
@@ -95,7 +96,7 @@ def winogrande_item(row: dict, where: str = "item") -> Item:
 
 def _read_jsonl(path: Path, make: Callable[[dict, str], Item]) -> list[Item]:
     items = []
-    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+    for number, line in enumerate(read_text(path, "task file").splitlines(), 1):
         if not line.strip():
             continue
         where = f"{path} line {number}"
@@ -109,7 +110,7 @@ def _read_jsonl(path: Path, make: Callable[[dict, str], Item]) -> list[Item]:
 
 def read_hellaswag(path: Path) -> list[Item]:
     """llama.cpp's HellaSwag text: 6 lines an item (context, gold index 0-3, four endings)."""
-    lines = path.read_text(encoding="utf-8-sig").split("\n")
+    lines = read_text(path, "task file").split("\n")
     if lines and lines[-1] == "":
         lines.pop()
     if len(lines) % 6:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from saap_edge.errors import UserError
+from saap_edge.files import check_model_dir, reading
 
 SUPPORTED_MODEL_TYPES = ("llama", "saap_llama")
 SUPPORTED_TEXT = "LLaMA-block causal LMs (model_type 'llama': LLaMA 1/2/3, Vicuna, SmolLM, TinyLlama...)"
@@ -71,6 +72,7 @@ def resolve_model(name: str) -> tuple[str, Path | str]:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UserError(f"{path} has no config.json: not a Hugging Face model directory")
+        check_model_dir(path)
         return "hf", path
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise UserError(f"model path {name} does not exist; give an HF directory, a .gguf file or {DEFAULT_MODEL}")
@@ -137,9 +139,12 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto") -> LoadedMo
     try:
         tokenizer = AutoTokenizer.from_pretrained(*args, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(*args, dtype=torch_dtype, **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError, AssertionError) as exc:
+    except Exception as exc:  # noqa: BLE001 - the tokenizers library raises plain Exception
+        if kind == "hf" and isinstance(location, Path):  # every file was checked: the content is wrong
+            with reading(location, "model directory (its tokenizer or weights)"):
+                raise
         if kind != "gguf":
-            raise UserError(f"cannot load model {name}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+            raise UserError(f"cannot load model {name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
         # transformers' GGUF loader reads only `llama` files it can map (not `deci`, not
         # llama2.c exports such as stories260K); our reader takes every llama / deci GGUF
         model, tokenizer = _read_gguf(location, torch_dtype)

@@ -111,7 +111,11 @@ class PrunePlan:
 
     @classmethod
     def load(cls, path: str | Path) -> "PrunePlan":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        from saap_edge.files import read_json, reading
+
+        data = read_json(path, "prune plan")
+        with reading(path, "prune plan", "make it again with compress"):
+            return cls.from_dict(data)
 
     def summary_rows(self) -> list[tuple[int, int, int, int, int]]:
         """(layer, heads before, heads after, MLP before, MLP after) for tables and charts."""

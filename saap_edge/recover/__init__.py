@@ -25,6 +25,7 @@ from saap_edge.config import RecoverSettings
 from saap_edge.eval.ppl import window_perplexity
 from saap_edge.models.slim import SlimLlamaForCausalLM
 from saap_edge.quant.int4 import quantize_model
+from saap_edge.seeding import set_seed
 from saap_edge.recover.adapters import attach, lora_config, merge, trainable_parameters
 from saap_edge.recover.data import recovery_windows
 from saap_edge.recover.distill import Teacher, default_cache_dir
@@ -91,6 +92,9 @@ def recover_model(model: nn.Module, tokenizer, s: RecoverSettings, run: RecoverR
     model.requires_grad_(False)
     trainee = model
     if "lora" in s.trained:
+        # the adapters' initial A matrices come from torch's global generator, which torch seeds
+        # differently in every process: seed it, or two runs of one command train differently
+        set_seed(s.seed)
         trainee = attach(model, lora_config(s.recovery, s.rank, s.alpha, s.dropout, info.get("group_size")))
     enable_direct(trainee, s.trained)
     info["trained"] = list(s.trained)

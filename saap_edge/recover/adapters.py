@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+import json
+
 import warnings
 from pathlib import Path
 
@@ -114,14 +116,31 @@ def attach(model: nn.Module, config: LoraConfig) -> PeftModel:
         return get_peft_model(model, config)
 
 
+def save_adapters(peft_model: PeftModel, directory: str | Path) -> None:
+    """peft's adapter files, byte-identical between runs: peft keeps target_modules as a set,
+    whose order (and so adapter_config.json) changes with every process's hash seed."""
+    peft_model.save_pretrained(directory, safe_serialization=True)
+    path = Path(directory) / "adapter_config.json"
+    config = json.loads(path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def load_adapters(model: nn.Module, directory: str | Path, trainable: bool = False) -> PeftModel:
     """Load adapters saved by `save_pretrained` onto `model` (int4 layer re-registered)."""
-    config = LoraConfig.from_pretrained(str(directory))
-    if config.use_qalora:
-        config._register_custom_module({Int4Linear: Int4LoraLinear})
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Unsupported layer type")
-        return PeftModel.from_pretrained(model, str(directory), config=config, is_trainable=trainable)
+    from saap_edge.files import check_safetensors, read_json, reading
+
+    directory = Path(directory)
+    read_json(directory / "adapter_config.json", "adapter config")
+    check_safetensors(directory / "adapter_model.safetensors", "adapter weights")
+    with reading(directory, "peft adapter"):
+        config = LoraConfig.from_pretrained(str(directory))
+        if config.use_qalora:
+            config._register_custom_module({Int4Linear: Int4LoraLinear})
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Unsupported layer type")
+            return PeftModel.from_pretrained(model, str(directory), config=config, is_trainable=trainable)
 
 
 def merge(peft_model: PeftModel) -> nn.Module:

@@ -26,6 +26,7 @@ import torch
 
 from saap_edge.data import DATASETS, load_rows
 from saap_edge.errors import UserError
+from saap_edge.files import read_text
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task{context}. "
@@ -60,7 +61,7 @@ def _alpaca_records(records: list, origin: str) -> list[str]:
 
 
 def _json_documents(path: Path) -> list[str]:
-    text = path.read_text(encoding="utf-8-sig")
+    text = read_text(path, "recovery data")
     if not text.strip():
         raise UserError(f"recovery data {path} is empty")
     try:
@@ -114,7 +115,7 @@ def recovery_documents(source: str, data_dir: str | os.PathLike | None) -> tuple
         if path.suffix in JSON_SUFFIXES:
             return _json_documents(path), "alpaca"
         if path.suffix in TEXT_SUFFIXES or not path.suffix:
-            text = path.read_text(encoding="utf-8-sig")
+            text = read_text(path, "recovery data")
             if not text.strip():
                 raise UserError(f"recovery data {path} is empty")
             return [text], "text"

@@ -35,7 +35,9 @@ from tqdm.auto import tqdm
 
 from saap_edge.config import RecoverSettings
 from saap_edge.errors import UserError
+from saap_edge.files import DamagedFile, check_safetensors, read_json, reading
 from saap_edge.eval.ppl import window_perplexity
+from saap_edge.recover.adapters import save_adapters
 from saap_edge.recover.data import RecoveryData
 from saap_edge.recover.distill import Teacher, kd_loss
 from saap_edge.recover.params import direct_parameters
@@ -138,7 +140,7 @@ def save_checkpoint(ckpt_dir: Path, model, optimizer, step: int, meta: dict) -> 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     if isinstance(model, PeftModel):
-        model.save_pretrained(tmp, safe_serialization=True)
+        save_adapters(model, tmp)
     direct = direct_parameters(model)
     if direct:
         save_file({k: v.detach().cpu().contiguous() for k, v in direct.items()}, tmp / PARAMS_FILE)
@@ -153,7 +155,10 @@ def save_checkpoint(ckpt_dir: Path, model, optimizer, step: int, meta: dict) -> 
 
 def check_resumable(checkpoint: Path, s: RecoverSettings, data_sha256: str) -> dict:
     """The checkpoint's state, or a UserError listing what differs from the current settings."""
-    state = json.loads((checkpoint / STATE_FILE).read_text())
+    state = read_json(checkpoint / STATE_FILE, "trainer state")
+    if not isinstance(state.get("settings"), dict) or not isinstance(state.get("step"), int):
+        raise DamagedFile(f"{checkpoint / STATE_FILE}: the trainer state lacks its settings or step; the checkpoint is "
+                          "damaged: delete it to resume from the one before, or run without --resume")
     saved = state["settings"]
     diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {getattr(s, k)!r}" for k in RecoverSettings.RESULT_FIELDS
              if saved.get(k) != getattr(s, k)]
@@ -165,10 +170,17 @@ def check_resumable(checkpoint: Path, s: RecoverSettings, data_sha256: str) -> d
     return state
 
 
+def _tensors(path: Path, what: str, device=None) -> dict[str, torch.Tensor]:
+    """A checkpoint's safetensors file, checked whole before it is read."""
+    check_safetensors(path, what)
+    with reading(path, what, "delete the checkpoint to resume from the one before"):
+        return load_file(path, device=str(device) if device is not None else "cpu")
+
+
 def _load_direct(model, path: Path) -> None:
     if not path.exists():
         raise UserError(f"cannot resume from {path.parent}: it holds no {PARAMS_FILE} (it trained other parameters)")
-    saved = load_file(path)
+    saved = _tensors(path, "trained parameters")
     direct = direct_parameters(model)
     if set(saved) != set(direct):
         raise UserError(f"cannot resume from {path.parent}: it trained other parameters than this run")
@@ -230,10 +242,11 @@ def train(
             raise UserError(f"--resume: no checkpoint in {ckpt_dir}; run without --resume to start afresh")
         state = check_resumable(last, s, data.sha256)
         if isinstance(model, PeftModel):
-            set_peft_model_state_dict(model, load_file(last / ADAPTER_WEIGHTS, device=str(device)))
+            set_peft_model_state_dict(model, _tensors(last / ADAPTER_WEIGHTS, "adapter weights", device))
         if (last / PARAMS_FILE).exists() or direct_parameters(model):
             _load_direct(model, last / PARAMS_FILE)
-        _load_optimizer(optimizer, load_file(last / OPTIMIZER_FILE, device=str(device)))
+        with reading(last / OPTIMIZER_FILE, "optimizer state", "delete the checkpoint to resume from the one before"):
+            _load_optimizer(optimizer, _tensors(last / OPTIMIZER_FILE, "optimizer state", device))
         start = result.resumed_from = state["step"]
         result.losses = list(state.get("losses", []))
         result.curve = list(state.get("curve", []))

@@ -1,0 +1,144 @@
+"""Damaged inputs never crash: every file a command reads, damaged each way that applies to
+its kind, ends in exit 2 and one stderr line that names the file, with no traceback and
+nothing left at --out.
+
+The table is FILES (what each file is, where it sits in the workspace, which damages apply)
+x READERS (the commands that read it); a new command or file type is one more entry.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import book_text, tiny_llama
+from saap_edge.cli import main
+
+
+# ------------------------------------------------------------------------------- damages
+
+def _truncate_half(p: Path) -> None:
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+
+
+def _truncate_tail(p: Path) -> None:
+    p.write_bytes(p.read_bytes()[:-7])
+
+
+def _flip_header(p: Path) -> None:
+    data = bytearray(p.read_bytes())
+    data[0] ^= 0xFF  # the first byte: JSON's '{', the safetensors header length, GGUF's magic, ONNX's first tag
+    p.write_bytes(bytes(data))
+
+
+def _empty(p: Path) -> None:
+    p.write_bytes(b"")
+
+
+def _not_utf8(p: Path) -> None:
+    p.write_bytes(b"\xff\xfe\xfa" + p.read_bytes())
+
+
+def _missing(p: Path) -> None:
+    p.unlink()
+
+
+DAMAGES = {"truncated-half": _truncate_half, "truncated-tail": _truncate_tail, "flipped-header": _flip_header,
+           "empty": _empty, "not-utf8": _not_utf8, "missing": _missing}
+BINARY = ("truncated-half", "truncated-tail", "flipped-header", "empty", "missing")
+JSON = ("truncated-half", "flipped-header", "empty", "not-utf8", "missing")
+TEXT = ("empty", "not-utf8", "missing")  # a shorter text is still a text
+
+# file kind -> (path in the workspace, damages that apply, commands that read it)
+FILES = {
+    "weights": ("pruned/model.safetensors", BINARY, ("recover", "export-gguf", "eval")),
+    "config": ("pruned/config.json", JSON, ("recover", "export-onnx")),
+    "tokenizer": ("pruned/tokenizer.json", JSON[:-1], ("recover",)),
+    # (without a plan a directory is an unpruned model, which recover and export take as it is)
+    "prune plan": ("pruned/prune_plan.json", JSON[:-1], ("recover", "export-gguf")),
+    "report": ("pruned/report.json", JSON[:-1], ("recover", "export-gguf")),
+    "adapter weights": ("rec.checkpoints/STEP/adapter_model.safetensors", BINARY, ("resume",)),
+    "trainer state": ("rec.checkpoints/STEP/trainer_state.json", JSON[:-1], ("resume",)),
+    "optimizer state": ("rec.checkpoints/STEP/optimizer.safetensors", BINARY, ("resume",)),
+    "gguf": ("model.gguf", BINARY[:-1], ("run-gguf", "compress-gguf")),
+    "onnx graph": ("onnx/model.onnx", BINARY, ("run-onnx",)),
+    # raw tensor bytes with no header: a flipped byte inside them is a different weight, not a damage any reader can see
+    "onnx weights": ("onnx/model.onnx.data", ("truncated-half", "truncated-tail", "empty", "missing"), ("run-onnx",)),
+    "onnx config": ("onnx/config.json", JSON[:-1], ("run-onnx",)),
+    "calibration text": ("calib.txt", TEXT, ("compress",)),
+    "recovery data": ("alpaca.json", JSON, ("recover-alpaca",)),
+    "perplexity text": ("ppl.txt", TEXT, ("eval",)),
+}
+
+
+def _commands(ws: Path, out: Path, data_dir: Path) -> dict[str, list[str]]:
+    fast = ["--no-progress", "--eval-ppl", "none"]
+    recover = ["recover", str(ws / "pruned"), "--out", str(out), "--recover-seq-len", "32", "--batch-size", "2", *fast]
+    return {
+        "compress": ["compress", "--model", str(ws / "dense"), "--calib", str(ws / "calib.txt"), "--calib-samples", "4",
+                     "--recon-samples", "4", "--no-recover", "--keep-first", "1", "--out", str(out), *fast],
+        "compress-gguf": ["compress", "--model", str(ws / "model.gguf"), "--data-dir", str(data_dir), "--calib-samples", "4",
+                          "--recon-samples", "4", "--no-recover", "--keep-first", "1", "--out", str(out), *fast],
+        "recover": [*recover, "--recovery", "none"],
+        "recover-alpaca": [*recover, "--recover-data", str(ws / "alpaca.json"), "--recover-steps", "1", "--recovery", "lora",
+                           "--recover-loss", "lm", "--train", "lora"],
+        "resume": [*recover, "--recover-data", str(ws / "book.txt"), "--recover-steps", "2", "--recovery", "lora",
+                   "--recover-loss", "lm", "--train", "lora", "--resume"],
+        "export-gguf": ["export", str(ws / "pruned"), "--format", "gguf", "--quant", "f32", "--out", str(out)],
+        "export-onnx": ["export", str(ws / "pruned"), "--format", "onnx", "--quant", "f32", "--out", str(out)],
+        "eval": ["eval", str(ws / "pruned"), "--ppl", str(ws / "ppl.txt"), "--limit", "2", "--window", "16"],
+        "run-gguf": ["run", str(ws / "model.gguf"), "-n", "2"],
+        "run-onnx": ["run", str(ws / "onnx"), "-n", "2"],
+    }
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, tiny_tokenizer) -> Path:
+    """One of everything the commands read, made by the commands themselves."""
+    ws = tmp_path_factory.mktemp("damage")
+    tiny_llama(n_heads=4, n_kv=2, hidden=128, ffn=256, layers=4).save_pretrained(ws / "dense", safe_serialization=True)
+    tiny_tokenizer.save_pretrained(ws / "dense")
+    (ws / "calib.txt").write_text(book_text(20_000))
+    (ws / "book.txt").write_text(book_text(20_000))
+    (ws / "ppl.txt").write_text(book_text(4_000))
+    (ws / "alpaca.json").write_text(json.dumps([{"instruction": f"Say {i}.", "input": "", "output": book_text(400)} for i in range(40)]))
+    steps = [
+        ["compress", "--model", str(ws / "dense"), "--calib", str(ws / "calib.txt"), "--calib-samples", "4", "--recon-samples", "4",
+         "--no-recover", "--keep-first", "1", "--ratio", "0.2", "--out", str(ws / "pruned"), "--no-progress", "--eval-ppl", "none"],
+        ["recover", str(ws / "pruned"), "--out", str(ws / "rec"), "--recover-data", str(ws / "book.txt"), "--recover-steps", "2",
+         "--save-every", "2", "--keep-checkpoints", "--recovery", "lora", "--recover-loss", "lm", "--train", "lora",
+         "--recover-seq-len", "32", "--batch-size", "2", "--no-progress", "--eval-ppl", "none"],
+        ["export", str(ws / "pruned"), "--format", "gguf", "--quant", "f32", "--out", str(ws / "model.gguf")],
+        ["export", str(ws / "pruned"), "--format", "onnx", "--quant", "f32", "--out", str(ws / "onnx")],
+    ]
+    for argv in steps:
+        assert main(argv) == 0, argv
+    return ws
+
+
+CASES = [(kind, damage, command) for kind, (_, damages, commands) in FILES.items() for damage in damages for command in commands]
+
+
+@pytest.mark.parametrize("kind, damage, command", CASES, ids=[f"{k}-{d}-{c}".replace(" ", "_") for k, d, c in CASES])
+def test_damaged_file_gives_one_line_and_exit_2(workspace, tmp_path, data_dir, capsys, kind, damage, command):
+    ws = tmp_path / "ws"
+    shutil.copytree(workspace, ws, symlinks=True)
+    rel = FILES[kind][0]
+    if "STEP" in rel:
+        rel = rel.replace("STEP", sorted(p.name for p in (ws / "rec.checkpoints").glob("step-*"))[-1])
+    target = ws / rel
+    DAMAGES[damage](target)
+    out = tmp_path / "out"
+    if command == "resume":  # the interrupted run's checkpoints sit beside its --out
+        (ws / "rec.checkpoints").rename(tmp_path / "out.checkpoints")
+    capsys.readouterr()
+    rc = main(_commands(ws, out, data_dir)[command])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert rc == 2, f"exit {rc}: {err[-3000:]}"
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert target.name in lines[0] or str(target.parent) in lines[0], lines[0]
+    assert not out.exists() and not [p for p in tmp_path.glob(".out.*")], list(tmp_path.iterdir())
