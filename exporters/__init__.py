@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from saap_edge.checkpoint import replace_path
+from saap_edge.checkpoint import remove_stale, replace_path
 from saap_edge.errors import UserError
 from saap_edge.files import read_json
 
@@ -125,6 +125,7 @@ def export(job: ExportJob) -> ExportResult:
     t0 = time.perf_counter()
     loaded = load_model(job.model, job.device, "float32")
     model = as_slim(loaded.model)
+    remove_stale(out.resolve())
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:
         if job.format == "onnx":

@@ -35,6 +35,7 @@ def atomic_dir(out: Path, overwrite: bool):
     """Yield a temporary sibling directory; on success it replaces `out`, on failure it goes."""
     check_output_dir(out, overwrite)
     out = out.resolve()
+    remove_stale(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -44,6 +45,28 @@ def atomic_dir(out: Path, overwrite: bool):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     replace_path(tmp, out)
+
+
+def remove_stale(out: Path) -> None:
+    """Temporary siblings of `out` left by a run that was killed (its process is gone)."""
+    for sibling in out.parent.glob(f".{out.name}.*-*"):
+        kind, _, pid = sibling.name.rpartition("-")
+        if not kind.endswith((".tmp", ".old")) or not pid.isdigit() or _alive(int(pid)):
+            continue
+        if sibling.is_dir():
+            shutil.rmtree(sibling, ignore_errors=True)
+        else:
+            sibling.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def replace_path(tmp: Path, out: Path) -> None:
