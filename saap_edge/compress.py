@@ -78,6 +78,9 @@ def _prune_stage(job: CompressJob, s: PruneSettings, r: ReconstructSettings) -> 
         check_prunable_to_int4(model.config, s.align, job.recover.group_size)
     timings = {"load_s": time.perf_counter() - t0}
     samples, calib_hash = None, None
+    if tokenizer is None and (s.method in NEEDS_CALIBRATION or r.active):
+        raise UserError(f"{job.model}: transformers cannot rebuild this file's tokenizer, and calibration text needs one; "
+                        "give the model's Hugging Face directory (or a GGUF with a standard llama / gpt2 tokenizer)")
     if s.method in NEEDS_CALIBRATION:
         samples, calib_hash = calibration_samples(tokenizer, s.calib, s.calib_samples, s.seq_len, s.seed, job.run.data_dir)
     recon_samples, recon_hash = None, None
