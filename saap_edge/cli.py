@@ -236,6 +236,9 @@ def run_eval(a: argparse.Namespace) -> int:
         check_architecture(kind, location)
     result: dict = {"model": loaded.source if loaded else {"model": a.model, "kind": kind, "path": str(location)}}
     if a.ppl:
+        from saap_edge.models.load import check_positions
+
+        check_positions(loaded.model, {"--window": a.window})
         result.update(split=a.split, ppl=_eval_ppl(a, loaded))
     if tasks:
         result.update(_eval_tasks(a, tasks, loaded, location if on_llama_cpp else None))

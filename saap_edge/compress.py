@@ -21,7 +21,7 @@ from saap_edge.files import read_json
 from saap_edge.seeding import set_seed
 from saap_edge.data import calibration_samples
 from saap_edge.eval.ppl import evaluate_ppl
-from saap_edge.models.load import load_model
+from saap_edge.models.load import check_positions, load_model
 from saap_edge.prune import check_ratio, prune
 from saap_edge.prune.methods import NEEDS_CALIBRATION
 from saap_edge.prune.plan import PrunePlan
@@ -73,6 +73,10 @@ def _prune_stage(job: CompressJob, s: PruneSettings, r: ReconstructSettings) -> 
     loaded = load_model(job.model, job.run.device, job.run.dtype)
     model, tokenizer = loaded.model, loaded.tokenizer
     device = next(model.parameters()).device
+    lengths = {"--seq-len": s.seq_len, **({"--recon-seq-len": r.seq_len} if r.active else {})}
+    if job.recover is not None:
+        lengths["--recover-seq-len"] = job.recover.seq_len
+    check_positions(model, lengths)
     check_ratio(model, s)
     if job.recover is not None and job.recover.recovery in ("qalora", "none"):
         check_prunable_to_int4(model.config, s.align, job.recover.group_size)
@@ -258,6 +262,7 @@ def recover_dir(job: RecoverJob) -> dict:
     model, tokenizer = loaded.model, loaded.tokenizer
     if getattr(model.config, "quantization", None):
         raise UserError(f"{job.source} is already an int4 checkpoint; recover its pruned fp directory instead")
+    check_positions(model, {"--recover-seq-len": r.seq_len})
     device = next(model.parameters()).device
     source = Path(loaded.source["path"])
     pruned_input = source.is_dir() and (source / PLAN_FILE).exists()

@@ -177,3 +177,25 @@ def test_compress_from_a_gguf_whose_tokenizer_transformers_cannot_rebuild(worksp
     lines = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(lines) == 1 and "tokenizer" in lines[0] and "model.gguf" in lines[0], lines
     assert not out.exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["compress", "--model", "DENSE", "--seq-len", "300"],
+    ["compress", "--model", "DENSE", "--recon-seq-len", "300"],
+    ["compress", "--model", "DENSE", "--recover-seq-len", "300"],
+    ["recover", "PRUNED", "--recover-seq-len", "300"],
+    ["eval", "PRUNED", "--ppl", "PPL", "--window", "300"],
+], ids=["seq-len", "recon-seq-len", "compress-recover-seq-len", "recover-seq-len", "eval-window"])
+def test_lengths_beyond_the_models_positions_are_refused_with_the_limit(workspace, tmp_path, capsys, argv):
+    """The tiny models have 256 positions."""
+    paths = {"DENSE": str(workspace / "dense"), "PRUNED": str(workspace / "pruned"), "PPL": str(workspace / "ppl.txt")}
+    argv = [paths.get(a, a) for a in argv]
+    out = tmp_path / "out"
+    if argv[0] == "compress":
+        argv += ["--out", str(out), "--calib", str(workspace / "calib.txt"), "--eval-ppl", "none", "--no-progress"]
+    elif argv[0] == "recover":
+        argv += ["--out", str(out)]
+    rc = main(argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and "exceeds the model's 256 positions" in lines[0], lines
+    assert not out.exists()

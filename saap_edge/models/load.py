@@ -108,6 +108,16 @@ def check_architecture(kind: str, location) -> None:
         raise UserError(f"unsupported architecture {config.model_type!r} in {location}: saap-edge supports {SUPPORTED_TEXT}")
 
 
+def check_positions(model, lengths: dict[str, int]) -> None:
+    """Refuse sequence lengths (flag -> tokens) beyond the model's positions (RoPE tables are
+    built for max_position_embeddings; longer windows score text the model never saw)."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    for flag, n in lengths.items():
+        if limit and n > limit:
+            raise UserError(f"{flag} {n} exceeds the model's {limit} positions (max_position_embeddings); "
+                            f"use {flag} {limit} or less")
+
+
 def _read_gguf(location: Path, torch_dtype):
     from transformers import AutoTokenizer
 
