@@ -212,8 +212,9 @@ def run(a: argparse.Namespace) -> dict:
     def main_rows(methods, recons):
         for label, overrides, reads in methods:
             for ratio in a.ratios:
-                s = PruneSettings(ratio=ratio, seed=a.seed, calib=a.calib, calib_samples=a.calib_samples, **overrides).validate()
                 for r in recons:
+                    s = PruneSettings(ratio=ratio, seed=a.seed, calib=a.calib, calib_samples=a.calib_samples,
+                                      **overrides).validate(reconstructs=r.active)
                     b.pruned_row("main", label, s, reads, r)
 
     main_rows(METHODS[:2], (default, none))

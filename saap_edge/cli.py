@@ -123,7 +123,8 @@ def add_compress(p: argparse.ArgumentParser) -> None:
     g.add_argument("--taylor", default=d.taylor, help="llm-pruner importance: vectorize or param_mix (default: %(default)s)")
     g.add_argument("--units", default=d.units, help="attention units that may leave, comma list: groups (KV groups), heads "
                    "(query-head slots: one head of every KV group), modules (a whole attention module; the layer keeps its MLP); "
-                   "heads and modules need saap or flap; auto: groups,heads for saap, groups for the others (default: %(default)s)")
+                   "heads and modules need saap or flap; auto: groups,heads for saap with --reconstruct lsq, groups otherwise "
+                   "(default: %(default)s)")
     g.add_argument("--keep-first", type=int, default=d.keep_first, help="first layers never pruned (default: %(default)s)")
     g.add_argument("--keep-last", type=int, default=d.keep_last, help="last layers never pruned (default: %(default)s)")
     g.add_argument("--align", type=int, default=d.align, help="kept MLP widths are multiples of this (default: %(default)s)")

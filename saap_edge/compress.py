@@ -175,8 +175,8 @@ def load_teacher(name: str, student, tokenizer, run: RunSettings, flag_given: bo
 
 def compress(job: CompressJob) -> dict:
     """Run the whole stage; returns the report written to <out>/report.json."""
-    s = job.prune.validate()
     rc = job.reconstruct.validate()
+    s = job.prune.validate(reconstructs=rc.active)
     r = job.recover.validate() if job.recover is not None else None
     check_output_dir(job.out, job.overwrite)
     t0 = time.perf_counter()

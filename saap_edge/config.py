@@ -29,9 +29,15 @@ SCOPES = ("all", "global", "layer")
 INDICATORS = ("fluctuation", "bound", "none")
 UNIT_CHOICES = ("groups", "heads", "modules")  # attention units; see prune/groups.py
 GLOBAL_METHODS = ("saap", "flap")  # the methods whose one global ranking can weigh heads and modules
-# --units auto: what benchmarks/prune_quality.py measured best per method (query-head slots
-# helped SAAP at 50% and cost nothing at 20%; the others keep their papers' units)
+# --units auto: what benchmarks/prune_quality.py measured best per method, with the default
+# reconstruction (query-head slots helped SAAP at 50% and cost nothing at 20%; the others keep
+# their papers' units). Without the refit, head slots chosen by score alone cost dearly (50%:
+# WikiText-2 11976 against 1151 with KV groups only), so auto means groups there.
 DEFAULT_UNITS = {"saap": "groups,heads"}
+
+
+def auto_units(method: str, reconstructs: bool = True) -> str:
+    return DEFAULT_UNITS.get(method, "groups") if reconstructs else "groups"
 
 
 @dataclass
@@ -60,10 +66,11 @@ class PruneSettings(Settings):
 
     @property
     def unit_set(self) -> set[str]:
-        units = DEFAULT_UNITS.get(self.method, "groups") if self.units == "auto" else self.units
+        units = auto_units(self.method) if self.units == "auto" else self.units
         return {u.strip() for u in units.split(",") if u.strip()}
 
-    def validate(self) -> "PruneSettings":
+    def validate(self, reconstructs: bool = True) -> "PruneSettings":
+        """Check every setting; `reconstructs` (the reconstruct stage will run) resolves --units auto."""
         choices = {
             "method": METHODS,
             "fusion": FUSIONS,
@@ -89,7 +96,7 @@ class PruneSettings(Settings):
         if self.align < 1:
             raise UserError("--align must be >= 1 (32 keeps int4 groups and GGUF blocks whole)")
         if self.units == "auto":
-            self.units = DEFAULT_UNITS.get(self.method, "groups")
+            self.units = auto_units(self.method, reconstructs)
         units = self.unit_set
         if "groups" not in units or units - set(UNIT_CHOICES):
             raise UserError(f"--units {self.units!r} must be a comma list of {', '.join(UNIT_CHOICES)} that includes groups, "

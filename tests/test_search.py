@@ -185,3 +185,9 @@ def test_shared_statistics_with_heads_leave_group_rankings_unchanged():
     prune(model, samples, heads, progress=False, stats=stats)  # collects the per-head statistics too
     assert stats.heads
     assert prune(model, samples, groups, progress=False, stats=stats).plan.layers == before.layers
+
+
+def test_auto_units_take_head_slots_only_when_the_refit_runs():
+    assert PruneSettings().validate().units == "groups,heads"
+    assert PruneSettings().validate(reconstructs=False).units == "groups"
+    assert PruneSettings(method="llm-pruner").validate().units == "groups"
