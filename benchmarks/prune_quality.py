@@ -347,7 +347,7 @@ def _targets(main: list[dict], ds: str) -> list[str]:
             continue
         got = saap["ppl"][ds]
         verdict = "met" if got <= bar else f"missed by {got - bar:.1f} ({got / bar - 1:.0%})"
-        others = [r for r in main if r["ratio"] == ratio and r["reconstruct"] == "lsq" and r["label"] != "saap (default)"]
+        others = [r for r in main if r["ratio"] == ratio and r["reconstruct"] == "lsq" and not r["label"].startswith("saap")]
         best = min(others, key=lambda r: r["ppl"][ds], default=None)
         beat = "" if best is None else (f"; best baseline with the same reconstruction: {best['label']} {best['ppl'][ds]:.1f} "
                                         f"({'SAAP ahead' if got < best['ppl'][ds] else 'SAAP behind'})")
