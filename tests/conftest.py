@@ -60,6 +60,14 @@ def hetero_model(seed: int = 0, uniform: bool = False, vocab: int = 512, heads_a
     return model.eval()
 
 
+def save_tiny32(path: Path, tokenizer) -> Path:
+    """An HF directory of a tiny LLaMA whose widths are multiples of 32 (int4 groups and GGUF
+    blocks fit), with the test tokenizer: what the CLI tests compress."""
+    tiny_llama(n_heads=4, n_kv=2, hidden=128, ffn=256, layers=4).save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def book_text(chars: int = 60_000) -> str:
     return (DATA_DIR / "text" / "books" / "botchan.txt").read_text(encoding="utf-8-sig")[:chars]
 

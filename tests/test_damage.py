@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DATA_DIR, book_text, tiny_llama
+from conftest import DATA_DIR, book_text, save_tiny32
 from saap_edge.cli import main
 
 
@@ -106,8 +106,7 @@ def _commands(ws: Path, out: Path, data_dir: Path) -> dict[str, list[str]]:
 def workspace(tmp_path_factory, tiny_tokenizer) -> Path:
     """One of everything the commands read, made by the commands themselves."""
     ws = tmp_path_factory.mktemp("damage")
-    tiny_llama(n_heads=4, n_kv=2, hidden=128, ffn=256, layers=4).save_pretrained(ws / "dense", safe_serialization=True)
-    tiny_tokenizer.save_pretrained(ws / "dense")
+    save_tiny32(ws / "dense", tiny_tokenizer)
     (ws / "calib.txt").write_text(book_text(20_000))
     (ws / "book.txt").write_text(book_text(20_000))
     (ws / "ppl.txt").write_text(book_text(4_000))

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import book_text, tiny_llama
+from conftest import book_text, save_tiny32
 
 
 def _cli(*argv: str) -> None:
@@ -28,8 +28,7 @@ def _files(root: Path) -> dict[str, bytes]:
 
 def test_two_runs_of_one_command_write_identical_bytes(tmp_path, tiny_tokenizer, data_dir):
     dense = tmp_path / "dense"
-    tiny_llama(n_heads=4, n_kv=2, hidden=128, ffn=256, layers=4).save_pretrained(dense, safe_serialization=True)
-    tiny_tokenizer.save_pretrained(dense)
+    save_tiny32(dense, tiny_tokenizer)
     (tmp_path / "book.txt").write_text(book_text(30_000))
     runs = []
     out, gguf, onnx = tmp_path / "run", tmp_path / "m.gguf", tmp_path / "onnx"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import book_text, tiny_llama
+from conftest import book_text, save_tiny32
 from saap_edge.cli import main
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")
@@ -23,8 +23,7 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")
 @pytest.fixture(scope="module")
 def pruned(tmp_path_factory, tiny_tokenizer) -> Path:
     root = tmp_path_factory.mktemp("kill")
-    tiny_llama(n_heads=4, n_kv=2, hidden=128, ffn=256, layers=4).save_pretrained(root / "dense", safe_serialization=True)
-    tiny_tokenizer.save_pretrained(root / "dense")
+    save_tiny32(root / "dense", tiny_tokenizer)
     (root / "book.txt").write_text(book_text(60_000))
     assert main(["compress", "--model", str(root / "dense"), "--calib", str(root / "book.txt"), "--calib-samples", "4",
                  "--recon-samples", "4", "--no-recover", "--keep-first", "1", "--ratio", "0.2", "--out", str(root / "pruned"),
