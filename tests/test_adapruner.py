@@ -1,0 +1,115 @@
+"""AdaPruner's search: cached pool statistics, rankings from them, a seeded and resumable study."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_llama
+from saap_edge.config import PruneSettings
+from saap_edge.errors import UserError
+from saap_edge.prune.adapruner import (
+    Point,
+    cached_pool,
+    collect_pool,
+    distinct_windows,
+    metric_choices,
+    open_study,
+    prune_point,
+    rank_point,
+    run_search,
+    taylor_scores,
+)
+from saap_edge.prune.estimate import collect_taylor
+from saap_edge.prune.groups import discover
+from saap_edge.prune.methods import Statistics, rank_saap
+
+pytest.importorskip("optuna")
+LAYERS = [1, 2, 3, 4]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = tiny_llama(n_heads=4, n_kv=2, hidden=64, ffn=128, layers=6)
+    pool = torch.randint(3, 512, (8, 16), generator=torch.Generator().manual_seed(0))
+    shapes = discover(model)
+    return model, pool, shapes, collect_pool(model, pool, shapes, LAYERS, progress=False)
+
+
+def test_cached_pool_statistics_equal_recomputed_and_the_methods_own(setup, tmp_path):
+    model, pool, shapes, stats = setup
+    first, info = cached_pool(model, pool, shapes, LAYERS, tmp_path, progress=False)
+    again, info2 = cached_pool(model, pool, shapes, LAYERS, tmp_path, progress=False)
+    assert not info["cached"] and info2["cached"] and info["key"] == info2["key"]
+    for key in stats.stats:
+        for name, t in stats.stats[key].items():
+            assert torch.equal(first.stats[key][name], t) and torch.equal(again.stats[key][name], t)
+    idx = torch.tensor([1, 4, 6])
+    direct = collect_taylor(model, pool[idx], shapes, LAYERS, progress=False)
+    mine = stats.taylor(idx)  # members added in another order than the hooks fire: float32 rounding only
+    for key in direct.vector:
+        torch.testing.assert_close(mine.vector[key], direct.vector[key], rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(mine.element[key], direct.element[key], rtol=1e-5, atol=1e-9)
+
+
+def test_a_points_saap_ranking_equals_the_methods_on_the_same_windows(setup):
+    model, pool, shapes, stats = setup
+    s = PruneSettings(ratio=0.3, keep_first=1, keep_last=1, units="groups").validate()
+    idx = [6, 1, 4]
+    st = Statistics(model, pool[sorted(idx)], shapes, LAYERS, progress=False)
+    direct = rank_saap(st, s).keep
+    ranked = rank_point(model, stats, Point(idx, "saap-bound"), s, shapes, LAYERS).keep
+    for key in direct:
+        torch.testing.assert_close(ranked[key], direct[key], rtol=1e-4, atol=1e-7)
+
+
+def test_taylor_metrics_and_aggregations(setup):
+    model, pool, shapes, stats = setup
+    idx = torch.tensor([0, 2])
+    per_member = stats.stats[(1, "mlp")]["second"][idx].double().mean(0)  # [members, units]
+    assert torch.equal(taylor_scores(stats, idx, "param_second", "max")[(1, "mlp")], per_member.max(0).values)
+    assert torch.equal(taylor_scores(stats, idx, "param_second", "last")[(1, "mlp")], per_member[-1])
+    vec = taylor_scores(stats, idx, "vectorize", "sum")[(2, "attn")]
+    assert torch.equal(vec, stats.stats[(2, "attn")]["signed"][idx].double().mean(0).abs().sum(0))
+    with pytest.raises(UserError, match="unknown metric"):
+        taylor_scores(stats, idx, "param_third", "sum")
+    assert len(metric_choices()) == 22 and distinct_windows([3, 3, 7, 0], 8) == [3, 4, 7, 0]
+
+
+def _evaluate(model, stats, shapes):
+    s = PruneSettings(ratio=0.25, keep_first=1, keep_last=1, units="groups").validate()
+    held_out = torch.randint(3, 512, (4, 16), generator=torch.Generator().manual_seed(9))
+
+    def evaluate(point: Point) -> float:
+        slim = prune_point(model, stats, point, s, shapes, LAYERS).model
+        with torch.no_grad():
+            return float(slim(input_ids=held_out, labels=held_out).loss.exp())
+
+    return evaluate
+
+
+def test_same_seed_same_trials_and_a_killed_search_resumes_to_the_straight_one(setup, tmp_path):
+    model, pool, shapes, stats = setup
+    evaluate, metrics = _evaluate(model, stats, shapes), metric_choices()
+    identity = {"model": "tiny", "pool": "p", "objective": "o"}
+    kw = dict(n_slots=3, pool_size=8, metrics=metrics, seed=0, startup=2, progress=False)
+    straight = run_search(open_study(tmp_path / "a.db", identity, False), evaluate, 6, **kw)
+    again = run_search(open_study(tmp_path / "b.db", identity, False), evaluate, 6, **kw)
+    assert straight == again
+    run_search(open_study(tmp_path / "c.db", identity, False), evaluate, 3, **kw)  # "killed" after 3 trials
+    resumed = run_search(open_study(tmp_path / "c.db", identity, False), evaluate, 6, **kw)
+    assert resumed == straight
+    # a finished search is reused: asking for the same number of trials runs none
+    calls = []
+    reused = run_search(open_study(tmp_path / "a.db", identity, False), lambda p: calls.append(p) or 0.0, 6, **kw)
+    assert reused == straight and not calls
+
+
+def test_a_study_of_another_model_or_a_damaged_database_is_refused(tmp_path):
+    open_study(tmp_path / "s.db", {"model": "a", "pool": "p"}, False)
+    with pytest.raises(UserError, match="another model"):
+        open_study(tmp_path / "s.db", {"model": "b", "pool": "p"}, False)
+    assert open_study(tmp_path / "s.db", {"model": "b", "pool": "p"}, True).user_attrs["identity"]["model"] == "b"
+    (tmp_path / "bad.db").write_bytes(b"not a database at all" * 100)
+    with pytest.raises(UserError, match="bad.db"):
+        open_study(tmp_path / "bad.db", {"model": "a"}, False)
