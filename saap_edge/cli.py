@@ -12,7 +12,7 @@ from pathlib import Path
 
 from saap_edge.config import (
     CPU_RECOVER_STEPS, METHODS, RECON_TARGETS, RECONSTRUCTIONS, RECOVER_LOSSES, RECOVERIES, SELECTIONS, PruneSettings, ReconstructSettings,
-    RecoverSettings, RunSettings, default_cache_dir,
+    RecoverSettings, RunSettings, SearchSettings, default_cache_dir,
 )
 from saap_edge.errors import UserError
 from saap_edge.models.load import DEFAULT_MODEL
@@ -128,6 +128,22 @@ def add_compress(p: argparse.ArgumentParser) -> None:
     g.add_argument("--keep-first", type=int, default=d.keep_first, help="first layers never pruned (default: %(default)s)")
     g.add_argument("--keep-last", type=int, default=d.keep_last, help="last layers never pruned (default: %(default)s)")
     g.add_argument("--align", type=int, default=d.align, help="kept MLP widths are multiples of this (default: %(default)s)")
+    q = SearchSettings()
+    g = p.add_argument_group("AdaPruner search (--method adapruner: which calibration windows and importance metric)")
+    g.add_argument("--calib-pool", default=q.pool, help="text the candidate windows come from (default: %(default)s)")
+    g.add_argument("--pool-size", type=int, default=q.pool_size, help="candidate windows of --seq-len tokens; a point picks "
+                   "--calib-samples of them (default: %(default)s)")
+    g.add_argument("--search-trials", type=int, default=q.trials, help="completed trials; a killed search resumes, a finished "
+                   "one is reused, from <out>.search.db (default: %(default)s)")
+    g.add_argument("--search-startup", type=int, default=q.startup, help="random trials before TPE (default: %(default)s)")
+    g.add_argument("--search-objective", default=q.objective, help="perplexity on this text's validation split: a dataset "
+                   "name or a file (default: %(default)s)")
+    g.add_argument("--search-windows", type=int, default=q.objective_windows, help="128-token windows of the objective "
+                   "(default: %(default)s)")
+    g.add_argument("--search-sampler", default=q.sampler, help="tpe or random (default: %(default)s)")
+    g.add_argument("--search-space", default=q.space, help="both, data (metric fixed) or metric (windows fixed) "
+                   "(default: %(default)s)")
+    g.add_argument("--new-search", action="store_true", help="replace a stored search made for another model, pool or objective")
     r = ReconstructSettings()
     g = p.add_argument_group("reconstruction (refit the kept weights of o_proj and down_proj, layer by layer)")
     g.add_argument("--reconstruct", default=r.method, choices=RECONSTRUCTIONS,
@@ -164,7 +180,9 @@ def run_compress(a: argparse.Namespace) -> int:
     eval_ppl = [] if a.eval_ppl in ([], ["none"]) else a.eval_ppl
     job = CompressJob(a.model, a.out, settings, recon, _run_settings(a), a.overwrite, eval_ppl, a.eval_limit or None,
                       recover=_recover_settings(a), resume=a.resume, save_every=a.save_every, keep_checkpoints=a.keep_checkpoints,
-                      **_teacher_args(a))
+                      **_teacher_args(a),
+                      search=SearchSettings(a.calib_pool, a.pool_size, a.search_trials, a.search_startup, a.search_objective,
+                                            a.search_windows, a.search_sampler, a.search_space, a.new_search))
     report = compress(job)
     print(before_after_table(report))
     print(f"saved the {_model_kind(report)}, prune_plan.json, report.json and layers.png to {a.out}")

@@ -15,7 +15,7 @@ import torch
 
 from saap_edge import __version__
 from saap_edge.checkpoint import CHART_FILE, PLAN_FILE, REPORT_FILE, atomic_dir, check_output_dir, save_model, write_json
-from saap_edge.config import PruneSettings, ReconstructSettings, RecoverSettings, RunSettings
+from saap_edge.config import PruneSettings, ReconstructSettings, RecoverSettings, RunSettings, SearchSettings
 from saap_edge.errors import UserError
 from saap_edge.files import read_json
 from saap_edge.seeding import set_seed
@@ -50,6 +50,7 @@ class CompressJob:
     teacher_cache: Path | None = field(default_factory=default_cache_dir)  # None: teacher targets on the fly
     teacher_cache_mib: int = 4096
     curve_every: int = 0  # score the held-out recovery windows every N steps
+    search: SearchSettings = field(default_factory=SearchSettings)  # --method adapruner
 
 
 def versions() -> dict:
@@ -82,7 +83,7 @@ def _prune_stage(job: CompressJob, s: PruneSettings, r: ReconstructSettings) -> 
         check_prunable_to_int4(model.config, s.align, job.recover.group_size)
     timings = {"load_s": time.perf_counter() - t0}
     samples, calib_hash = None, None
-    if tokenizer is None and (s.method in NEEDS_CALIBRATION or r.active):
+    if tokenizer is None and (s.method in NEEDS_CALIBRATION or s.method == "adapruner" or r.active):
         raise UserError(f"{job.model}: transformers cannot rebuild this file's tokenizer, and calibration text needs one; "
                         "give the model's Hugging Face directory (or a GGUF with a standard llama / gpt2 tokenizer)")
     if s.method in NEEDS_CALIBRATION:
@@ -93,7 +94,15 @@ def _prune_stage(job: CompressJob, s: PruneSettings, r: ReconstructSettings) -> 
                                                         flag="--recon-samples")
     before = _quick_ppl(model, tokenizer, job, device) if job.eval_ppl else {}
     t1 = time.perf_counter()
-    result = prune(model, samples, s, progress=job.run.progress)
+    search_info = None
+    if s.method == "adapruner":
+        from saap_edge.prune.adapruner import search_and_prune
+
+        storage = job.out.with_name(job.out.name + ".search.db")
+        result, search_info = search_and_prune(model, tokenizer, s, job.search, r if r.active else None, recon_samples,
+                                               storage, job.run.data_dir, job.run.progress)
+    else:
+        result = prune(model, samples, s, progress=job.run.progress)
     timings["prune_s"] = time.perf_counter() - t1
     plan = result.plan
     recon_info = {"method": "none"}
@@ -108,7 +117,8 @@ def _prune_stage(job: CompressJob, s: PruneSettings, r: ReconstructSettings) -> 
         dense.zero_grad(set_to_none=True)  # estimation's gradients are not the teacher's
     del model
     after = _quick_ppl(result.model, tokenizer, job, device) if job.eval_ppl else {}
-    plan.calibration = {"source": s.calib, "samples": s.calib_samples, "seq_len": s.seq_len, "sha256": calib_hash} if calib_hash else {}
+    if calib_hash:
+        plan.calibration = {"source": s.calib, "samples": s.calib_samples, "seq_len": s.seq_len, "sha256": calib_hash}
     plan.versions = versions()
     report = {
         "model": loaded.source,
@@ -123,6 +133,8 @@ def _prune_stage(job: CompressJob, s: PruneSettings, r: ReconstructSettings) -> 
         "details": result.details,
         "versions": plan.versions,
     }
+    if search_info is not None:
+        report["search"] = search_info
     return result.model, tokenizer, plan, report, device, dense
 
 
@@ -143,6 +155,10 @@ def _save(directory: Path, model, tokenizer, plan: PrunePlan, report: dict, titl
     plan.save(directory / PLAN_FILE)
     write_json(directory / REPORT_FILE, report)
     plot_layers(plan, directory / CHART_FILE, title)
+    if "search" in report:
+        from saap_edge.prune.adapruner import write_search
+
+        write_search(directory, report["search"])
 
 
 def _resume_pruned(pruned_dir: Path, job: CompressJob, s: PruneSettings) -> tuple:

@@ -23,7 +23,7 @@ class Settings:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-METHODS = ("saap", "llm-pruner", "flap", "wanda-sp", "magnitude", "random")
+METHODS = ("saap", "llm-pruner", "flap", "wanda-sp", "magnitude", "random", "adapruner")
 FUSIONS = ("adaptive", "learned", "sum", "vector", "element")
 SCOPES = ("all", "global", "layer")
 INDICATORS = ("fluctuation", "bound", "none")
@@ -104,6 +104,38 @@ class PruneSettings(Settings):
         if units != {"groups"} and self.method not in GLOBAL_METHODS:
             raise UserError(f"--units {self.units} needs a method with one global ranking ({', '.join(GLOBAL_METHODS)}); "
                             f"--method {self.method} allocates uniformly, use --units groups")
+        return self
+
+
+SEARCH_SAMPLERS = ("tpe", "random")
+SEARCH_SPACES = ("both", "data", "metric")
+
+
+@dataclass
+class SearchSettings(Settings):
+    """AdaPruner's search (--method adapruner): which --calib-samples windows of a seeded pool
+    and which importance metric; see saap_edge/prune/adapruner.py."""
+
+    pool: str = "books"  # --calib-pool: named dataset or path the pool windows come from
+    pool_size: int = 256  # P windows of --seq-len tokens
+    trials: int = 16  # completed trials the study needs (those of an earlier, killed run count)
+    startup: int = 6  # random trials before TPE models the results
+    objective: str = "wikitext2"  # perplexity on this text's *validation* split
+    objective_windows: int = 32  # 128-token windows of it
+    sampler: str = "tpe"  # tpe | random (the ablation)
+    space: str = "both"  # both | data (metric fixed to the first choice) | metric (windows fixed to the first S)
+    new: bool = False  # replace a stored study made for another model, pool or objective
+    version: int = SETTINGS_VERSION
+
+    def validate(self, calib_samples: int = 1) -> "SearchSettings":
+        if self.sampler not in SEARCH_SAMPLERS or self.space not in SEARCH_SPACES:
+            raise UserError(f"--search-sampler must be one of {', '.join(SEARCH_SAMPLERS)} and --search-space one of "
+                            f"{', '.join(SEARCH_SPACES)}")
+        if self.pool_size < calib_samples:
+            raise UserError(f"--pool-size {self.pool_size} is smaller than --calib-samples {calib_samples}: a point picks "
+                            "that many distinct windows of the pool")
+        if self.trials < 1 or self.startup < 0 or self.objective_windows < 1:
+            raise UserError("--search-trials and --search-windows must be >= 1, --search-startup >= 0")
         return self
 
 

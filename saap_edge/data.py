@@ -50,7 +50,8 @@ class DatasetSpec:
 
 DATASETS: dict[str, DatasetSpec] = {
     "wikitext2": DatasetSpec(
-        local={"test": "text/wikitext2/wiki.test.raw"},  # no raw validation file locally
+        # locally the validation split is the tokenized release (<unk>, @-@): AdaPruner's objective reads it
+        local={"test": "text/wikitext2/wiki.test.raw", "validation": "text/wikitext2/wiki.valid.tokens"},
         hub_args=("wikitext", "wikitext-2-raw-v1"),
         column="text",
         rows="wikitext",

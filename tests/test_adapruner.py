@@ -113,3 +113,46 @@ def test_a_study_of_another_model_or_a_damaged_database_is_refused(tmp_path):
     (tmp_path / "bad.db").write_bytes(b"not a database at all" * 100)
     with pytest.raises(UserError, match="bad.db"):
         open_study(tmp_path / "bad.db", {"model": "a"}, False)
+
+
+def _compress(model_dir, out, data_dir, *extra):
+    from saap_edge.cli import main
+
+    return main(["compress", "--model", str(model_dir), "--method", "adapruner", "--data-dir", str(data_dir),
+                 "--calib-pool", str(model_dir.parent / "book.txt"), "--pool-size", "8", "--calib-samples", "3",
+                 "--seq-len", "32", "--search-trials", "3", "--search-startup", "2", "--search-windows", "2",
+                 "--recon-samples", "4", "--recon-seq-len", "32", "--keep-first", "1", "--ratio", "0.2", "--no-recover",
+                 "--eval-ppl", "none", "--no-progress", "--out", str(out), *extra])
+
+
+def test_compress_with_adapruner_never_reads_a_test_split_and_reuses_its_study(tmp_path, tiny_tokenizer, data_dir,
+                                                                               monkeypatch, capsys):
+    import json
+
+    import saap_edge.data as data
+    from conftest import book_text, save_tiny32
+
+    model_dir = save_tiny32(tmp_path / "dense", tiny_tokenizer)
+    (tmp_path / "book.txt").write_text(book_text(30_000))
+    splits = []
+    real = data.load_rows
+    monkeypatch.setattr(data, "load_rows", lambda source, split, d: splits.append((source, split)) or real(source, split, d))
+    out = tmp_path / "out"
+    assert _compress(model_dir, out, data_dir) == 0, capsys.readouterr().err
+    assert ("wikitext2", "validation") in splits and not [s for s in splits if s[1] == "test"]
+    plan = json.loads((out / "prune_plan.json").read_text())
+    search = json.loads((out / "search.json").read_text())
+    assert plan["method"] == "adapruner" and len(plan["calibration"]["windows"]) == 3
+    assert len(search["trials"]) == 3 and search["best"]["windows"] == plan["calibration"]["windows"]
+    assert (out / "search.md").is_file() and (out / "search.png").is_file() and (tmp_path / "out.search.db").is_file()
+    # the same command again: the finished study is reused, no trial runs
+    assert _compress(model_dir, out, data_dir, "--overwrite") == 0
+    again = json.loads((out / "search.json").read_text())
+    assert again["trial_s"] == [] and again["trials"] == search["trials"]
+    # another ratio is another search: refused in one line unless --new-search
+    assert _compress(model_dir, tmp_path / "out2", data_dir, "--ratio", "0.3") == 0  # its own database
+    (tmp_path / "out2.search.db").replace(tmp_path / "out.search.db")
+    capsys.readouterr()
+    assert _compress(model_dir, out, data_dir, "--overwrite") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "another ratio" in err[0] and "--new-search" in err[0]

@@ -323,3 +323,105 @@ def prune_point(model: nn.Module, pool: PoolStats, point: Point, s, shapes: list
     plan.method, plan.ratio, plan.settings, plan.seed = "adapruner", s.ratio, s.to_dict(), s.seed
     plan.params = {"before": before, "after": after, "removed_share": (before - after) / before}
     return PruneResult(slim, plan, {"point": point.to_dict()})
+
+
+# ------------------------------------------------------------------------------------------
+# The stage compress runs for --method adapruner.
+
+def objective_windows(tokenizer, source: str, n: int, data_dir) -> torch.Tensor:
+    """The first `n` 128-token windows of `source`'s *validation* split (a path: the file)."""
+    from saap_edge.data import load_text
+    from saap_edge.eval.ppl import _windows
+
+    return _windows(tokenizer, load_text(source, "validation", data_dir), 128, n)
+
+
+def search_and_prune(model: nn.Module, tokenizer, s, search, recon, recon_samples, storage: Path, data_dir,
+                     progress: bool = True):
+    """Pool, cached statistics, the study (resumed or reused), and the model pruned with the
+    best point. Returns (PruneResult, info for report.json and search.json)."""
+    import time
+
+    from saap_edge.config import default_cache_dir
+    from saap_edge.data import calibration_samples
+    from saap_edge.eval.ppl import window_perplexity
+    from saap_edge.prune import prunable_layers
+    from saap_edge.prune.groups import discover
+    from saap_edge.reconstruct import reconstruct
+
+    t0 = time.perf_counter()
+    search = search.validate(s.calib_samples)
+    pool, pool_hash = calibration_samples(tokenizer, search.pool, search.pool_size, s.seq_len, s.seed, data_dir,
+                                          flag="--pool-size")
+    held_out = objective_windows(tokenizer, search.objective, search.objective_windows, data_dir)
+    shapes = discover(model)
+    layers = prunable_layers(len(shapes), s)
+    stats, cache = cached_pool(model, pool, shapes, layers, default_cache_dir().parent / "adapruner", progress)
+    pool_s = time.perf_counter() - t0
+    metrics = metric_choices()
+    identity = {"model": cache["key"], "pool": pool_hash, "objective": f"{search.objective}/validation/{search.objective_windows}",
+                "space": f"{search.space}/{s.calib_samples}/{search.pool_size}", "ratio": s.ratio,
+                "reconstruct": recon.method if recon is not None else "none"}
+    study = open_study(storage, identity, search.new)
+    fixed = Point(list(range(s.calib_samples)), metrics[0])
+    trial_times: list[float] = []
+
+    def evaluate(point: Point) -> float:
+        t = time.perf_counter()
+        result = prune_point(model, stats, point, s, shapes, layers)
+        if recon is not None and recon.active:
+            reconstruct(model, result.model, result.plan, recon_samples, recon, progress=False)
+        ppl = window_perplexity(result.model, held_out, progress=False)["ppl"]
+        trial_times.append(time.perf_counter() - t)
+        return ppl
+
+    trials = run_search(study, evaluate, search.trials, s.calib_samples, search.pool_size, metrics, s.seed, search.startup,
+                        search.sampler, fixed, search.space in ("both", "data"), search.space in ("both", "metric"), progress)
+    best = min(trials, key=lambda t: (t["value"], t["number"]))
+    point = Point(best["windows"], best["metric"])
+    result = prune_point(model, stats, point, s, shapes, layers)
+    result.plan.settings = {**s.to_dict(), "search": search.to_dict()}
+    result.plan.calibration = {"source": search.pool, "pool_size": search.pool_size, "pool_sha256": pool_hash,
+                               "windows": point.windows, "seq_len": s.seq_len}
+    info = {"settings": search.to_dict(), "identity": identity, "storage": str(storage), "pool_cache": cache,
+            "pool_s": pool_s, "trial_s": trial_times, "best": {**point.to_dict(), "value": best["value"]},
+            "trials": trials, "time_s": time.perf_counter() - t0}
+    result.details.update(search=info["best"])
+    return result, info
+
+
+def write_search(directory: Path, info: dict) -> None:
+    """search.json (every trial), search.md (a table) and search.png (best objective so far)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from saap_edge.checkpoint import write_json
+    from saap_edge.report import format_table
+
+    write_json(directory / "search.json", info)
+    trials = info["trials"]
+    rows = [[t["number"], t["metric"], len(t["windows"]), t["value"]] for t in trials]
+    per_trial = sum(info["trial_s"]) / len(info["trial_s"]) if info["trial_s"] else None
+    lines = [f"# AdaPruner search: {len(trials)} trials", "",
+             f"Objective: perplexity on {info['identity']['objective']} windows (validation split). Best: "
+             f"{info['best']['metric']} on windows {info['best']['windows']}, {info['best']['value']:.3f}.",
+             f"Pool statistics {info['pool_s']:.0f} s ({'cached' if info['pool_cache']['cached'] else 'computed'}); "
+             + (f"{per_trial:.1f} s per trial run in this process." if per_trial else "no trial ran in this process."),
+             "", format_table(["trial", "metric", "windows", "objective"], rows), ""]
+    (directory / "search.md").write_text("\n".join(lines))
+    best, so_far = float("inf"), []
+    for t in trials:
+        best = min(best, t["value"])
+        so_far.append(best)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([t["number"] for t in trials], [t["value"] for t in trials], "o", alpha=0.4, label="trial")
+    ax.plot([t["number"] for t in trials], so_far, "-", label="best so far")
+    ax.set_xlabel("trial")
+    ax.set_ylabel("validation perplexity")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(directory / "search.png", dpi=100)
+    plt.close(fig)
