@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -193,6 +193,12 @@ def compress(job: CompressJob) -> dict:
     """Run the whole stage; returns the report written to <out>/report.json."""
     rc = job.reconstruct.validate()
     s = job.prune.validate(reconstructs=rc.active)
+    if s.method == "adapruner" and rc.active and rc.select == "local":
+        # under local selection OBS picks the units and a uniform ranking only sets counts that
+        # do not depend on it: every point of the search would give one model (measured: 16
+        # trials, one perplexity). AdaPruner keeps its point's own units and refits them.
+        rc = replace(rc, select="global")
+        job = replace(job, reconstruct=rc)
     r = job.recover.validate() if job.recover is not None else None
     check_output_dir(job.out, job.overwrite)
     t0 = time.perf_counter()

@@ -144,6 +144,8 @@ def test_compress_with_adapruner_never_reads_a_test_split_and_reuses_its_study(t
     search = json.loads((out / "search.json").read_text())
     assert plan["method"] == "adapruner" and len(plan["calibration"]["windows"]) == 3
     assert len(search["trials"]) == 3 and search["best"]["windows"] == plan["calibration"]["windows"]
+    # the point's own units are refit (under local selection OBS would make every point one model)
+    assert plan["reconstruction"]["select"] == "global" and len({t["value"] for t in search["trials"]}) > 1
     assert (out / "search.md").is_file() and (out / "search.png").is_file() and (tmp_path / "out.search.db").is_file()
     # the same command again: the finished study is reused, no trial runs
     assert _compress(model_dir, out, data_dir, "--overwrite") == 0

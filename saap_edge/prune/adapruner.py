@@ -361,7 +361,7 @@ def search_and_prune(model: nn.Module, tokenizer, s, search, recon, recon_sample
     metrics = metric_choices()
     identity = {"model": cache["key"], "pool": pool_hash, "objective": f"{search.objective}/validation/{search.objective_windows}",
                 "space": f"{search.space}/{s.calib_samples}/{search.pool_size}", "ratio": s.ratio,
-                "reconstruct": recon.method if recon is not None else "none"}
+                "reconstruct": f"{recon.method}/{recon.select}" if recon is not None else "none"}
     study = open_study(storage, identity, search.new)
     fixed = Point(list(range(s.calib_samples)), metrics[0])
     trial_times: list[float] = []
