@@ -120,7 +120,8 @@ def markdown(data: dict) -> str:
     datasets = list(rows[0]["ppl"])
     p = data["protocol"]
     out = [f"# AdaPruner on {data['model']}", "",
-           f"Every row: `compress` with the default reconstruction, no recovery training. AdaPruner: pool {p['pool_size']} "
+           f"Every row: `compress` with the default reconstruction (AdaPruner refits its point's own units, `select global`: "
+           f"under local selection every point gives one model), no recovery training. AdaPruner: pool {p['pool_size']} "
            f"windows x 128 tokens of books, {p['calib_samples']} windows a point, {p['trials']} trials "
            f"({p['startup']} random first), objective {p['objective']}. Made by `{data['command']}`; "
            f"{data['machine']['cores']} CPU cores.", ""]
