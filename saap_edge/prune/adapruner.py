@@ -33,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from saap_edge.errors import UserError
-from saap_edge.prune.estimate import TaylorStats, _locate_nonfinite, _only_grads_for
+from saap_edge.prune.estimate import TaylorStats, backward_each
 from saap_edge.prune.groups import MEMBERS, LayerShape, decoder_layers, submodule, unit_reduce
 from saap_edge.prune.importance import Scores
 
@@ -97,7 +97,6 @@ def collect_pool(model: nn.Module, pool: torch.Tensor, shapes: list[LayerShape],
                  progress: bool = True) -> PoolStats:
     """One forward + backward per pool window [P, T]; per member of every unit kind, the four
     Taylor sums per unit (STATS), folded in gradient hooks that free each gradient at once."""
-    device = next(model.parameters()).device
     blocks = decoder_layers(model)
     n = pool.shape[0]
     stats: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
@@ -124,24 +123,9 @@ def collect_pool(model: nn.Module, pool: torch.Tensor, shapes: list[LayerShape],
             s["mix"][d, m] = unit_reduce((gw - 0.5 * gw * gw).abs(), axis, units).cpu()
         return hook
 
-    losses, handles = [], []
-    with _only_grads_for(model, [mm[4] for mm in members]):
-        try:
-            for key, m, axis, units, weight, name in members:
-                handles.append(weight.register_post_accumulate_grad_hook(make(key, m, axis, units, name)))
-            for d in tqdm(range(n), desc="pool statistics", disable=not progress):
-                state["sample"] = d
-                ids = pool[d : d + 1].to(device)
-                loss = model(input_ids=ids, labels=ids).loss
-                if not torch.isfinite(loss):
-                    raise UserError(f"loss is {loss.item()} on pool window {d}: {_locate_nonfinite(model, ids)}")
-                loss.backward()
-                losses.append(loss.item())
-                if state["bad"]:
-                    raise UserError(f"NaN or inf in the gradients of {state['bad']} (pool window {d})")
-        finally:
-            for h in handles:
-                h.remove()
+    hooked = [(weight, make(key, m, axis, units, name)) for key, m, axis, units, weight, name in members]
+    losses = backward_each(model, pool, hooked, lambda d: state.__setitem__("sample", d), lambda: state["bad"],
+                           "pool window", "pool statistics", progress)
     return PoolStats(stats, losses)
 
 

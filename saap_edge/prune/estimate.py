@@ -117,6 +117,34 @@ def _locate_nonfinite(model: nn.Module, ids: torch.Tensor) -> str:
     return f"{where}; try --dtype float32 or other calibration text"
 
 
+def backward_each(model: nn.Module, samples: torch.Tensor, hooked: list[tuple[nn.Parameter, object]], set_sample,
+                  bad, what: str, desc: str, progress: bool) -> list[float]:
+    """Forward + backward each sample [D, T] with `hooked` (weight, post-accumulate-grad hook)
+    registered and only those weights taking gradients; `set_sample(d)` runs before sample d,
+    `bad()` names a weight whose gradient was not finite. Returns the losses."""
+    device = next(model.parameters()).device
+    handles, losses = [], []
+    with _only_grads_for(model, [w for w, _ in hooked]):
+        try:
+            for weight, hook in hooked:
+                handles.append(weight.register_post_accumulate_grad_hook(hook))
+            for d in tqdm(range(samples.shape[0]), desc=desc, disable=not progress):
+                set_sample(d)
+                ids = samples[d : d + 1].to(device)
+                loss = model(input_ids=ids, labels=ids).loss
+                if not torch.isfinite(loss):
+                    raise UserError(f"loss is {loss.item()} on {what} {d}: {_locate_nonfinite(model, ids)}")
+                loss.backward()
+                losses.append(loss.item())
+                if bad():
+                    raise UserError(f"NaN or inf in the gradients of {bad()} ({what} {d}); try --dtype float32 or other "
+                                    "calibration text")
+        finally:
+            for h in handles:
+                h.remove()
+    return losses
+
+
 def _param_mix(model, shapes, layers, hooks: _TaylorHooks, n: int) -> Scores:
     """LLM-Pruner's param_mix: sum |w * g_mean - w^2 * mean(g^2) / 2| over each unit's weights."""
     scores: Scores = {}
@@ -139,28 +167,10 @@ def collect_taylor(
 ) -> TaylorStats:
     """Forward + backward each calibration sample [D, T] and gather per-unit Taylor sums
     (per query head too when `heads`)."""
-    device = next(model.parameters()).device
     hooks = _TaylorHooks(samples.shape[0], with_param_mix)
-    members = list(_members(model, shapes, layers, heads))
-    handles = []
-    losses = []
-    with _only_grads_for(model, [m[1] for m in members]):
-        try:
-            for name, weight, axis, targets in members:
-                handles.append(weight.register_post_accumulate_grad_hook(hooks.make(name, axis, targets)))
-            for d in tqdm(range(samples.shape[0]), desc="importance", disable=not progress):
-                hooks.sample = d
-                ids = samples[d : d + 1].to(device)
-                loss = model(input_ids=ids, labels=ids).loss
-                if not torch.isfinite(loss):
-                    raise UserError(f"loss is {loss.item()} on calibration sample {d}: {_locate_nonfinite(model, ids)}")
-                loss.backward()
-                losses.append(loss.item())
-                if hooks.bad:
-                    raise UserError(f"NaN or inf in the gradients of {hooks.bad} (sample {d}); try --dtype float32 or other calibration text")
-        finally:
-            for h in handles:
-                h.remove()
+    hooked = [(weight, hooks.make(name, axis, targets)) for name, weight, axis, targets in _members(model, shapes, layers, heads)]
+    losses = backward_each(model, samples, hooked, lambda d: setattr(hooks, "sample", d), lambda: hooks.bad,
+                           "calibration sample", "importance", progress)
     mix = _param_mix(model, shapes, layers, hooks, samples.shape[0]) if with_param_mix else {}
     return TaylorStats(hooks.vector, hooks.element, mix, losses)
 
