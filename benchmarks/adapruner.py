@@ -19,13 +19,12 @@ cached under --work, so an interrupted run resumes.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import machine, write_results  # noqa: E402
+from harness import cached_row, machine, quality_arguments, write_results  # noqa: E402
 
 from saap_edge.compress import CompressJob, compress, versions  # noqa: E402
 from saap_edge.config import PruneSettings, ReconstructSettings, RunSettings, SearchSettings  # noqa: E402
@@ -43,31 +42,23 @@ ABLATIONS = [
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.5])
-    p.add_argument("--datasets", nargs="+", default=["wikitext2", "ptb"])
-    p.add_argument("--limit", type=int, default=0, help="test windows per dataset for the main rows (0: all)")
-    p.add_argument("--ablation-limit", type=int, default=256)
+    quality_arguments(p, "adapruner")
     p.add_argument("--pool-size", type=int, default=SearchSettings().pool_size)
-    p.add_argument("--calib-samples", type=int, default=50)
     p.add_argument("--trials", type=int, default=SearchSettings().trials)
     p.add_argument("--startup", type=int, default=SearchSettings().startup)
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--no-ablations", action="store_true")
-    p.add_argument("--only", nargs="*", default=None, help="run only rows whose key starts with one of these")
-    p.add_argument("--work", type=Path, default=Path("benchmarks/work/adapruner"))
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     return p.parse_args(argv)
 
 
 def _row(a, key: str, table: str, label: str, method: str, ratio: float, limit: int, search: dict | None = None) -> dict | None:
     if a.only and not key.startswith(tuple(a.only)):
         return None
-    path = a.work / "rows" / f"{key}.json"
-    if path.exists():
-        row = json.loads(path.read_text())
-        print(f"[cached] {key}: {row['ppl']}", flush=True)
-        return row
+    row = cached_row(a.work / "rows" / f"{key}.json", lambda: _measure(a, key, table, label, method, ratio, limit, search))
+    print(f"[{time.strftime('%H:%M:%S')}] {key}: {row['ppl']}", flush=True)
+    return row
+
+
+def _measure(a, key: str, table: str, label: str, method: str, ratio: float, limit: int, search: dict | None) -> dict:
+    """Compress with `method` (no recovery), then score the output on the test sets."""
     out = a.work / "models" / key
     out.parent.mkdir(parents=True, exist_ok=True)
     s = PruneSettings(method=method, ratio=ratio, calib_samples=a.calib_samples)
@@ -89,9 +80,6 @@ def _row(a, key: str, table: str, label: str, method: str, ratio: float, limit: 
         row["search"] = {"best": sr["best"], "pool_s": sr["pool_s"], "pool_cached": sr["pool_cache"]["cached"],
                          "search_s": sr["time_s"], "trial_s": sr["trial_s"], "trials": len(sr["trials"]),
                          "settings": sr["settings"], "curve": [[t["number"], t["value"]] for t in sr["trials"]]}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(row, indent=1, default=str))
-    print(f"[{time.strftime('%H:%M:%S')}] {key}: {row['ppl']}", flush=True)
     return row
 
 

@@ -18,6 +18,36 @@ def timed(store: dict, key: str):
     store[key] = store.get(key, 0.0) + time.perf_counter() - t0
 
 
+def cached_row(path: Path, make, keep=None) -> dict:
+    """A benchmark row read from `path`, or made by `make()` and stored there (written whole,
+    then renamed) unless `keep(row)` says no, so an interrupted run resumes from its rows."""
+    if path.exists():
+        return json.loads(path.read_text())
+    row = make()
+    if keep is None or keep(row):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(row, indent=1, default=str))
+        tmp.replace(path)
+    return row
+
+
+def quality_arguments(p, name: str) -> None:
+    """The arguments the pruning-quality benchmarks share: model, ratios, test sets and how much
+    of them, calibration size, data, which rows, where rows and results go."""
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.5])
+    p.add_argument("--datasets", nargs="+", default=["wikitext2", "ptb"])
+    p.add_argument("--limit", type=int, default=0, help="128-token windows per dataset (0: the whole test set)")
+    p.add_argument("--ablation-limit", type=int, default=256, help="windows per dataset for the ablation rows (0: all)")
+    p.add_argument("--calib-samples", type=int, default=50)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--only", nargs="*", default=None, help="run only rows whose key starts with one of these (e.g. main-0.20)")
+    p.add_argument("--no-ablations", action="store_true")
+    p.add_argument("--work", type=Path, default=Path("benchmarks/work") / name)
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+
+
 def write_results(out_dir: Path, name: str, data: dict, markdown: str) -> tuple[Path, Path]:
     """benchmarks/results/<name>.json and .md, each written to a temporary name then renamed."""
     out_dir.mkdir(parents=True, exist_ok=True)

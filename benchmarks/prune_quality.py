@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import PeakRSS, machine, timed, write_results  # noqa: E402
+from harness import PeakRSS, cached_row, machine, quality_arguments, timed, write_results  # noqa: E402
 
 from saap_edge.compress import versions  # noqa: E402
 from saap_edge.config import PruneSettings, ReconstructSettings  # noqa: E402
@@ -82,21 +82,11 @@ TARGETS = {0.2: 110.0, 0.5: 600.0}  # WikiText-2, full test set, no recovery tra
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.5])
-    p.add_argument("--datasets", nargs="+", default=["wikitext2", "ptb"])
-    p.add_argument("--limit", type=int, default=0, help="128-token windows per dataset (0: the whole test set)")
-    p.add_argument("--ablation-limit", type=int, default=256, help="windows per dataset for the ablation rows (0: all)")
+    quality_arguments(p, "prune_quality")
     p.add_argument("--calib", default="books")
-    p.add_argument("--calib-samples", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--only", nargs="*", default=None, help="run only rows whose key starts with one of these (e.g. main-0.20)")
-    p.add_argument("--no-ablations", action="store_true")
     p.add_argument("--units-main", nargs="*", default=[], help="UNIT_VARIANTS labels to measure on the full test sets too")
     p.add_argument("--cached-only", action="store_true", help="write the results from the rows cached under --work; run nothing")
-    p.add_argument("--work", type=Path, default=Path("benchmarks/work/prune_quality"))
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     p.add_argument("--name", default="prune_quality")
     return p.parse_args(argv)
 
@@ -145,14 +135,8 @@ class Bench:
         if self.a.cached_only and not path.exists():
             self.missing.append(what or key)
             return None
-        if path.exists():
-            row = json.loads(path.read_text())
-            row["label"] = label or row["label"]  # the same settings may have been measured under an older name
-        else:
-            row = {"key": key, **make()}
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(json.dumps(row, indent=1, default=str))
-            tmp.replace(path)
+        row = cached_row(path, lambda: {"key": key, **make()})
+        row["label"] = label or row["label"]  # the same settings may have been measured under an older name
         print(f"[{time.strftime('%H:%M:%S')}] {key}: {row['ppl']}", flush=True)
         self.rows.append(row)
         return row

@@ -40,7 +40,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import machine, run_child, write_results  # noqa: E402
+from harness import cached_row, machine, run_child, write_results  # noqa: E402
 
 from saap_edge.compress import versions  # noqa: E402
 from saap_edge.report import format_table  # noqa: E402
@@ -84,17 +84,10 @@ class Bench:
 
     def cached(self, key: str, make) -> dict | None:
         path = self.a.work / "rows" / f"{key.replace('/', '_').replace(',', '+')}.json"
-        if path.exists():
-            row = json.loads(path.read_text())
-        elif self.a.cached_only or (self.a.only and not key.startswith(tuple(self.a.only))):
+        if not path.exists() and (self.a.cached_only or (self.a.only and not key.startswith(tuple(self.a.only)))):
             self.missing.append(key)
             return None
-        else:
-            row = {"key": key, **make()}
-            if "failed" not in row:
-                tmp = path.with_name(path.name + ".tmp")
-                tmp.write_text(json.dumps(row, indent=1, default=str))
-                tmp.replace(path)
+        row = cached_row(path, lambda: {"key": key, **make()}, keep=lambda r: "failed" not in r)
         print(f"[{time.strftime('%H:%M:%S')}] {key}: {row.get('ppl', row.get('failed'))}", flush=True)
         self.rows[key] = row
         return row

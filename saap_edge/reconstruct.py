@@ -46,7 +46,7 @@ from saap_edge.errors import UserError
 from saap_edge.models.onednn import onednn_linears
 from saap_edge.prune.groups import ATTN, MLP, MEMBERS, OUTPUT_PROJ, LayerShape, decoder_layers, discover, member_index, submodule
 from saap_edge.prune.plan import LayerPlan, PrunePlan
-from saap_edge.prune.slicing import kept_index
+from saap_edge.prune.slicing import kept_index, take_lines
 from saap_edge.report import PeakRSS
 
 
@@ -352,9 +352,9 @@ def _select_local(lp: LayerPlan, shape: LayerShape, kind: str, w: torch.Tensor, 
         heads = torch.tensor(lp.group_heads(lp.kv_groups), dtype=torch.long)
         cols = member_index(heads, shape, "qh").to(gram.device)
         families = heads // shape.n_rep
-        dropped = obs_select(w[:, cols], gram[cols][:, cols], shape.head_dim, (shape.n_rep - per_group) * n_groups, damp,
-                             families=families, quota=shape.n_rep - per_group)
-        lp.heads = [int(h) for j, h in enumerate(heads) if j not in set(dropped)]
+        dropped = set(obs_select(w[:, cols], gram[cols][:, cols], shape.head_dim, (shape.n_rep - per_group) * n_groups, damp,
+                                 families=families, quota=shape.n_rep - per_group))
+        lp.heads = [int(h) for j, h in enumerate(heads) if j not in dropped]
 
 
 def _reslice(dl: nn.Module, sl: nn.Module, shape: LayerShape, kind: str, lp: LayerPlan) -> None:
@@ -362,10 +362,10 @@ def _reslice(dl: nn.Module, sl: nn.Module, shape: LayerShape, kind: str, lp: Lay
     with torch.no_grad():
         for path, axis, part in MEMBERS[kind]:
             src, dst = submodule(dl, path), submodule(sl, path)
-            index = kept_index(lp, shape, part).to(src.weight.device)
-            dst.weight.copy_(src.weight.index_select(0 if axis == "out" else 1, index))
+            index = kept_index(lp, shape, part)
+            dst.weight.copy_(take_lines(src.weight, axis, index))
             if axis == "out" and src.bias is not None:
-                dst.bias.copy_(src.bias.index_select(0, index))
+                dst.bias.copy_(take_lines(src.bias, axis, index))
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ from torch import nn
 
 from saap_edge.config import PruneSettings
 from saap_edge.errors import UserError
-from saap_edge.prune.groups import ATTN, HEAD, MLP, discover, total_params, unit_costs
+from saap_edge.prune.groups import discover, scored_kinds, total_params, unit_costs
 from saap_edge.prune.methods import RANKERS, Statistics
 from saap_edge.prune.plan import PrunePlan
 from saap_edge.prune.search import candidates, check_feasible, search
@@ -41,8 +41,7 @@ def check_ratio(model: nn.Module, s: PruneSettings) -> None:
     if free:
         raise UserError(f"layer {free[0]} has no attention left (an attention-free layer of a pruned model); pruning "
                         "such layers again is not supported: keep them with --keep-first / --keep-last, or prune the dense model")
-    kinds = (ATTN, MLP, HEAD) if "heads" in s.unit_set else (ATTN, MLP)
-    zeros = {(i, k): torch.zeros(shapes[i].n_units(k)) for i in layers for k in kinds}
+    zeros = {(i, k): torch.zeros(shapes[i].n_units(k)) for i in layers for k in scored_kinds("heads" in s.unit_set)}
     costs = unit_costs(model, shapes, layers)
     cands = candidates(zeros, shapes, costs, s.align, "modules" in s.unit_set)
     check_feasible(s.ratio, cands, total_params(model), shapes, costs)

@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 ATTN, MLP, HEAD, MODULE = "attn", "mlp", "head", "module"
-UNIT_CHOICES = ("groups", "heads", "modules")
 
 # Coupled projections of each unit kind: (module path in the decoder layer, axis that holds
 # the unit: "out" = weight rows, "in" = weight columns, which slice of the unit it holds).
@@ -50,6 +49,11 @@ OUTPUT_PROJ = {ATTN: "self_attn.o_proj", MLP: "mlp.down_proj"}
 def kind_members(kind: str) -> tuple[tuple[str, str, str], ...]:
     """The coupled projections of a unit kind (ATTN, MLP or HEAD)."""
     return HEAD_MEMBERS if kind == HEAD else MEMBERS[kind]
+
+
+def scored_kinds(heads: bool) -> tuple[str, ...]:
+    """The unit kinds a ranking scores: KV groups and MLP channels, and query heads if `heads`."""
+    return (ATTN, MLP, HEAD) if heads else (ATTN, MLP)
 
 
 def output_proj(kind: str) -> str:

@@ -26,11 +26,11 @@ from saap_edge.prune.groups import (
     ATTN,
     HEAD,
     MEMBERS,
-    MLP,
     LayerShape,
     decoder_layers,
     kind_members,
     output_proj,
+    scored_kinds,
     submodule,
     unit_costs,
     unit_reduce,
@@ -45,7 +45,7 @@ class Statistics:
                  heads: bool = False):
         self.model, self.samples, self.shapes, self.layers, self.progress = model, samples, shapes, layers, progress
         self.heads = heads  # score query heads (HEAD units) too
-        self.kinds = (ATTN, MLP, HEAD) if heads else (ATTN, MLP)
+        self.kinds = scored_kinds(heads)
         self.costs = unit_costs(model, shapes, layers)
         self._taylor = None
         self._inputs = None
@@ -54,7 +54,7 @@ class Statistics:
         """Whether the next rankings score query heads (HEAD units). Statistics collected without
         them are collected again when they are wanted; rankings without them never see them."""
         self.heads = self.heads or heads
-        self.kinds = (ATTN, MLP, HEAD) if heads else (ATTN, MLP)
+        self.kinds = scored_kinds(heads)
 
     def only_kinds(self, scores: Scores) -> Scores:
         """`scores` restricted to the unit kinds the ranking uses."""

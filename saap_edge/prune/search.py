@@ -71,13 +71,6 @@ class Ledger:
         return delta
 
 
-def removed_params(cands: list[Candidate], shapes: list[LayerShape], costs: dict[tuple[int, str], int]) -> int:
-    ledger = Ledger(shapes, costs)
-    for c in cands:
-        ledger.add(c)
-    return ledger.removed
-
-
 def _blocks(keep: torch.Tensor, align: int) -> list[tuple[tuple[int, ...], float]]:
     """MLP channels, least important first, cut into removal blocks. A first block of
     ffn % align channels makes the remaining width a multiple of align; the most important
@@ -126,7 +119,11 @@ def candidates(
 
 
 def max_removable(cands: list[Candidate], shapes: list[LayerShape], costs: dict[tuple[int, str], int]) -> int:
-    return removed_params(cands, shapes, costs)
+    """Parameters the candidates remove together (counted by a Ledger)."""
+    ledger = Ledger(shapes, costs)
+    for c in cands:
+        ledger.add(c)
+    return ledger.removed
 
 
 def check_feasible(ratio: float, cands: list[Candidate], total_params: int, shapes, costs) -> None:

@@ -7,7 +7,7 @@ from torch import nn
 from transformers.modeling_utils import no_init_weights
 
 from saap_edge.models.slim import SlimLlamaConfig, SlimLlamaForCausalLM
-from saap_edge.prune.groups import ATTN, MEMBERS, OUTPUT_PROJ, LayerShape, decoder_layers, discover, member_index, submodule
+from saap_edge.prune.groups import ATTN, MEMBERS, MLP, OUTPUT_PROJ, LayerShape, decoder_layers, discover, member_index, submodule
 from saap_edge.prune.plan import LayerPlan, PrunePlan
 
 
@@ -50,22 +50,18 @@ def sliced_state_dict(model: nn.Module, plan: PrunePlan) -> dict[str, torch.Tens
                     state.pop(f"{key}.bias", None)
                     continue
                 index = kept_index(lp, shape, part)
-                state[f"{key}.weight"] = _take(state[f"{key}.weight"], axis, index).contiguous()
+                state[f"{key}.weight"] = take_lines(state[f"{key}.weight"], axis, index).contiguous()
                 if f"{key}.bias" in state and axis == "out":
-                    state[f"{key}.bias"] = _take(state[f"{key}.bias"], axis, index).contiguous()
+                    state[f"{key}.bias"] = take_lines(state[f"{key}.bias"], axis, index).contiguous()
         if lp.attention_free:
             state.pop(f"{prefix}.{i}.input_layernorm.weight", None)
     return state
 
 
-def _take(tensor: torch.Tensor, axis: str, index: torch.Tensor) -> torch.Tensor:
-    return tensor.index_select(0 if axis == "out" else 1, index.to(tensor.device))
-
-
-def member_slice(tensor: torch.Tensor, axis: str, units: torch.Tensor, shape, part: str) -> torch.Tensor:
+def take_lines(tensor: torch.Tensor, axis: str, index: torch.Tensor) -> torch.Tensor:
     """The rows (axis "out": weight rows or bias entries) or columns ("in") of a member's
-    weight that the given units own."""
-    return _take(tensor, axis, member_index(units, shape, part))
+    weight at `index`."""
+    return tensor.index_select(0 if axis == "out" else 1, index.to(tensor.device))
 
 
 def apply_plan(model: nn.Module, plan: PrunePlan) -> SlimLlamaForCausalLM:
@@ -98,7 +94,7 @@ def mask_units(model: nn.Module, plan: PrunePlan) -> None:
     """
     for i, (layer, shape) in enumerate(zip(decoder_layers(model), discover(model))):
         lp = plan.layers[i]
-        for kind, part in ((ATTN, "q"), ("mlp", "ch")):
+        for kind, part in ((ATTN, "q"), (MLP, "ch")):
             weight = submodule(layer, OUTPUT_PROJ[kind]).weight
             keep = torch.zeros(weight.shape[1], dtype=torch.bool)
             keep[kept_index(lp, shape, part)] = True

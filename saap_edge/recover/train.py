@@ -46,6 +46,7 @@ STATE_FILE, OPTIMIZER_FILE, ADAPTER_WEIGHTS = "trainer_state.json", "optimizer.s
 PARAMS_FILE = "params.safetensors"
 SCALE_LR_SHARE = 0.1
 KEEP_CHECKPOINTS = 2
+DAMAGED_FIX = "delete the checkpoint to resume from the one before"  # what to do about a damaged checkpoint file
 
 
 class LossDiverged(UserError):
@@ -173,7 +174,7 @@ def check_resumable(checkpoint: Path, s: RecoverSettings, data_sha256: str) -> d
 def _tensors(path: Path, what: str, device=None) -> dict[str, torch.Tensor]:
     """A checkpoint's safetensors file, checked whole before it is read."""
     check_safetensors(path, what)
-    with reading(path, what, "delete the checkpoint to resume from the one before"):
+    with reading(path, what, DAMAGED_FIX):
         return load_file(path, device=str(device) if device is not None else "cpu")
 
 
@@ -245,7 +246,7 @@ def train(
             set_peft_model_state_dict(model, _tensors(last / ADAPTER_WEIGHTS, "adapter weights", device))
         if (last / PARAMS_FILE).exists() or direct_parameters(model):
             _load_direct(model, last / PARAMS_FILE)
-        with reading(last / OPTIMIZER_FILE, "optimizer state", "delete the checkpoint to resume from the one before"):
+        with reading(last / OPTIMIZER_FILE, "optimizer state", DAMAGED_FIX):
             _load_optimizer(optimizer, _tensors(last / OPTIMIZER_FILE, "optimizer state", device))
         start = result.resumed_from = state["step"]
         result.losses = list(state.get("losses", []))
