@@ -48,6 +48,36 @@ def quality_arguments(p, name: str) -> None:
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
 
 
+# The seven zero-shot tasks of the paper's tables, with the column and the metric each reports.
+TASKS = ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
+TASK_COLUMNS = {"boolq": ("BoolQ", "acc"), "piqa": ("PIQA", "acc"), "hellaswag": ("HellaS", "acc_norm"),
+                "winogrande": ("WinoG", "acc"), "arc_easy": ("ARC-e", "acc"), "arc_challenge": ("ARC-c", "acc_norm"),
+                "openbookqa": ("OBQA", "acc_norm")}
+
+
+def task_average(tasks: dict) -> float:
+    """Unweighted mean over the seven tasks of each task's reported metric."""
+    return sum(tasks[t][TASK_COLUMNS[t][1]] for t in TASKS) / len(TASKS)
+
+
+def task_average_stderr(tasks: dict) -> float:
+    """Standard error of that mean (the tasks' items are independent samples)."""
+    return sum(tasks[t][TASK_COLUMNS[t][1] + "_stderr"] ** 2 for t in TASKS) ** 0.5 / len(TASKS)
+
+
+def zero_shot(model, tokenizer, data_dir, limit: int) -> dict:
+    """The seven tasks scored in torch (first `limit` items of each, or all of a smaller set)."""
+    from saap_edge.eval.zeroshot import TorchScorer, evaluate_tasks, load_task
+
+    out = {}
+    scorer = TorchScorer(model, tokenizer, batch_size=16)
+    for task in TASKS:
+        n = min(limit, len(load_task(task, data_dir))) if limit else None
+        out.update(evaluate_tasks(scorer, [task], data_dir, n, progress=False))
+    out.pop("average", None)
+    return out
+
+
 def write_results(out_dir: Path, name: str, data: dict, markdown: str) -> tuple[Path, Path]:
     """benchmarks/results/<name>.json and .md, each written to a temporary name then renamed."""
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import machine, write_results  # noqa: E402
+from harness import TASK_COLUMNS, TASKS, machine, write_results  # noqa: E402
+from harness import task_average as _average  # noqa: E402
 
 from saap_edge.bench.probe import run_child  # noqa: E402
 from saap_edge.bench.weights import torch_weights  # noqa: E402  (int4 projections count their logical weights)
@@ -46,10 +47,6 @@ from saap_edge.compress import versions  # noqa: E402
 from saap_edge.config import PruneSettings, ReconstructSettings  # noqa: E402
 from saap_edge.report import format_table  # noqa: E402
 
-TASKS = ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
-TASK_COLUMNS = {"boolq": ("BoolQ", "acc"), "piqa": ("PIQA", "acc"), "hellaswag": ("HellaS", "acc_norm"),
-                "winogrande": ("WinoG", "acc"), "arc_easy": ("ARC-e", "acc"), "arc_challenge": ("ARC-c", "acc_norm"),
-                "openbookqa": ("OBQA", "acc_norm")}
 METHODS = [  # Table I: (label, overrides)
     ("saap (default)", {"method": "saap"}),
     ("llm-pruner", {"method": "llm-pruner", "taylor": "param_mix"}),
@@ -203,10 +200,6 @@ class Report:
         work = self.a.work / "bench"
         work.mkdir(exist_ok=True)
         return [bench_row(BenchModel(directory.name, str(directory)), rt, work, s) for rt in s.runtimes]
-
-
-def _average(tasks: dict) -> float:
-    return sum(tasks[t][TASK_COLUMNS[t][1]] for t in TASKS) / len(TASKS)
 
 
 # ---------------------------------------------------------------------- Markdown and charts

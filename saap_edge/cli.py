@@ -12,7 +12,7 @@ from pathlib import Path
 
 from saap_edge.config import (
     CPU_RECOVER_STEPS, METHODS, RECON_TARGETS, RECONSTRUCTIONS, RECOVER_LOSSES, RECOVERIES, SELECTIONS, PruneSettings, ReconstructSettings,
-    RecoverSettings, RunSettings, SearchSettings, default_cache_dir,
+    HywiaSettings, RecoverSettings, RunSettings, SearchSettings, default_cache_dir,
 )
 from saap_edge.errors import UserError
 from saap_edge.models.load import DEFAULT_MODEL
@@ -123,7 +123,7 @@ def add_compress(p: argparse.ArgumentParser) -> None:
     g.add_argument("--taylor", default=d.taylor, help="llm-pruner importance: vectorize or param_mix (default: %(default)s)")
     g.add_argument("--units", default=d.units, help="attention units that may leave, comma list: groups (KV groups), heads "
                    "(query-head slots: one head of every KV group), modules (a whole attention module; the layer keeps its MLP); "
-                   "heads and modules need saap or flap; auto: groups,heads for saap with --reconstruct lsq, groups otherwise "
+                   "heads and modules need saap, flap or hywia; auto: groups,heads for saap and hywia with --reconstruct lsq, groups otherwise "
                    "(default: %(default)s)")
     g.add_argument("--keep-first", type=int, default=d.keep_first, help="first layers never pruned (default: %(default)s)")
     g.add_argument("--keep-last", type=int, default=d.keep_last, help="last layers never pruned (default: %(default)s)")
@@ -144,6 +144,15 @@ def add_compress(p: argparse.ArgumentParser) -> None:
     g.add_argument("--search-space", default=q.space, help="both, data (metric fixed) or metric (windows fixed) "
                    "(default: %(default)s)")
     g.add_argument("--new-search", action="store_true", help="replace a stored search made for another model, pool or objective")
+    y = HywiaSettings()
+    g = p.add_argument_group("HyWIA fusion (--method hywia: coarse and fine importance blended per layer by a learned attention)")
+    g.add_argument("--hywia-blend", default=y.blend, help="learned, or the ablations fixed (50/50), coarse, fine (default: %(default)s)")
+    g.add_argument("--hywia-fine", default=y.fine, help="fine granularity: first (sum |g*w|) or second (sum |g*w - (g*w)^2/2|) "
+                   "order (default: %(default)s)")
+    g.add_argument("--hywia-loss", default=y.loss, help="kd (KL to the dense model) or lm, under the soft keep-mask (default: %(default)s)")
+    g.add_argument("--hywia-steps", type=int, default=y.steps, help="optimizer steps of the fusion learning (default: %(default)s)")
+    g.add_argument("--hywia-batch", type=int, default=y.batch, help="calibration windows per step (default: %(default)s)")
+    g.add_argument("--hywia-lr", type=float, default=y.lr, help="Adam rate of the fusion parameters (default: %(default)s)")
     r = ReconstructSettings()
     g = p.add_argument_group("reconstruction (refit the kept weights of o_proj and down_proj, layer by layer)")
     g.add_argument("--reconstruct", default=r.method, choices=RECONSTRUCTIONS,
@@ -182,7 +191,9 @@ def run_compress(a: argparse.Namespace) -> int:
                       recover=_recover_settings(a), resume=a.resume, save_every=a.save_every, keep_checkpoints=a.keep_checkpoints,
                       **_teacher_args(a),
                       search=SearchSettings(a.calib_pool, a.pool_size, a.search_trials, a.search_startup, a.search_objective,
-                                            a.search_windows, a.search_sampler, a.search_space, a.new_search))
+                                            a.search_windows, a.search_sampler, a.search_space, a.new_search),
+                      hywia=HywiaSettings(blend=a.hywia_blend, fine=a.hywia_fine, loss=a.hywia_loss, steps=a.hywia_steps,
+                                          batch=a.hywia_batch, lr=a.hywia_lr))
     report = compress(job)
     print(before_after_table(report))
     print(f"saved the {_model_kind(report)}, prune_plan.json, report.json and layers.png to {a.out}")

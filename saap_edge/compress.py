@@ -15,7 +15,7 @@ import torch
 
 from saap_edge import __version__
 from saap_edge.checkpoint import CHART_FILE, PLAN_FILE, REPORT_FILE, atomic_dir, check_output_dir, save_model, write_json
-from saap_edge.config import PruneSettings, ReconstructSettings, RecoverSettings, RunSettings, SearchSettings
+from saap_edge.config import HywiaSettings, PruneSettings, ReconstructSettings, RecoverSettings, RunSettings, SearchSettings
 from saap_edge.errors import UserError
 from saap_edge.files import read_json
 from saap_edge.seeding import set_seed
@@ -51,6 +51,7 @@ class CompressJob:
     teacher_cache_mib: int = 4096
     curve_every: int = 0  # score the held-out recovery windows every N steps
     search: SearchSettings = field(default_factory=SearchSettings)  # --method adapruner
+    hywia: HywiaSettings = field(default_factory=HywiaSettings)  # --method hywia
 
 
 def versions() -> dict:
@@ -101,6 +102,10 @@ def _prune_stage(job: CompressJob, s: PruneSettings, r: ReconstructSettings) -> 
         storage = job.out.with_name(job.out.name + ".search.db")
         result, search_info = search_and_prune(model, tokenizer, s, job.search, r if r.active else None, recon_samples,
                                                storage, job.run.data_dir, job.run.progress)
+    elif s.method == "hywia":
+        from saap_edge.prune.methods import rank_hywia
+
+        result = prune(model, samples, s, progress=job.run.progress, ranker=lambda st, ps: rank_hywia(st, ps, job.hywia))
     else:
         result = prune(model, samples, s, progress=job.run.progress)
     timings["prune_s"] = time.perf_counter() - t1
@@ -159,6 +164,10 @@ def _save(directory: Path, model, tokenizer, plan: PrunePlan, report: dict, titl
         from saap_edge.prune.adapruner import write_search
 
         write_search(directory, report["search"])
+    if plan.importance.get("blend"):
+        from saap_edge.prune.hywia import BLEND_CHART, plot_blend
+
+        plot_blend(plan.importance, directory / BLEND_CHART)
 
 
 def _resume_pruned(pruned_dir: Path, job: CompressJob, s: PruneSettings) -> tuple:
@@ -200,6 +209,8 @@ def compress(job: CompressJob) -> dict:
         rc = replace(rc, select="global")
         job = replace(job, reconstruct=rc)
     r = job.recover.validate() if job.recover is not None else None
+    if s.method == "hywia":
+        job.hywia.validate(s.calib_samples)
     check_output_dir(job.out, job.overwrite)
     t0 = time.perf_counter()
     trains = r is not None and r.recovery != "none"

@@ -23,17 +23,17 @@ class Settings:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-METHODS = ("saap", "llm-pruner", "flap", "wanda-sp", "magnitude", "random", "adapruner")
+METHODS = ("saap", "llm-pruner", "flap", "wanda-sp", "magnitude", "random", "adapruner", "hywia")
 FUSIONS = ("adaptive", "learned", "sum", "vector", "element")
 SCOPES = ("all", "global", "layer")
 INDICATORS = ("fluctuation", "bound", "none")
 UNIT_CHOICES = ("groups", "heads", "modules")  # attention units; see prune/groups.py
-GLOBAL_METHODS = ("saap", "flap")  # the methods whose one global ranking can weigh heads and modules
+GLOBAL_METHODS = ("saap", "flap", "hywia")  # the methods whose one global ranking can weigh heads and modules
 # --units auto: what benchmarks/prune_quality.py measured best per method, with the default
 # reconstruction (query-head slots helped SAAP at 50% and cost nothing at 20%; the others keep
 # their papers' units). Without the refit, head slots chosen by score alone cost dearly (50%:
 # WikiText-2 11976 against 1151 with KV groups only), so auto means groups there.
-DEFAULT_UNITS = {"saap": "groups,heads"}
+DEFAULT_UNITS = {"saap": "groups,heads", "hywia": "groups,heads"}  # hywia ranks globally as saap does
 
 
 def auto_units(method: str, reconstructs: bool = True) -> str:
@@ -136,6 +136,45 @@ class SearchSettings(Settings):
                             "that many distinct windows of the pool")
         if self.trials < 1 or self.startup < 0 or self.objective_windows < 1:
             raise UserError("--search-trials and --search-windows must be >= 1, --search-startup >= 0")
+        return self
+
+
+HYWIA_BLENDS = ("learned", "fixed", "coarse", "fine")
+HYWIA_FINE = ("first", "second")
+HYWIA_LOSSES = ("kd", "lm")
+
+
+@dataclass
+class HywiaSettings(Settings):
+    """HyWIA's attention fusion of coarse and fine importance (--method hywia), learned end to
+    end under a soft keep-mask; see saap_edge/prune/hywia.py."""
+
+    blend: str = "learned"  # learned | fixed (50/50) | coarse (only) | fine (only): the ablations
+    fine: str = "first"  # fine granularity: first (sum |g*w|) | second (sum |g*w - (g*w)^2/2|)
+    loss: str = "kd"  # kd: KL(dense || masked model); lm: next-token cross-entropy of the masked model
+    steps: int = 40  # optimizer steps of the fusion learning
+    batch: int = 4  # calibration windows per step
+    lr: float = 0.05  # Adam on the fusion parameters
+    hidden: int = 8  # width of the key projection and of the queries
+    t_start: float = 0.5  # soft-mask temperature (in standard deviations of the keep-scores), annealed
+    t_end: float = 0.01  # geometrically to this one
+    version: int = SETTINGS_VERSION
+
+    MIN_BATCHES = 2  # the learning needs at least this many distinct batches of calibration windows
+
+    def validate(self, calib_samples: int) -> "HywiaSettings":
+        for name, allowed in (("blend", HYWIA_BLENDS), ("fine", HYWIA_FINE), ("loss", HYWIA_LOSSES)):
+            if getattr(self, name) not in allowed:
+                raise UserError(f"--hywia-{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        if self.steps < 1 or self.batch < 1 or self.hidden < 1 or not self.lr > 0:
+            raise UserError("--hywia-steps, --hywia-batch and --hywia-hidden must be >= 1 and --hywia-lr > 0")
+        if not 0 < self.t_end <= self.t_start:
+            raise UserError(f"the soft-mask temperatures must satisfy 0 < end ({self.t_end}) <= start ({self.t_start})")
+        need = self.MIN_BATCHES * self.batch
+        if self.blend == "learned" and calib_samples < need:
+            raise UserError(f"--calib-samples {calib_samples} is too few for HyWIA's fusion learning: it needs at least "
+                            f"{need} ({self.MIN_BATCHES} batches of --hywia-batch {self.batch}); raise --calib-samples or "
+                            "lower --hywia-batch")
         return self
 
 

@@ -54,18 +54,21 @@ def statistics(model: nn.Module, samples: torch.Tensor | None, s: PruneSettings,
 
 
 def prune(
-    model: nn.Module, samples: torch.Tensor | None, s: PruneSettings, progress: bool = True, stats: Statistics | None = None
+    model: nn.Module, samples: torch.Tensor | None, s: PruneSettings, progress: bool = True, stats: Statistics | None = None,
+    ranker=None,
 ) -> PruneResult:
     """Rank units with `s.method` on the calibration samples [D, T], search, slice.
-    `stats` lets several calls on the same model and samples share one estimation."""
+    `stats` lets several calls on the same model and samples share one estimation; `ranker`
+    (stats, settings) -> Ranking replaces the method's default one (a method with settings of its own)."""
     stats = stats or statistics(model, samples, s, progress)
     stats.use_heads("heads" in s.unit_set)
-    ranking = RANKERS[s.method](stats, s)
+    ranking = (ranker or RANKERS[s.method])(stats, s)
     before = total_params(model)
     plan = search(ranking.keep, stats.shapes, stats.costs, before, s.ratio, ranking.allocation, s.align, ranking.cap,
                   modules="modules" in s.unit_set)
     slim = apply_plan(model, plan)
     after = total_params(slim)
     plan.method, plan.ratio, plan.settings, plan.seed = s.method, s.ratio, s.to_dict(), s.seed
+    plan.importance = ranking.record
     plan.params = {"before": before, "after": after, "removed_share": (before - after) / before}
     return PruneResult(slim, plan, ranking.details)

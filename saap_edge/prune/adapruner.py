@@ -82,7 +82,7 @@ class PoolStats:
         for key, d in self.stats.items():
             v, e = d["signed"][idx], d["mix"][idx]
             vector[key], element[key] = _member_sum(v), _member_sum(e)
-        return TaylorStats(vector, element, {}, [self.losses[i] for i in idx.tolist()])
+        return TaylorStats(vector, element, losses=[self.losses[i] for i in idx.tolist()])
 
 
 def _member_sum(t: torch.Tensor) -> torch.Tensor:

@@ -23,11 +23,13 @@ from saap_edge.prune.importance import Key, Scores
 @dataclass
 class TaylorStats:
     """Per-sample Taylor sums. vector[k][d] is the signed sum of g*w (I_V is its magnitude);
-    element[k][d] the sum of |g*w - (g*w)^2/2|. param_mix[k] is LLM-Pruner's element-wise
-    score over the whole set (mean gradient, mean squared gradient), only when asked for."""
+    element[k][d] the sum of |g*w - (g*w)^2/2|; first[k][d] the sum of |g*w| (first-order
+    element-wise, HyWIA's fine granularity). param_mix[k] is LLM-Pruner's element-wise score
+    over the whole set (mean gradient, mean squared gradient), only when asked for."""
 
     vector: Scores
     element: Scores
+    first: Scores = field(default_factory=dict)
     param_mix: Scores = field(default_factory=dict)
     losses: list[float] = field(default_factory=list)
 
@@ -70,13 +72,14 @@ class _TaylorHooks:
         self.n_samples, self.with_mix, self.sample = n_samples, with_mix, 0
         self.vector: Scores = {}
         self.element: Scores = {}
+        self.first: Scores = {}
         self.grad_sum: dict[int, torch.Tensor] = {}
         self.grad_sq: dict[int, torch.Tensor] = {}
         self.bad: str | None = None
 
     def make(self, name: str, axis: str, targets: list[tuple[Key, int]]):
         for key, n_units in targets:
-            for store in (self.vector, self.element):
+            for store in (self.vector, self.element, self.first):
                 store.setdefault(key, torch.zeros(self.n_samples, n_units, dtype=torch.float32))
 
         def hook(param: nn.Parameter) -> None:
@@ -89,6 +92,7 @@ class _TaylorHooks:
             for key, n_units in targets:
                 self.vector[key][self.sample] += unit_reduce(gw, axis, n_units).cpu()
                 self.element[key][self.sample] += unit_reduce(element, axis, n_units).cpu()
+                self.first[key][self.sample] += unit_reduce(gw.abs(), axis, n_units).cpu()
             if self.with_mix:  # LLM-Pruner param_mix needs whole-set element-wise gradients
                 pid = id(param)
                 self.grad_sum[pid] = self.grad_sum.get(pid, 0) + grad
@@ -172,7 +176,7 @@ def collect_taylor(
     losses = backward_each(model, samples, hooked, lambda d: setattr(hooks, "sample", d), lambda: hooks.bad,
                            "calibration sample", "importance", progress)
     mix = _param_mix(model, shapes, layers, hooks, samples.shape[0]) if with_param_mix else {}
-    return TaylorStats(hooks.vector, hooks.element, mix, losses)
+    return TaylorStats(hooks.vector, hooks.element, hooks.first, mix, losses)
 
 
 @torch.inference_mode()

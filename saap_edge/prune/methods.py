@@ -14,7 +14,7 @@ allocation the search uses. Baselines follow their papers within this framework:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -80,6 +80,7 @@ class Ranking:
     allocation: str  # "global" or "uniform"
     details: dict
     cap: float = 1.0  # global allocation: most of a layer's units (per kind) one plan may remove
+    record: dict = field(default_factory=dict)  # what the plan keeps about the ranking (HyWIA's blend)
 
 
 def weight_norm2(model: nn.Module, shapes: list[LayerShape], layers: list[int], extent: str, kinds=tuple(MEMBERS)) -> Scores:
@@ -155,6 +156,12 @@ def rank_magnitude(st: Statistics, s: PruneSettings) -> Ranking:
     return Ranking(weight_norm2(st.model, st.shapes, st.layers, "group"), "uniform", {})
 
 
+def rank_hywia(st: Statistics, s: PruneSettings, h=None) -> Ranking:
+    from saap_edge.prune.hywia import rank_hywia as learn  # it builds on this module's Ranking
+
+    return learn(st, s, h)
+
+
 def rank_random(st: Statistics, s: PruneSettings) -> Ranking:
     gen = torch.Generator().manual_seed(s.seed)
     keep = {(i, k): torch.rand(st.shapes[i].n_units(k), generator=gen, dtype=torch.float64) for i in st.layers for k in MEMBERS}
@@ -168,7 +175,8 @@ RANKERS = {
     "wanda-sp": rank_wanda_sp,
     "magnitude": rank_magnitude,
     "random": rank_random,
+    "hywia": rank_hywia,  # default HywiaSettings; compress passes its own (prune's `ranker`)
 }
-NEEDS_CALIBRATION = {"saap", "llm-pruner", "flap", "wanda-sp"}
+NEEDS_CALIBRATION = {"saap", "llm-pruner", "flap", "wanda-sp", "hywia"}
 SEARCHED = {"adapruner"}  # ranks through prune/adapruner.py's search, not one ranker
 assert set(RANKERS) | SEARCHED == set(METHODS), "config.METHODS and RANKERS must name the same methods"

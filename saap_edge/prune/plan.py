@@ -75,6 +75,7 @@ class PrunePlan:
     calibration: dict = field(default_factory=dict)
     reconstruction: dict = field(default_factory=dict)  # the reconstruct stage's settings and samples ({} = none)
     params: dict = field(default_factory=dict)
+    importance: dict = field(default_factory=dict)  # what the ranking learned (HyWIA: the blend per layer and kind)
     versions: dict = field(default_factory=dict)
     version: int = PLAN_VERSION
 

@@ -158,6 +158,16 @@ def _under_cap(cands: list[Candidate], cap: float, shapes: list[LayerShape]) -> 
     return allowed
 
 
+def global_pool(cands: list[Candidate], target: int, shapes: list[LayerShape], costs, cap: float = 1.0) -> list[Candidate]:
+    """The candidates the global search may take: those within `cap` of their layer's units,
+    the cap raised in steps of 0.01 only as far as `target` needs."""
+    pool = _under_cap(cands, cap, shapes)
+    while cap < 1.0 and max_removable(pool, shapes, costs) < target:
+        cap = min(1.0, cap + 0.01)
+        pool = _under_cap(cands, cap, shapes)
+    return pool
+
+
 def search_global(cands: list[Candidate], target: int, shapes: list[LayerShape], costs, cap: float = 1.0) -> list[Candidate]:
     """Lowest keep-score first across all layers until `target` parameters are removed.
 
@@ -165,12 +175,8 @@ def search_global(cands: list[Candidate], target: int, shapes: list[LayerShape],
     ignore how removals in one layer compound, and without a cap a high ratio can strip whole
     layers to the minimum. When the target cannot be reached under `cap`, the cap is raised
     (in steps of 0.01) only as far as needed."""
-    pool = _under_cap(cands, cap, shapes)
-    while cap < 1.0 and max_removable(pool, shapes, costs) < target:
-        cap = min(1.0, cap + 0.01)
-        pool = _under_cap(cands, cap, shapes)
     chosen, ledger = [], Ledger(shapes, costs)
-    for cand in sorted(pool, key=lambda c: (c.score, c.layer, c.kind, c.rank)):
+    for cand in sorted(global_pool(cands, target, shapes, costs, cap), key=lambda c: (c.score, c.layer, c.kind, c.rank)):
         if ledger.removed >= target:
             break
         chosen.append(cand)
