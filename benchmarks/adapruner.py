@@ -5,11 +5,12 @@ first --ablation-limit windows (rows: `ablation`): TPE vs random search at the s
 trials, data-only search (metric fixed) and metric-only search (windows fixed).
 
 Protocol: every row is `saap-edge compress` run through its Python API with the default
-reconstruction (so AdaPruner's trials are scored on the refit model, as the final one is),
---no-recover or --recover-steps K (the CPU default; QA-LoRA, kd loss, books), then scored on
-the test sets and on the first --task-limit items of each zero-shot task (torch float32,
-standard errors from the item count). A recovered AdaPruner row reuses its unrecovered row's
-finished search (the study database is copied: same model, pool, objective and space). AdaPruner: a pool of --pool-size windows of 128 tokens
+reconstruction (so AdaPruner's trials are scored on the refit model, as the final one is) and
+--no-recover; a recovered row is `saap-edge recover` on that row's pruned model with
+--recover-steps K (the CPU default of compress; QA-LoRA, kd loss from the dense model, books).
+Each is scored on the test sets and on the first --task-limit items of each zero-shot task
+(torch float32, standard errors from the item count). The TPE ablation row reuses the main
+row's finished search (its study database is copied). AdaPruner: a pool of --pool-size windows of 128 tokens
 of books (seed 0), --calib-samples windows a point, --trials completed trials with
 --startup random ones first, objective = perplexity on the first 32 windows of WikiText-2's
 *validation* split. Its pool statistics are cached (under $SAAP_EDGE_CACHE), so the first
@@ -29,14 +30,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import (TASK_COLUMNS, TASKS, cached_row, machine, quality_arguments, task_average,  # noqa: E402
-                     task_average_stderr, write_results, zero_shot)
+from harness import (add_tasks, cached_row, compress_and_score, dense_row, recover_and_score, machine, quality_arguments,  # noqa: E402
+                     quality_table, task_arguments, write_results)
 
-from saap_edge.compress import CompressJob, compress, versions  # noqa: E402
-from saap_edge.config import (CPU_RECOVER_STEPS, PruneSettings, ReconstructSettings, RecoverSettings,  # noqa: E402
-                              RunSettings, SearchSettings)
-from saap_edge.eval.ppl import evaluate_ppl  # noqa: E402
-from saap_edge.models.load import load_model  # noqa: E402
+from saap_edge.compress import CompressJob, versions  # noqa: E402
+from saap_edge.config import PruneSettings, ReconstructSettings, RunSettings, SearchSettings  # noqa: E402
 from saap_edge.report import format_table  # noqa: E402
 
 ABLATIONS = [
@@ -53,16 +51,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pool-size", type=int, default=SearchSettings().pool_size)
     p.add_argument("--trials", type=int, default=SearchSettings().trials)
     p.add_argument("--startup", type=int, default=SearchSettings().startup)
-    p.add_argument("--task-limit", type=int, default=300, help="items of each zero-shot task (0: every item)")
-    p.add_argument("--recover-steps", type=int, default=CPU_RECOVER_STEPS, help="recovery steps of the recovered rows")
-    p.add_argument("--no-recovered", action="store_true", help="skip the recovered rows")
-    p.add_argument("--ablation-ratios", type=float, nargs="+", default=[0.2],
-                   help="ratios of the ablation rows (each is a full search)")
+    task_arguments(p)
     return p.parse_args(argv)
 
 
 def _row(a, key: str, table: str, label: str, method: str, ratio: float, limit: int, search: dict | None = None,
-         recover: bool = False, tasks: bool = False, reuse: str | None = None) -> dict | None:
+         tasks: bool = False, source: str | None = None, reuse: str | None = None) -> dict | None:
     """One row, cached under --work/rows; `reuse` names a row whose finished search this one copies."""
     if a.only and not key.startswith(tuple(a.only)):
         return None
@@ -71,48 +65,29 @@ def _row(a, key: str, table: str, label: str, method: str, ratio: float, limit: 
         db.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(a.work / "models" / f"{reuse}.search.db", db)
     row = cached_row(a.work / "rows" / f"{key}.json",
-                     lambda: _measure(a, key, table, label, method, ratio, limit, search, recover))
+                     lambda: _measure(a, key, table, label, method, ratio, limit, search) if source is None else
+                     _recovered(a, key, table, label, source, limit))
     if tasks and "tasks" not in row:  # rows measured before the zero-shot columns existed
-        row = _add_tasks(a, row)
+        row = add_tasks(a, row, a.work / "models" / key)
     print(f"[{time.strftime('%H:%M:%S')}] {key}: {row['ppl']} average {row.get('average')}", flush=True)
     return row
 
 
-def _add_tasks(a, row: dict) -> dict:
-    from saap_edge.models.load import load_model
-
-    loaded = load_model(str(a.work / "models" / row["key"]), "cpu", "float32")
-    t0 = time.perf_counter()
-    row["tasks"] = zero_shot(loaded.model, loaded.tokenizer, a.data_dir, a.task_limit)
-    row["average"], row["average_stderr"] = task_average(row["tasks"]), task_average_stderr(row["tasks"])
-    row["tasks_s"] = time.perf_counter() - t0
-    path = a.work / "rows" / f"{row['key']}.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(row, indent=1, default=str))
-    tmp.replace(path)
-    return row
+def _recovered(a, key: str, table: str, label: str, source: str, limit: int) -> dict:
+    """`source`'s pruned model recovered (see harness.recover_and_score)."""
+    row = recover_and_score(a, key, json.loads((a.work / "rows" / f"{source}.json").read_text()), limit)
+    return {**row, "table": table, "label": label}
 
 
-def _measure(a, key: str, table: str, label: str, method: str, ratio: float, limit: int, search: dict | None,
-             recover: bool) -> dict:
-    """Compress with `method` (recovered or not), then score the output on the test sets."""
-    out = a.work / "models" / key
-    out.parent.mkdir(parents=True, exist_ok=True)
+def _measure(a, key: str, table: str, label: str, method: str, ratio: float, limit: int, search: dict | None) -> dict:
+    """Compress with `method` (no recovery), then score the output on the test sets."""
     s = PruneSettings(method=method, ratio=ratio, calib_samples=a.calib_samples)
     q = SearchSettings(pool_size=a.pool_size, trials=a.trials, startup=a.startup, **(search or {}))
-    rec = RecoverSettings(steps=a.recover_steps) if recover else None
-    job = CompressJob(a.model, out, s, ReconstructSettings(), RunSettings(device="cpu", data_dir=a.data_dir, progress=False),
-                      overwrite=True, eval_ppl=[], recover=rec, search=q)
-    t0 = time.perf_counter()
-    report = compress(job)
-    wall = time.perf_counter() - t0
-    loaded = load_model(str(out), "cpu", "float32")
-    res = evaluate_ppl(loaded.model, loaded.tokenizer, a.datasets, window=128, limit=limit or None, data_dir=a.data_dir,
-                       progress=False)
-    row = {"key": key, "table": table, "label": label, "method": method, "ratio": ratio,
-           "params": report["params"]["after"], "removed_share": report["params"]["removed_share"],
-           "ppl": {k: v["ppl"] for k, v in res.items()}, "windows": {k: v["windows"] for k, v in res.items()},
-           "compress_s": wall, "time_s": report["time_s"], "recovery": "qalora" if recover else "none"}
+    job = CompressJob(a.model, a.work / "models" / key, s, ReconstructSettings(),
+                      RunSettings(device="cpu", data_dir=a.data_dir, progress=False), overwrite=True, eval_ppl=[],
+                      recover=None, search=q)
+    row, report = compress_and_score(a, key, job, limit)
+    row.update(table=table, label=label)
     if "search" in report:
         sr = report["search"]
         row["search"] = {"best": sr["best"], "pool_s": sr["pool_s"], "pool_cached": sr["pool_cache"]["cached"],
@@ -124,21 +99,8 @@ def _measure(a, key: str, table: str, label: str, method: str, ratio: float, lim
 METHODS = (("adapruner", "adapruner"), ("saap (default)", "saap"), ("llm-pruner (param_mix)", "llm-pruner"))
 
 
-def _dense(a) -> dict:
-    from saap_edge.models.load import load_model
-
-    loaded = load_model(a.model, "cpu", "float32")
-    res = evaluate_ppl(loaded.model, loaded.tokenizer, a.datasets, window=128, limit=a.limit or None, data_dir=a.data_dir,
-                       progress=False)
-    params = sum(t.numel() for t in loaded.model.parameters())
-    tasks = zero_shot(loaded.model, loaded.tokenizer, a.data_dir, a.task_limit)
-    return {"key": "dense", "table": "main", "label": "dense", "method": "dense", "ratio": 0.0, "params": params,
-            "removed_share": 0.0, "ppl": {k: v["ppl"] for k, v in res.items()}, "windows": {k: v["windows"] for k, v in res.items()},
-            "tasks": tasks, "average": task_average(tasks), "average_stderr": task_average_stderr(tasks), "recovery": "none"}
-
-
 def run(a: argparse.Namespace) -> dict:
-    rows = [] if a.only and not "dense".startswith(tuple(a.only)) else [cached_row(a.work / "rows" / "dense.json", lambda: _dense(a))]
+    rows = [] if a.only and not "dense".startswith(tuple(a.only)) else [cached_row(a.work / "rows" / "dense.json", lambda: dense_row(a))]
     for ratio in a.ratios:
         for label, method in METHODS:
             rows.append(_row(a, f"main-{ratio:.2f}-{method}", "main", label, method, ratio, a.limit, tasks=True))
@@ -153,7 +115,7 @@ def run(a: argparse.Namespace) -> dict:
         for ratio in a.ratios:
             for label, method in METHODS:
                 rows.append(_row(a, f"recovered-{ratio:.2f}-{method}-k{a.recover_steps}", "recovered", label + " + qalora",
-                                 method, ratio, a.limit, recover=True, tasks=True, reuse=f"main-{ratio:.2f}-{method}"))
+                                 method, ratio, a.limit, tasks=True, source=f"main-{ratio:.2f}-{method}"))
     return {"benchmark": "adapruner", "model": a.model, "command": "python benchmarks/adapruner.py " + " ".join(sys.argv[1:]),
             "protocol": {"pool_size": a.pool_size, "calib_samples": a.calib_samples, "trials": a.trials,
                          "startup": a.startup, "objective": "wikitext2 validation, 32 windows of 128 tokens",
@@ -173,7 +135,7 @@ def markdown(data: dict) -> str:
            f"under local selection every point gives one model). AdaPruner: pool {p['pool_size']} "
            f"windows x 128 tokens of books, {p['calib_samples']} windows a point, {p['trials']} trials "
            f"({p['startup']} random first), objective {p['objective']}. Recovered rows: {p.get('recover_steps')} steps of "
-           "QA-LoRA (kd loss, books), as `compress` does on a CPU. Zero-shot: the first "
+           "QA-LoRA (kd loss from the dense model, books) on the row's pruned model (`saap-edge recover`), as `compress` does on a CPU. Zero-shot: the first "
            f"{p.get('task_limit')} items of each task (or the whole set if smaller), torch float32, acc for BoolQ, PIQA, "
            "WinoGrande, ARC-e, acc_norm for HellaSwag, ARC-c, OBQA; ± is one standard error. "
            f"Made by `{data['command']}`; {data['machine']['cores']} CPU cores.", ""]
@@ -184,12 +146,7 @@ def markdown(data: dict) -> str:
             continue
         n = ", ".join(f"{d} {k}" for d, k in sel[0]["windows"].items())
         if table != "ablation":
-            head = ["ratio", "variant", "removed"] + datasets + [TASK_COLUMNS[t][0] for t in TASKS] + ["Average"]
-            body = [[f"{r['ratio']:.0%}", r["label"], f"{r['removed_share']:.2%}"] + [r["ppl"][d] for d in datasets]
-                    + ([_pct(r["tasks"][t], TASK_COLUMNS[t][1]) for t in TASKS]
-                       + [f"{100 * r['average']:.2f} ± {100 * r['average_stderr']:.2f}"] if "tasks" in r else ["-"] * 8)
-                    for r in sel]
-            out += [f"## {title} ({n} windows)", "", format_table(head, body), ""]
+            out += [f"## {title} ({n} windows)", "", quality_table(sel, datasets), ""]
         head = ["ratio", "variant", "removed"] + (datasets if table == "ablation" else []) + \
             ["best point", "search s", "pool statistics s", "s per trial"]
         body = []
@@ -208,10 +165,6 @@ def markdown(data: dict) -> str:
             out += [f"### {title}: the searches" if table != "ablation" else f"## {title} ({n} windows)", "",
                     format_table(head, body), ""]
     return "\n".join(out)
-
-
-def _pct(metrics: dict, key: str) -> str:
-    return f"{100 * metrics[key]:.1f} ± {100 * metrics[key + '_stderr']:.1f}"
 
 
 def main(argv=None) -> None:

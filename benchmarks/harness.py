@@ -78,6 +78,112 @@ def zero_shot(model, tokenizer, data_dir, limit: int) -> dict:
     return out
 
 
+def store_row(path: Path, row: dict) -> dict:
+    """Write `row` to `path` whole (temporary name, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(row, indent=1, default=str))
+    tmp.replace(path)
+    return row
+
+
+def compress_and_score(a, key: str, job, limit: int) -> tuple[dict, dict]:
+    """Run `job` (a CompressJob writing --work/models/<key>), then score its output on the test
+    sets (`limit` windows each, 0: all): (row, compress report)."""
+    from saap_edge.compress import compress
+    from saap_edge.eval.ppl import evaluate_ppl
+    from saap_edge.models.load import load_model
+
+    job.out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    report = compress(job)
+    wall = time.perf_counter() - t0
+    loaded = load_model(str(job.out), "cpu", "float32")
+    res = evaluate_ppl(loaded.model, loaded.tokenizer, a.datasets, window=128, limit=limit or None, data_dir=a.data_dir,
+                       progress=False)
+    row = {"key": key, "method": job.prune.method, "ratio": job.prune.ratio,
+           "params": report["params"]["after"], "removed_share": report["params"]["removed_share"],
+           "ppl": {k: v["ppl"] for k, v in res.items()}, "windows": {k: v["windows"] for k, v in res.items()},
+           "compress_s": wall, "time_s": report["time_s"], "recovery": job.recover.recovery if job.recover else "none"}
+    return row, report
+
+
+def recover_and_score(a, key: str, source: dict, limit: int) -> dict:
+    """The recovered row of `source` (a pruned row): `saap-edge recover` on its model (what compress
+    does after pruning: --recover-steps of the default recovery, distilled from the dense model
+    its report names), then the test sets."""
+    from saap_edge.compress import RecoverJob, recover_dir
+    from saap_edge.config import RecoverSettings, RunSettings
+    from saap_edge.eval.ppl import evaluate_ppl
+    from saap_edge.models.load import load_model
+
+    out = a.work / "models" / key
+    job = RecoverJob(str(a.work / "models" / source["key"]), out, RecoverSettings(steps=a.recover_steps),
+                     RunSettings(device="cpu", data_dir=a.data_dir, progress=False), overwrite=True, eval_ppl=[])
+    t0 = time.perf_counter()
+    report = recover_dir(job)
+    wall = time.perf_counter() - t0
+    loaded = load_model(str(out), "cpu", "float32")
+    res = evaluate_ppl(loaded.model, loaded.tokenizer, a.datasets, window=128, limit=limit or None, data_dir=a.data_dir,
+                       progress=False)
+    keep = ("method", "ratio", "params", "removed_share", "search", "hywia")
+    return {**{k: source[k] for k in keep if k in source}, "key": key, "source": source["key"],
+            "ppl": {k: v["ppl"] for k, v in res.items()}, "windows": {k: v["windows"] for k, v in res.items()},
+            "recovery": report["recovery"]["recovery"], "recover_s": wall, "heldout_ppl": report["recovery"]["heldout_ppl"]}
+
+
+def add_tasks(a, row: dict, model_dir: Path) -> dict:
+    """`row` with the seven zero-shot tasks of the model at `model_dir` (stored back under --work/rows)."""
+    from saap_edge.models.load import load_model
+
+    loaded = load_model(str(model_dir), "cpu", "float32")
+    t0 = time.perf_counter()
+    row["tasks"] = zero_shot(loaded.model, loaded.tokenizer, a.data_dir, a.task_limit)
+    row["average"], row["average_stderr"] = task_average(row["tasks"]), task_average_stderr(row["tasks"])
+    row["tasks_s"] = time.perf_counter() - t0
+    return store_row(a.work / "rows" / f"{row['key']}.json", row)
+
+
+def dense_row(a) -> dict:
+    """The unpruned model on the same test sets and tasks."""
+    from saap_edge.eval.ppl import evaluate_ppl
+    from saap_edge.models.load import load_model
+
+    loaded = load_model(a.model, "cpu", "float32")
+    res = evaluate_ppl(loaded.model, loaded.tokenizer, a.datasets, window=128, limit=a.limit or None, data_dir=a.data_dir,
+                       progress=False)
+    tasks = zero_shot(loaded.model, loaded.tokenizer, a.data_dir, a.task_limit)
+    return {"key": "dense", "table": "main", "label": "dense", "method": "dense", "ratio": 0.0,
+            "params": sum(t.numel() for t in loaded.model.parameters()), "removed_share": 0.0,
+            "ppl": {k: v["ppl"] for k, v in res.items()}, "windows": {k: v["windows"] for k, v in res.items()},
+            "tasks": tasks, "average": task_average(tasks), "average_stderr": task_average_stderr(tasks), "recovery": "none"}
+
+
+def quality_table(rows: list[dict], datasets: list[str]) -> str:
+    """Markdown: ratio, variant, removed share, perplexities, the seven tasks and their average (± one standard error)."""
+    from saap_edge.report import format_table
+
+    def pct(metrics: dict, key: str) -> str:
+        return f"{100 * metrics[key]:.1f} ± {100 * metrics[key + '_stderr']:.1f}"
+
+    head = ["ratio", "variant", "removed"] + datasets + [TASK_COLUMNS[t][0] for t in TASKS] + ["Average"]
+    body = [[f"{r['ratio']:.0%}", r["label"], f"{r['removed_share']:.2%}"] + [r["ppl"][d] for d in datasets]
+            + ([pct(r["tasks"][t], TASK_COLUMNS[t][1]) for t in TASKS]
+               + [f"{100 * r['average']:.2f} ± {100 * r['average_stderr']:.2f}"] if "tasks" in r else ["-"] * (len(TASKS) + 1))
+            for r in rows]
+    return format_table(head, body)
+
+
+def task_arguments(p) -> None:
+    """Zero-shot and recovery arguments of the method benchmarks (adapruner, hywia)."""
+    from saap_edge.config import CPU_RECOVER_STEPS
+
+    p.add_argument("--task-limit", type=int, default=300, help="items of each zero-shot task (0: every item)")
+    p.add_argument("--recover-steps", type=int, default=CPU_RECOVER_STEPS, help="recovery steps of the recovered rows")
+    p.add_argument("--no-recovered", action="store_true", help="skip the recovered rows")
+    p.add_argument("--ablation-ratios", type=float, nargs="+", default=[0.2], help="ratios of the ablation rows")
+
+
 def write_results(out_dir: Path, name: str, data: dict, markdown: str) -> tuple[Path, Path]:
     """benchmarks/results/<name>.json and .md, each written to a temporary name then renamed."""
     out_dir.mkdir(parents=True, exist_ok=True)

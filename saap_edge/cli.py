@@ -144,6 +144,8 @@ def add_compress(p: argparse.ArgumentParser) -> None:
     g.add_argument("--search-space", default=q.space, help="both, data (metric fixed) or metric (windows fixed) "
                    "(default: %(default)s)")
     g.add_argument("--new-search", action="store_true", help="replace a stored search made for another model, pool or objective")
+    g.add_argument("--pool-cache-mib", type=int, default=q.cache_mib, help="bound of the pool-statistics cache "
+                   "(~/.cache/saap-edge/adapruner); least recently used entries leave first (default: %(default)s)")
     y = HywiaSettings()
     g = p.add_argument_group("HyWIA fusion (--method hywia: coarse and fine importance blended per layer by a learned attention)")
     g.add_argument("--hywia-blend", default=y.blend, help="learned, or the ablations fixed (50/50), coarse, fine (default: %(default)s)")
@@ -191,7 +193,8 @@ def run_compress(a: argparse.Namespace) -> int:
                       recover=_recover_settings(a), resume=a.resume, save_every=a.save_every, keep_checkpoints=a.keep_checkpoints,
                       **_teacher_args(a),
                       search=SearchSettings(a.calib_pool, a.pool_size, a.search_trials, a.search_startup, a.search_objective,
-                                            a.search_windows, a.search_sampler, a.search_space, a.new_search),
+                                            a.search_windows, a.search_sampler, a.search_space, a.new_search,
+                                            a.pool_cache_mib),
                       hywia=HywiaSettings(blend=a.hywia_blend, fine=a.hywia_fine, loss=a.hywia_loss, steps=a.hywia_steps,
                                           batch=a.hywia_batch, lr=a.hywia_lr))
     report = compress(job)

@@ -125,6 +125,7 @@ class SearchSettings(Settings):
     sampler: str = "tpe"  # tpe | random (the ablation)
     space: str = "both"  # both | data (metric fixed to the first choice) | metric (windows fixed to the first S)
     new: bool = False  # replace a stored study made for another model, pool or objective
+    cache_mib: int = 4096  # bound of the pool-statistics cache folder (least recently used entries leave first)
     version: int = SETTINGS_VERSION
 
     def validate(self, calib_samples: int = 1) -> "SearchSettings":
@@ -134,8 +135,8 @@ class SearchSettings(Settings):
         if self.pool_size < calib_samples:
             raise UserError(f"--pool-size {self.pool_size} is smaller than --calib-samples {calib_samples}: a point picks "
                             "that many distinct windows of the pool")
-        if self.trials < 1 or self.startup < 0 or self.objective_windows < 1:
-            raise UserError("--search-trials and --search-windows must be >= 1, --search-startup >= 0")
+        if self.trials < 1 or self.startup < 0 or self.objective_windows < 1 or self.cache_mib < 0:
+            raise UserError("--search-trials and --search-windows must be >= 1, --search-startup and --pool-cache-mib >= 0")
         return self
 
 

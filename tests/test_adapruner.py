@@ -158,3 +158,23 @@ def test_compress_with_adapruner_never_reads_a_test_split_and_reuses_its_study(t
     assert _compress(model_dir, out, data_dir, "--overwrite") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "another ratio" in err[0] and "--new-search" in err[0]
+
+
+def test_the_pool_cache_stays_within_its_bound(setup, tmp_path):
+    """Least recently used entries leave first; one entry larger than the bound is not kept."""
+    import os
+
+    from saap_edge.prune.adapruner import cached_pool
+
+    model, pool, shapes, _ = setup
+    _, first = cached_pool(model, pool, shapes, LAYERS, tmp_path, progress=False)
+    size = (tmp_path / f"pool-{first['key']}.safetensors").stat().st_size
+    os.utime(tmp_path / f"pool-{first['key']}.safetensors", (1, 1))  # long unused
+    _, second = cached_pool(model, pool[:6], shapes, LAYERS, tmp_path, progress=False, cache_mib=4096)
+    assert len(list(tmp_path.glob("pool-*"))) == 2 and not second["evicted"]
+    bound = (size + (tmp_path / f"pool-{second['key']}.safetensors").stat().st_size - 1) / 2**20
+    _, third = cached_pool(model, pool[:4], shapes, LAYERS, tmp_path, progress=False, cache_mib=bound)
+    assert third["evicted"] == [f"pool-{first['key']}.safetensors"]  # the oldest left, the newest stayed
+    assert (tmp_path / f"pool-{third['key']}.safetensors").exists()
+    _, fourth = cached_pool(model, pool[:2], shapes, LAYERS, tmp_path, progress=False, cache_mib=0)
+    assert not list(tmp_path.glob("pool-*")) and "path" not in fourth

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,15 +140,18 @@ def model_digest(model: nn.Module) -> str:
 
 
 def cached_pool(model: nn.Module, pool: torch.Tensor, shapes: list[LayerShape], layers: list[int],
-                cache_dir: Path | None, progress: bool = True) -> tuple[PoolStats, dict]:
-    """PoolStats of `pool`, read from `cache_dir` when this model and pool were seen before."""
+                cache_dir: Path | None, progress: bool = True, cache_mib: int = 4096) -> tuple[PoolStats, dict]:
+    """PoolStats of `pool`, read from `cache_dir` when this model and pool were seen before; the
+    folder is held within `cache_mib` MiB (least recently used entries leave first)."""
     key = hashlib.sha256(json.dumps([model_digest(model), hashlib.sha256(pool.numpy().tobytes()).hexdigest(),
                                      layers]).encode()).hexdigest()[:24]
     info = {"key": key, "cached": False}
     path = cache_dir / f"pool-{key}.safetensors" if cache_dir else None
     if path is not None and path.exists():
         try:
-            return PoolStats.load(path), {**info, "cached": True, "path": str(path)}
+            stats = PoolStats.load(path)
+            os.utime(path)  # most recently used: evicted last
+            return stats, {**info, "cached": True, "path": str(path)}
         except Exception:  # noqa: BLE001 - a damaged cache entry is recomputed
             path.unlink(missing_ok=True)
     stats = collect_pool(model, pool, shapes, layers, progress)
@@ -155,7 +159,25 @@ def cached_pool(model: nn.Module, pool: torch.Tensor, shapes: list[LayerShape], 
         path.parent.mkdir(parents=True, exist_ok=True)
         stats.save(path)
         info["path"] = str(path)
+        info["evicted"] = evict_pools(cache_dir, cache_mib * 2**20, keep=path)
+        if not path.exists():
+            info.pop("path")
     return stats, info
+
+
+def evict_pools(cache_dir: Path, limit: int, keep: Path) -> list[str]:
+    """Keep the pool cache within `limit` bytes: drop the least recently used entries, `keep`
+    (the one just written) last; it goes too when it alone passes the bound."""
+    entries = sorted(cache_dir.glob("pool-*.safetensors"), key=lambda f: (f == keep, f.stat().st_mtime))
+    total = sum(f.stat().st_size for f in entries)
+    dropped = []
+    for f in entries:
+        if total <= limit:
+            break
+        total -= f.stat().st_size
+        f.unlink(missing_ok=True)
+        dropped.append(f.name)
+    return dropped
 
 
 def taylor_scores(pool: PoolStats, idx: torch.Tensor, metric: str, aggregation: str) -> Scores:
@@ -340,11 +362,13 @@ def search_and_prune(model: nn.Module, tokenizer, s, search, recon, recon_sample
     held_out = objective_windows(tokenizer, search.objective, search.objective_windows, data_dir)
     shapes = discover(model)
     layers = prunable_layers(len(shapes), s)
-    stats, cache = cached_pool(model, pool, shapes, layers, default_cache_dir().parent / "adapruner", progress)
+    stats, cache = cached_pool(model, pool, shapes, layers, default_cache_dir().parent / "adapruner", progress,
+                               search.cache_mib)
     pool_s = time.perf_counter() - t0
     metrics = metric_choices()
     identity = {"model": cache["key"], "pool": pool_hash, "objective": f"{search.objective}/validation/{search.objective_windows}",
-                "space": f"{search.space}/{s.calib_samples}/{search.pool_size}", "ratio": s.ratio,
+                "space": f"{search.space}/{s.calib_samples}/{search.pool_size}" + ("" if search.sampler == "tpe" else
+                                                                                      f"/{search.sampler}"), "ratio": s.ratio,
                 "reconstruct": f"{recon.method}/{recon.select}" if recon is not None else "none"}
     study = open_study(storage, identity, search.new)
     fixed = Point(list(range(s.calib_samples)), metrics[0])
