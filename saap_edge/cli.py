@@ -246,9 +246,13 @@ def add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=int, default=2048, help="--tasks: most tokens a request feeds the model; longer "
                                                                  "ones lose their oldest tokens (default: %(default)s, capped at the model's context)")
     p.add_argument("--batch-size", type=int, default=8, help="windows or task requests per forward pass (default: %(default)s)")
-    p.add_argument("--scorer", default="auto", choices=["auto", "torch", "llama.cpp"],
+    p.add_argument("--scorer", default="auto", choices=["auto", "torch", "llama.cpp", "lm-eval"],
                    help="--tasks: who computes the log-likelihoods; auto = llama.cpp for a .gguf path (the artifact as a "
-                        "device runs it), torch otherwise (default: %(default)s)")
+                        "device runs it), torch otherwise; lm-eval: lm-evaluation-harness's hf model on a model directory, "
+                        "over the same items (default: %(default)s)")
+    p.add_argument("--lm-eval-configs", type=Path, default=None,
+                   help="--tasks: write lm-eval task configs (saap_<task>) over these items to this folder, for "
+                        "`lm_eval --include_path`; with --scorer lm-eval they are kept there")
     p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     _add_run_args(p)
 
@@ -259,12 +263,26 @@ def run_eval(a: argparse.Namespace) -> int:
 
     if not a.ppl and not a.tasks:
         raise UserError("nothing to evaluate: give --ppl DATASET..., --tasks TASK..., or both")
+    if a.lm_eval_configs and not a.tasks:
+        raise UserError("--lm-eval-configs writes task configs for --tasks; give --tasks TASK...")
     tasks = load_tasks(a.tasks, a.data_dir, a.limit) if a.tasks else None  # bad names fail before loading
     kind, location = resolve_model(a.model)
+    if a.scorer == "lm-eval" and tasks:
+        if kind != "hf" or not Path(location).is_dir():
+            raise UserError(f"--scorer lm-eval runs lm-eval's hf model on a model directory; {a.model} is not one "
+                            "(give a saap-edge output or HF directory, or use --scorer torch)")
+    elif a.lm_eval_configs and tasks:
+        from saap_edge.eval.lmeval import write_task_configs
+
+        names = write_task_configs(a.tasks, a.data_dir, a.lm_eval_configs, a.limit)
+        print(f"wrote lm-eval task configs {', '.join(names)} to {a.lm_eval_configs}; run them with\n"
+              f"  lm_eval --model hf --model_args pretrained={a.model},trust_remote_code=True "
+              f"--include_path {a.lm_eval_configs} --tasks {','.join(names)}")
     if a.scorer == "llama.cpp" and kind not in ("gguf", "alias"):
         raise UserError(f"--scorer llama.cpp scores GGUF files; export {a.model} first (saap-edge export) or use --scorer torch")
     on_llama_cpp = bool(tasks) and (a.scorer == "llama.cpp" or (a.scorer == "auto" and kind == "gguf"))
-    loaded = load_model(a.model, a.device, a.dtype) if a.ppl or not on_llama_cpp else None
+    outside = on_llama_cpp or a.scorer == "lm-eval"  # the tasks are scored by another process' model
+    loaded = load_model(a.model, a.device, a.dtype) if a.ppl or not outside else None
     if loaded is None:
         check_architecture(kind, location)
     result: dict = {"model": loaded.source if loaded else {"model": a.model, "kind": kind, "path": str(location)}}
@@ -273,7 +291,9 @@ def run_eval(a: argparse.Namespace) -> int:
 
         check_positions(loaded.model, {"--window": a.window})
         result.update(split=a.split, ppl=_eval_ppl(a, loaded))
-    if tasks:
+    if tasks and a.scorer == "lm-eval":
+        result.update(_eval_lm_eval(a, location))
+    elif tasks:
         result.update(_eval_tasks(a, tasks, loaded, location if on_llama_cpp else None))
     if a.json:
         tmp = a.json.with_name(a.json.name + ".tmp")
@@ -312,6 +332,23 @@ def _eval_tasks(a: argparse.Namespace, tasks: dict, loaded, gguf: Path | None) -
     rows = [[name, r["acc"], r["acc_norm"], r["n"]] for name, r in results.items()]
     print(format_table(["task", "acc", "acc_norm", "n"], rows))
     return {"tasks": results, "limit": a.limit, "scorer": "llama.cpp" if gguf is not None else "torch"}
+
+
+def _eval_lm_eval(a: argparse.Namespace, location) -> dict:
+    """Zero-shot accuracy by lm-eval's hf model over our items (configs in a temporary folder
+    unless --lm-eval-configs names one)."""
+    import tempfile
+
+    from saap_edge.eval.lmeval import evaluate_lm_eval
+    from saap_edge.models.load import resolve_device
+    from saap_edge.report import format_table
+
+    with tempfile.TemporaryDirectory(prefix="saap-lm-eval-") as tmp:
+        results = evaluate_lm_eval(location, a.tasks, a.data_dir, a.lm_eval_configs or tmp, a.limit, a.batch_size,
+                                   str(resolve_device(a.device)))
+    rows = [[name, r["acc"], r.get("acc_norm", "-"), r["n"]] for name, r in results.items()]
+    print(format_table(["task", "acc", "acc_norm", "n"], rows))
+    return {"tasks": results, "limit": a.limit, "scorer": "lm-eval"}
 
 
 def add_export(p: argparse.ArgumentParser) -> None:
