@@ -19,19 +19,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, 1 for off (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the runtime's choice)")
+    p.add_argument("--provider", default="auto", help="ONNX: onnxruntime execution provider, auto (CUDA where "
+                   "onnxruntime-gpu has it, else CPU), cpu or cuda (default: %(default)s)")
 
 
-def open_runtime(path: str, threads: int | None = None):
+def open_runtime(path: str, threads: int | None = None, provider: str = "auto"):
     """The runtime for an artifact: a .gguf file (llama.cpp) or an ONNX folder / .onnx file."""
     p = Path(path)
     if p.suffix == ".gguf":
+        if provider not in ("auto", "cpu"):
+            raise RuntimeLoadError(f"--provider {provider} chooses onnxruntime's provider; a .gguf runs on llama.cpp's CPU build")
         from runtime.llamacpp import LlamaCppRuntime
 
         return LlamaCppRuntime(path, n_threads=threads)
     if p.suffix == ".onnx" or p.is_dir():
         from runtime.ort import OrtRuntime
 
-        return OrtRuntime(path, n_threads=threads)
+        return OrtRuntime(path, n_threads=threads, provider=provider)
     raise RuntimeLoadError(f"{path}: unknown artifact type; give a .gguf file or an exported ONNX folder")
 
 
@@ -43,7 +47,7 @@ def run(a: argparse.Namespace, out=None, err=None) -> int:
         sampling = Sampling(a.temperature, a.top_k, a.top_p, a.seed).validate()
     except ValueError as exc:
         raise RuntimeLoadError(str(exc)) from exc
-    rt = open_runtime(a.artifact, a.threads)
+    rt = open_runtime(a.artifact, a.threads, a.provider)
     gen = Generator(rt)
     out.write(a.prompt)
     for piece in gen.stream(a.prompt, a.max_new_tokens, sampling):

@@ -19,6 +19,27 @@ import numpy as np
 from runtime.base import Runtime, RuntimeLoadError
 
 PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)$")
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+PROVIDER_CHOICES = ("auto", *PROVIDERS)
+
+
+def choose_providers(requested: str = "auto", available: list[str] | None = None) -> list[str]:
+    """onnxruntime execution providers for --provider: auto takes CUDA where this onnxruntime
+    has it (the onnxruntime-gpu wheel), else the CPU; cuda insists on CUDA."""
+    if requested not in PROVIDER_CHOICES:
+        raise RuntimeLoadError(f"--provider {requested!r} is not one of {', '.join(PROVIDER_CHOICES)}")
+    if available is None:
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+    cuda, cpu = PROVIDERS["cuda"], PROVIDERS["cpu"]
+    if requested == "cuda" and cuda not in available:
+        raise RuntimeLoadError(f"--provider cuda: this onnxruntime has no {cuda} (it has {', '.join(available)}); "
+                               "install onnxruntime-gpu in place of onnxruntime (pip install 'saap-edge[gpu]'), or use "
+                               "--provider cpu")
+    if requested == "cpu" or cuda not in available:
+        return [cpu]
+    return [cuda, cpu]
 DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
@@ -33,11 +54,12 @@ def _model_path(path: Path) -> Path:
 class OrtRuntime(Runtime):
     name = "onnxruntime"
 
-    def __init__(self, path: str | os.PathLike, n_threads: int | None = None, providers: list[str] | None = None):
+    def __init__(self, path: str | os.PathLike, n_threads: int | None = None, provider: str = "auto"):
         try:
             import onnxruntime as ort
         except ImportError as exc:
-            raise RuntimeLoadError("onnxruntime is not installed (pip install onnxruntime)") from exc
+            raise RuntimeLoadError("onnxruntime is not installed (pip install onnxruntime, or onnxruntime-gpu)") from exc
+        providers = choose_providers(provider)
         model = _model_path(Path(path))
         self.folder = model.parent
         opts = ort.SessionOptions()
@@ -45,9 +67,14 @@ class OrtRuntime(Runtime):
         if n_threads:
             opts.intra_op_num_threads = n_threads
         try:
-            self.session = ort.InferenceSession(str(model), opts, providers=providers or ["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(model), opts, providers=providers)
         except Exception as exc:  # onnxruntime raises its own Fail / InvalidProtobuf / RuntimeException
             raise RuntimeLoadError(f"onnxruntime cannot load {model}: {str(exc).splitlines()[0][:300]}") from exc
+        self.provider = self.session.get_providers()[0]  # what runs the nodes it can (CUDA falls back to CPU silently)
+        if provider == "cuda" and self.provider != PROVIDERS["cuda"]:
+            raise RuntimeLoadError(f"--provider cuda: onnxruntime has {PROVIDERS['cuda']} but could not start it (no GPU "
+                                   "or no CUDA libraries); use --provider cpu")
+        self.name = f"onnxruntime ({self.provider.replace('ExecutionProvider', '')})"
         self._read_cache_layout()
         self._read_tokenizer()
         self.reset()

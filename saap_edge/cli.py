@@ -413,6 +413,8 @@ def add_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads of every runtime (default: each runtime's own)")
     p.add_argument("--device", default="cpu", help="torch rows: cpu, or cuda (fp16, allocator peak) (default: %(default)s)")
     p.add_argument("--no-validate", action="store_true", help="skip the read-back check of each exported artifact")
+    p.add_argument("--provider", default="auto", help="ONNX rows: onnxruntime execution provider, auto (CUDA where "
+                   "onnxruntime-gpu has it, else CPU), cpu or cuda; the table names the one that ran (default: %(default)s)")
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="results folder: bench.json, bench.md, PNG charts, "
                                                                      "artifacts/ (default: %(default)s)")
     p.add_argument("--artifacts", type=Path, default=None, help="where exported artifacts and row logs go (default: <out>/artifacts)")
@@ -425,7 +427,7 @@ def run_bench(a: argparse.Namespace) -> int:
     from saap_edge.config import BenchSettings
 
     settings = BenchSettings(tuple(a.runtimes), a.prompt_tokens, a.new_tokens, a.reps, a.warmup, a.threads, a.device,
-                             not a.no_validate).validate()
+                             not a.no_validate, a.provider).validate()
     data = bench(default_models(a.models, a.dense), settings, a.out, progress=not a.no_progress, artifacts=a.artifacts)
     print(markdown(data))
     print(f"written: {a.out / 'bench.json'}, {a.out / 'bench.md'}, {a.out / 'bench_memory.png'}, {a.out / 'bench_speed.png'}")

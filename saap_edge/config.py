@@ -345,8 +345,11 @@ class BenchSettings(Settings):
     threads: int | None = None  # CPU threads of every runtime; None: the runtime's default
     device: str = "cpu"  # torch rows: cpu, or cuda (fp16, allocator peak)
     validate_exports: bool = True  # read each exported artifact back before timing it
+    provider: str = "auto"  # ONNX rows: onnxruntime's execution provider (auto: CUDA where onnxruntime-gpu has it)
 
     def validate(self) -> "BenchSettings":
+        if self.provider not in ("auto", "cpu", "cuda"):
+            raise UserError(f"--provider {self.provider!r} is not one of auto, cpu, cuda")
         known = BENCH_RUNTIMES + EXTRA_BENCH_RUNTIMES
         unknown = [r for r in self.runtimes if r not in known]
         if unknown or not self.runtimes:

@@ -113,6 +113,12 @@ def test_per_layer_kv_cache_shapes_and_cached_logits(hetero_int4):
     model, folder = hetero_int4
     rt = OrtRuntime(folder)
     assert rt.kv == [(2, 32), (1, 32), (1, 32)]  # each layer its own KV-head count
+    assert rt.provider in ("CPUExecutionProvider", "CUDAExecutionProvider") and rt.name.startswith("onnxruntime (")
+    if rt.provider == "CPUExecutionProvider":  # no CUDA here: asking for it is one clear error
+        from runtime.base import RuntimeLoadError
+
+        with pytest.raises(RuntimeLoadError, match="--provider cuda"):
+            OrtRuntime(folder, provider="cuda")
     full, _ = rt.forward(np.asarray([IDS]))
     ref = torch_logits(model, IDS)
     assert np.abs(full[0] - ref).max() < ORT_ATOL
@@ -239,7 +245,7 @@ def test_export_onnx_cli_writes_a_validated_folder_that_runs_without_torch(int4_
     run = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True,
                          cwd=Path(__file__).parents[1])
     assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.startswith("The cat") and "[onnxruntime]" in run.stderr and "generated 8 tokens" in run.stderr
+    assert run.stdout.startswith("The cat") and "[onnxruntime (CPU)]" in run.stderr and "generated 8 tokens" in run.stderr
     # --overwrite replaces the folder; without it the folder is refused
     assert main(["export", str(int4_dir), "--format", "onnx", "--no-validate"]) == 2
     assert "exists" in capsys.readouterr().err

@@ -126,3 +126,28 @@ def test_export_bad_inputs_exit_2(int4_dir, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and needle in err[0], (argv, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bert", "exists.gguf"]
+
+
+def test_onnxruntime_provider_choice():
+    """auto takes CUDA where this onnxruntime has it (onnxruntime-gpu), else the CPU; cuda insists."""
+    from runtime.base import RuntimeLoadError
+    from runtime.ort import choose_providers
+
+    gpu_build = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert choose_providers("auto", gpu_build) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert choose_providers("cpu", gpu_build) == ["CPUExecutionProvider"]
+    assert choose_providers("auto", ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    with pytest.raises(RuntimeLoadError, match="onnxruntime-gpu"):
+        choose_providers("cuda", ["CPUExecutionProvider"])
+    with pytest.raises(RuntimeLoadError, match="not one of"):
+        choose_providers("tpu", gpu_build)
+
+
+def test_run_names_a_provider_it_cannot_use(stories_f32, capsys):
+    pytest.importorskip("onnxruntime")
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    assert main(["run", str(stories_f32), "--provider", "cuda", "-n", "2"]) == 2
+    assert "a .gguf runs on llama.cpp" in capsys.readouterr().err

@@ -74,6 +74,8 @@ def measure(runtime: str, artifact, s: BenchSettings, log: Path) -> dict:
         cmd += ["--device", s.device, "--dtype", "float16" if s.device.startswith("cuda") else "float32"]
     if s.threads:
         cmd += ["--threads", str(s.threads)]
+    if kind == "onnxruntime":
+        cmd += ["--provider", s.provider]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")]))
     child = run_child(cmd, log, env=env)
     lines = log.read_text(errors="replace").strip().splitlines()

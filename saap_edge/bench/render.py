@@ -26,7 +26,8 @@ def table_rows(data: dict) -> list[list[str]]:
             continue
         vs = (r.get("vs_dense") or {}).get("decode_tok_s")
         rows.append([
-            r["model"], r["runtime"], f"{r['params'] / 1e6:.2f}M" if r.get("params") else "-",
+            r["model"], r["runtime"] + (f" ({r['provider'].replace('ExecutionProvider', '')})" if r.get("provider") else ""),
+            f"{r['params'] / 1e6:.2f}M" if r.get("params") else "-",
             _mib(r.get("artifact_bytes")), f"{r['peak_memory_mib']:,.1f}",
             _speed(r["prefill_tok_s"]), _speed(r["decode_tok_s"]), f"{vs:.2f}x" if vs else "-",
             _mib(r.get("bytes_per_token")), f"{r['roofline_tok_s']:.1f}" if r.get("roofline_tok_s") else "-",
