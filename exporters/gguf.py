@@ -37,6 +37,7 @@ from saap_edge.models.slim import SlimLlamaConfig, SlimLlamaForCausalLM
 from saap_edge.quant.int4 import quantization_section, quantize_groups
 
 QUANTS = {"f32": QT.F32, "f16": QT.F16, "q4_1": QT.Q4_1}
+EMBED_TYPES = (*QUANTS, "q8_0")  # the token embedding / output matrix may also be Q8_0 (8-bit, blocks of 32)
 FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16, "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1}
 BLOCK = 32  # Q4_1 weights per block
 Q4_1_BYTES = 20  # fp16 d + fp16 m + 16 bytes of nibbles
@@ -129,6 +130,8 @@ class GGUFInfo:
     quant: str
     tensor_types: dict[str, str] = field(default_factory=dict)
     int4_tensors: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)  # name -> (codes, a, b) as written
+    embed_type: str = "f16"
+    q8_tensors: dict[str, np.ndarray] = field(default_factory=dict)  # name -> the float32 weights quantized to Q8_0
 
 
 def _slim_config(model) -> SlimLlamaConfig:
@@ -223,8 +226,8 @@ def write_gguf(
     provenance: dict | None = None,
 ) -> GGUFInfo:
     """Write `model` (slim or plain LLaMA, fp or int4) to `path` as GGUF; see the module doc."""
-    if quant not in QUANTS or embed_type not in QUANTS:
-        raise UserError(f"--quant / --embed-type must be one of {', '.join(QUANTS)}")
+    if quant not in QUANTS or embed_type not in EMBED_TYPES:
+        raise UserError(f"--quant must be one of {', '.join(QUANTS)} and --embed-type one of {', '.join(EMBED_TYPES)}")
     config = _slim_config(model)
     _check_layers(config)
     uniform = config.is_uniform
@@ -260,7 +263,7 @@ def write_gguf(
         writer.add_string(f"saap.{key}", str(value))
     writer.add_string("saap.tokenizer", token_source)
 
-    info = GGUFInfo(Path(path), arch, quant)
+    info = GGUFInfo(Path(path), arch, quant, embed_type=embed_type)
     sd_model = model
 
     def add(name_: str, array: np.ndarray, raw: QT | None = None, kind: str | None = None):
@@ -275,6 +278,11 @@ def write_gguf(
         if embed_type == "q4_1":
             g = quantize_groups(torch.from_numpy(w), BLOCK)
             add(name_, q4_1_blocks(g.codes.numpy(), g.scales.numpy(), g.offsets.numpy()), QT.Q4_1)
+        elif embed_type == "q8_0":  # gguf's own Q8_0 quantizer: d = max|x| / 127 per block of 32 (f16), q = round(x / d)
+            if w.shape[1] % BLOCK:
+                raise UserError(f"--embed-type q8_0 needs a hidden size divisible by {BLOCK}, not {w.shape[1]}")
+            add(name_, gguf.quants.quantize(w, QT.Q8_0), QT.Q8_0)
+            info.q8_tensors[name_] = w
         else:
             add(name_, w.astype(np.float16 if embed_type == "f16" else np.float32))
 

@@ -65,7 +65,17 @@ def check_gguf_weights(info: GGUFInfo) -> int:
             bad = np.abs(decoded - expect).max()
             raise UserError(f"validation: {name} in {info.path.name} decodes to other weights than the checkpoint "
                             f"(max difference {bad:.3g}); the file was not kept")
-    return len(info.int4_tensors)
+    for name, w in info.q8_tensors.items():
+        # 8-bit embedding rows: step d = max|x| / 127 per block of 32, stored in f16, so each
+        # decoded weight lies within d / 2 (rounding) + 127 d 2^-11 (the f16 step) of the original
+        t = tensors[name]
+        decoded = dequantize(np.asarray(t.data), QT.Q8_0).reshape(w.shape)
+        step = np.abs(w).reshape(w.shape[0], -1, 32).max(-1, keepdims=True) / 127
+        bound = step * (0.5 + 127 * 2.0**-11) * (1 + 1e-6) + 1e-12
+        if t.tensor_type != QT.Q8_0 or (np.abs(decoded - w).reshape(step.shape[:2] + (32,)) > bound).any():
+            raise UserError(f"validation: {name} in {info.path.name} does not decode to its weights within Q8_0's step; "
+                            "the file was not kept")
+    return len(info.int4_tensors) + len(info.q8_tensors)
 
 
 def llama_cpp_logits(path: Path, ids: list[int], n_threads: int | None = None) -> np.ndarray:
@@ -96,7 +106,7 @@ def validate_gguf(model, info: GGUFInfo, ids: list[int]) -> Validation:
     v.logits_max_abs_diff = float(np.abs(got - ref).max())
     v.logits_scale = float(np.abs(ref).max())
     v.top1_agreement = float((got.argmax(-1) == ref.argmax(-1)).mean())
-    if info.quant == "f32" and v.logits_max_abs_diff > LOGITS_ATOL_F32 * max(1.0, v.logits_scale / 10):
+    if info.quant == "f32" and info.embed_type not in ("q4_1", "q8_0") and v.logits_max_abs_diff > LOGITS_ATOL_F32 * max(1.0, v.logits_scale / 10):
         raise UserError(f"validation: F32 GGUF logits differ from torch by {v.logits_max_abs_diff:.3g} "
                         f"(bound {LOGITS_ATOL_F32 * max(1.0, v.logits_scale / 10):.3g}); the file was not kept")
     if v.top1_agreement < MIN_TOP1_AGREEMENT[info.quant]:

@@ -330,7 +330,7 @@ class RecoverSettings(Settings):
 
 
 BENCH_RUNTIMES = ("torch", "gguf-f16", "gguf-q4_1", "onnx-f32", "onnx-int4")
-EXTRA_BENCH_RUNTIMES = ("gguf-q4_1-embq4",)  # on request: the embedding / output matrix in Q4_1 too
+EXTRA_BENCH_RUNTIMES = ("gguf-q4_1-embq4", "gguf-q4_1-embq8")  # on request: the embedding / output matrix in Q4_1 or Q8_0
 
 
 @dataclass

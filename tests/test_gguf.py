@@ -154,3 +154,34 @@ def test_reader_names_a_corrupt_file(tmp_path):
     bad.write_bytes(STORIES.read_bytes()[:5000])
     with pytest.raises(UserError, match="cannot read .*bad.gguf as GGUF"):
         read_gguf(bad)
+
+
+def test_q8_0_embeddings_decode_to_what_was_stored_and_run_in_llama_cpp(tmp_path, tiny_tokenizer, llama_cpp):
+    """--embed-type q8_0: each block of 32 is q * d with d = max|x| / 127 (f16) and q = round(x / d);
+    llama.cpp's logits follow torch's on the decoded matrices (F32 projections) within the error of
+    its Q8_0 product, which rounds the activations to 8 bits too (measured: 2% of the logit scale)."""
+    import copy
+
+    from exporters.validate import check_gguf_weights
+
+    model = hetero_model()
+    tiny_tokenizer.save_pretrained(tmp_path / "tok")
+    info = write_gguf(model, tmp_path / "m.gguf", "f32", "q8_0", tokenizer_dir=tmp_path / "tok")
+    assert check_gguf_weights(info) == 2  # both matrices checked within Q8_0's step
+    tensors = {t.name: t for t in GGUFReader(tmp_path / "m.gguf").tensors}
+    decoded_model = copy.deepcopy(model)
+    for name, weight, target in (("token_embd.weight", model.model.embed_tokens.weight, decoded_model.model.embed_tokens),
+                                 ("output.weight", model.lm_head.weight, decoded_model.lm_head)):
+        t = tensors[name]
+        assert t.tensor_type == QT.Q8_0 and t.n_bytes == weight.numel() // 32 * 34  # 8.5 bits a weight
+        w = weight.detach().numpy().reshape(weight.shape[0], -1, 32).astype(np.float32)
+        d = (np.abs(w).max(-1, keepdims=True) / 127).astype(np.float16).astype(np.float32)
+        q = np.clip(np.sign(w) * np.floor(np.abs(w) / np.abs(w).max(-1, keepdims=True) * 127 + 0.5), -127, 127)
+        decoded = dequantize(np.asarray(t.data), QT.Q8_0).reshape(weight.shape)
+        assert np.array_equal(decoded, (q * d).reshape(weight.shape)), name
+        with torch.no_grad():
+            target.weight.copy_(torch.from_numpy(decoded))
+    got = cpp_logits(llama_cpp, tmp_path / "m.gguf", IDS)
+    ref = torch_logits(decoded_model, IDS)
+    assert np.abs(got - ref).max() < 0.03 * np.abs(ref).max(), (np.abs(got - ref).max(), np.abs(ref).max())
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9

@@ -28,6 +28,7 @@ ARTIFACTS = {
     "gguf-f16": ("llama.cpp", "gguf", "f16", "f16"),
     "gguf-q4_1": ("llama.cpp", "gguf", "q4_1", "f16"),
     "gguf-q4_1-embq4": ("llama.cpp", "gguf", "q4_1", "q4_1"),  # embedding / output matrix Q4_1 too
+    "gguf-q4_1-embq8": ("llama.cpp", "gguf", "q4_1", "q8_0"),  # embedding / output matrix Q8_0
     "onnx-f32": ("onnxruntime", "onnx", "f32", "f32"),
     "onnx-int4": ("onnxruntime", "onnx", "int4", "f16"),
 }
