@@ -12,8 +12,9 @@ token windows:
   onnxruntime int4     runtime/ort.py, CPU provider
   llama.cpp Q4_1, embedding Q4_1 too (`--embed-type q4_1`): the smallest GGUF, measured
                        for what it costs, not held to the bar
-  llama.cpp Q4_1, embedding Q8_0 (`--embed-type q8_0`): the 8-bit embedding / output
-                       matrix, candidate default if within 0.5% of the f16-embedding file
+  llama.cpp Q4_1, embedding Q8_0 (`--embed-type q8_0`) and onnxruntime int4, embedding
+                       int8 (`--embed-type int8`): the 8-bit embedding / output matrix,
+                       candidate defaults if within 0.5% of the f16-embedding artifact
 
 Protocol: WikiText-2 test text (rows joined by blank lines), tokenized once; the first
 --windows non-overlapping windows of 128 tokens; each window scored on its own (127
@@ -177,7 +178,8 @@ def main(argv=None) -> int:
                          "vs_torch": 0.0, "time_s": time.perf_counter() - t0})
     runs = (("gguf", "f16", "llama.cpp", ppl_llama_cpp), ("onnx", "f16", "onnxruntime", ppl_ort),
             ("gguf", "q4_1", "llama.cpp, embedding Q4_1", ppl_llama_cpp),
-            ("gguf", "q8_0", "llama.cpp, embedding Q8_0", ppl_llama_cpp))
+            ("gguf", "q8_0", "llama.cpp, embedding Q8_0", ppl_llama_cpp),
+            ("onnx", "int8", "onnxruntime, embedding int8", ppl_ort))
     for fmt, embed, label, score in runs:
         path, info = export(model_dir, fmt, a, embed)
         t0 = time.perf_counter()

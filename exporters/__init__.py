@@ -104,7 +104,7 @@ def _check_job(job: ExportJob) -> ExportJob:
         job.quant = allowed[0]
     if job.quant not in allowed:
         raise UserError(f"--quant {job.quant!r} is not one of {', '.join(allowed)} for {job.format.upper()}")
-    embeds = ("f16", "f32", "q4_1", "q8_0") if job.format == "gguf" else ("f16", "f32")
+    embeds = ("f16", "f32", "q4_1", "q8_0") if job.format == "gguf" else ("f16", "f32", "int8")
     if job.embed_type not in embeds:
         raise UserError(f"--embed-type {job.embed_type!r} is not one of {', '.join(embeds)} for {job.format.upper()}")
     return job

@@ -61,18 +61,23 @@ ONNX_NAMES = {
 
 @torch.library.custom_op("saap::matmul_nbits", mutates_args=())
 def matmul_nbits(x: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor,
-                 k: int, n: int, block_size: int) -> torch.Tensor:
+                 k: int, n: int, block_size: int, bits: int = 4) -> torch.Tensor:
     """x [..., K] @ W^T with W[n, k] = (q - zp) * s per block of `block_size` along K
-    (MatMulNBits with uint8 zero points: two 4-bit zero points a byte, rows padded to whole bytes)."""
+    (MatMulNBits with uint8 zero points. bits 4: two codes and two zero points a byte, rows
+    padded to whole bytes; bits 8: one code a byte, zero points [N, K / block_size])."""
     groups = k // block_size
-    q = unpack_nibbles(b).reshape(n, groups, block_size).to(x.dtype)
-    zp = unpack_nibbles(zero_points.reshape(n, -1))[:, :groups].to(x.dtype)
+    if bits == 4:
+        q = unpack_nibbles(b).reshape(n, groups, block_size).to(x.dtype)
+        zp = unpack_nibbles(zero_points.reshape(n, -1))[:, :groups].to(x.dtype)
+    else:
+        q = b.reshape(n, groups, block_size).to(x.dtype)
+        zp = zero_points.reshape(n, groups).to(x.dtype)
     w = (q - zp[..., None]) * scales.reshape(n, groups, 1).to(x.dtype)
     return F.linear(x, w.reshape(n, k))
 
 
 @matmul_nbits.register_fake
-def _(x, b, scales, zero_points, k, n, block_size):
+def _(x, b, scales, zero_points, k, n, block_size, bits=4):
     return x.new_empty(*x.shape[:-1], n)
 
 
@@ -93,11 +98,63 @@ def _matmul_nbits_schema():
     )
 
 
-def _matmul_nbits_onnx(x, b, scales, zero_points, k: int, n: int, block_size: int):
+def _matmul_nbits_onnx(x, b, scales, zero_points, k: int, n: int, block_size: int, bits: int = 4):
     import onnxscript
 
     op = onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), "MatMulNBits", _matmul_nbits_schema())
-    return op(x, b, scales, zero_points, K=k, N=n, bits=4, block_size=block_size)
+    return op(x, b, scales, zero_points, K=k, N=n, bits=bits, block_size=block_size)
+
+
+Q8_BLOCK = 32  # 8-bit embedding blocks: GGUF's Q8_0 block, so both formats store the same numbers
+
+
+def q8_parts(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q8_0's rule for a [V, H] matrix: per block of 32, d = max|x| / 127, q = round(x / d) (half
+    away from zero), d kept in float16. Returns codes + 128 as uint8 [V, H/32, 32] (MatMulNBits'
+    8-bit layout, zero point 128) and d as float32 [V, H/32]."""
+    v, h = weight.shape
+    if h % Q8_BLOCK:
+        raise UserError(f"--embed-type int8 needs a hidden size divisible by {Q8_BLOCK}, not {h}")
+    w = weight.detach().float().cpu().reshape(v, h // Q8_BLOCK, Q8_BLOCK)
+    d = w.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    q = torch.sign(w) * torch.floor((w * inv).abs() + 0.5)
+    return (q + 128).to(torch.uint8), d.squeeze(-1).half().float()
+
+
+def q8_decode(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The [V, H] float32 matrix that 8-bit codes and scales hold."""
+    return ((codes.float() - 128) * scales[..., None]).reshape(codes.shape[0], -1)
+
+
+class Int8Embedding(nn.Module):
+    """Token embedding from 8-bit blocks: Gather of the codes and scales, then (q - 128) * d."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor):
+        super().__init__()
+        self.register_buffer("codes", codes)
+        self.register_buffer("scales", scales)
+
+    def forward(self, ids):
+        flat = ids.reshape(-1)  # index_select: one Gather on axis 0 of each initializer
+        rows = torch.index_select(self.codes, 0, flat).float() - 128  # [n, H/32, 32]
+        rows = rows * torch.index_select(self.scales, 0, flat)[..., None]
+        return rows.reshape(*ids.shape, -1)
+
+
+class Int8Head(nn.Module):
+    """The output matrix as 8-bit MatMulNBits (zero point 128) over the same codes and scales."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor):
+        super().__init__()
+        self.n, groups, block = codes.shape
+        self.k, self.block_size = groups * block, block
+        self.register_buffer("codes", codes)
+        self.register_buffer("scales", scales)
+        self.register_buffer("zero_points", torch.full_like(codes[..., 0], 128))
+
+    def forward(self, x):
+        return torch.ops.saap.matmul_nbits(x, self.codes, self.scales, self.zero_points, self.k, self.n, self.block_size, 8)
 
 
 def matmul_nbits_parts(layer: Int4Linear) -> dict[str, torch.Tensor]:
@@ -222,7 +279,14 @@ def prepare(model: nn.Module, quant: str, embed_type: str = "f32") -> nn.Module:
                 setattr(parent, name, NBitsLinear(child) if quant == "int4" else _half_or_full(child, quant))
             elif isinstance(child, nn.Linear) and name != "lm_head" and quant == "f16":
                 setattr(parent, name, HalfLinear(child.weight))
-    if embed_type == "f16" or quant == "f16":
+    if embed_type == "int8":
+        tied = m.lm_head.weight is m.model.embed_tokens.weight
+        emb = Int8Embedding(*q8_parts(m.model.embed_tokens.weight))
+        head = Int8Head(*q8_parts(m.lm_head.weight)) if not tied else Int8Head(emb.codes, emb.scales)
+        if tied:  # one set of initializers for both, as in the checkpoint
+            head.codes, head.scales = emb.codes, emb.scales
+        m.model.embed_tokens, m.lm_head = emb, head
+    elif embed_type == "f16" or quant == "f16":
         emb = m.model.embed_tokens
         half = HalfEmbedding(emb.weight)
         tied = m.lm_head.weight is emb.weight
@@ -239,13 +303,15 @@ def stored_weights_model(model: nn.Module, quant: str, embed_type: str) -> nn.Mo
     projections); int4 projections are already exact. What ONNX logits are validated against."""
     import copy
 
-    if quant != "f16" and embed_type != "f16":
+    if quant != "f16" and embed_type not in ("f16", "int8"):
         return model
     m = copy.deepcopy(model)
     with torch.no_grad():
         for name, p in m.named_parameters():
             is_embed = name.endswith(("embed_tokens.weight", "lm_head.weight"))
-            if p.dim() == 2 and (is_embed and embed_type == "f16" or not is_embed and quant == "f16"):
+            if p.dim() == 2 and is_embed and embed_type == "int8":
+                p.copy_(q8_decode(*q8_parts(p)))
+            elif p.dim() == 2 and (is_embed and embed_type == "f16" or not is_embed and quant == "f16"):
                 p.copy_(p.half().float())
     return m
 

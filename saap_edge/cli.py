@@ -357,7 +357,8 @@ def add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant", default=None, help="projection tensors. GGUF: q4_1 (default), f16, f32; ONNX: int4 (default; "
                                                  "MatMulNBits), f16, f32. int4/q4_1 carry the checkpoint's int4 groups bit for bit; "
                                                  "fp weights are quantized by the same group quantizer first")
-    p.add_argument("--embed-type", default="f16", help="token embedding / output matrix: f16, f32, or (GGUF) q4_1, q8_0 (default: %(default)s)")
+    p.add_argument("--embed-type", default="f16", help="token embedding / output matrix: f16, f32, (GGUF) q4_1, q8_0 or (ONNX) int8: 8-bit blocks of 32 "
+                                                           "(default: %(default)s)")
     p.add_argument("--out", type=Path, default=None, help="output file or folder (default: <model>/model-<quant>.gguf, "
                                                           "<model>/onnx-<quant>/)")
     p.add_argument("--no-validate", action="store_true", help="skip reading the artifact back and comparing it with torch")

@@ -278,3 +278,51 @@ def test_run_names_a_damaged_onnx_folder(hetero_int4, tmp_path, capsys, damage, 
     assert main(["run", str(folder), "-n", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("saap-edge run: error: ") and needle in err[0], err
+
+
+def test_int8_embeddings_are_gguf_q8_0_blocks_and_run_in_onnxruntime(tmp_path):
+    """--embed-type int8: the embedding and output matrices as 8-bit blocks of 32 (Gather + scale,
+    8-bit MatMulNBits), the same numbers GGUF's Q8_0 stores; logits within the usual bound of
+    torch on the decoded matrices, with and without the cache."""
+    import onnx
+    from gguf import GGMLQuantizationType as QT
+    from gguf.quants import dequantize, quantize
+
+    from exporters.onnx import q8_decode, q8_parts
+    from exporters.validate import validate_onnx
+
+    model = int4_model()
+    info = export_onnx(model, tmp_path / "int8", "int4", "int8")
+    v = validate_onnx(model, info, IDS)  # raises past the bound
+    assert v.logits_max_abs_diff < 1e-3 * max(1.0, v.logits_scale / 10) and v.top1_agreement >= 0.9
+    proto = onnx.load(str(tmp_path / "int8" / "model.onnx"))
+    heads = [n for n in proto.graph.node if n.op_type == "MatMulNBits" and dict((a.name, a.i) for a in n.attribute)["bits"] == 8]
+    inits = {t.name for t in proto.graph.initializer}
+    gathers = [n.input[0] for n in proto.graph.node if n.op_type == "Gather" and n.input[0] in inits]
+    assert len(heads) == 1 and len(gathers) == 2  # the codes and the scales of the token rows
+    embed = sorted((initializer(proto, name) for name in gathers), key=lambda a: a.ndim)
+    stored = {"embed": (embed[1], embed[0]), "head": (initializer(proto, heads[0].input[1]), initializer(proto, heads[0].input[2]))}
+    assert not initializer(proto, heads[0].input[3]).astype(int).__sub__(128).any()  # zero points 128
+    for key, weight in (("embed", model.model.embed_tokens.weight), ("head", model.lm_head.weight)):
+        codes, scales = q8_parts(weight)
+        assert torch.equal(torch.from_numpy(stored[key][0]), codes) and torch.equal(torch.from_numpy(stored[key][1]), scales)
+        gguf_rows = dequantize(quantize(weight.detach().numpy(), QT.Q8_0), QT.Q8_0)
+        assert np.array_equal(q8_decode(codes, scales).numpy(), gguf_rows)
+    f16 = export_onnx(model, tmp_path / "f16", "int4", "f16")
+    size = lambda f: sum(p.stat().st_size for p in f.path.iterdir())  # noqa: E731
+    assert size(info) < size(f16)
+
+
+def test_tied_int8_embeddings_share_one_set_of_blocks(tmp_path):
+    import onnx
+
+    from exporters.validate import validate_onnx
+
+    model = int4_model()
+    model.lm_head.weight = model.model.embed_tokens.weight
+    model.config.tie_word_embeddings = True
+    info = export_onnx(model, tmp_path / "tied", "int4", "int8")
+    validate_onnx(model, info, IDS)
+    proto = onnx.load(str(tmp_path / "tied" / "model.onnx"))
+    vocab_blocks = [t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.UINT8 and list(t.dims) == [512, 4, 32]]
+    assert len(vocab_blocks) == 1

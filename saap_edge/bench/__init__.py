@@ -31,6 +31,7 @@ ARTIFACTS = {
     "gguf-q4_1-embq8": ("llama.cpp", "gguf", "q4_1", "q8_0"),  # embedding / output matrix Q8_0
     "onnx-f32": ("onnxruntime", "onnx", "f32", "f32"),
     "onnx-int4": ("onnxruntime", "onnx", "int4", "f16"),
+    "onnx-int4-emb8": ("onnxruntime", "onnx", "int4", "int8"),  # embedding / output matrix in 8-bit blocks
 }
 DENSE = "dense"
 
