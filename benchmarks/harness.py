@@ -193,3 +193,12 @@ def write_results(out_dir: Path, name: str, data: dict, markdown: str) -> tuple[
         tmp.write_text(text)
         tmp.replace(path)
     return paths
+
+
+def main_of(name: str, parse_args, run, markdown, argv=None) -> None:
+    """A benchmark's entry point: arguments, rows, then results/<name>.json and .md."""
+    a = parse_args(argv)
+    data = run(a)
+    paths = write_results(a.out, name, data, markdown(data))
+    print(markdown(data))
+    print("wrote", *paths)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import (add_tasks, cached_row, compress_and_score, dense_row, recover_and_score, machine, quality_arguments,  # noqa: E402
-                     quality_table, task_arguments, write_results)
+                     main_of, quality_table, task_arguments)
 
 from saap_edge.compress import CompressJob, versions  # noqa: E402
 from saap_edge.config import HywiaSettings, PruneSettings, ReconstructSettings, RunSettings  # noqa: E402
@@ -173,11 +173,7 @@ def markdown(data: dict) -> str:
 
 
 def main(argv=None) -> None:
-    a = parse_args(argv)
-    data = run(a)
-    paths = write_results(a.out, "hywia", data, markdown(data))
-    print(markdown(data))
-    print("wrote", *paths)
+    main_of("hywia", parse_args, run, markdown, argv)
 
 
 if __name__ == "__main__":
