@@ -36,8 +36,10 @@ bench: venv
 	cd $(ROOT) && $(VENV)/bin/python benchmarks/export_quality.py --data-dir $(DATA_DIR)
 	cd $(ROOT) && $(VENV)/bin/python benchmarks/matmulnbits_zero_points.py
 	cd $(ROOT) && $(VENV)/bin/python benchmarks/report.py --data-dir $(DATA_DIR) --limit 50
+	cd $(ROOT) && $(VENV)/bin/python benchmarks/adapruner.py --data-dir $(DATA_DIR)
+	cd $(ROOT) && $(VENV)/bin/python benchmarks/hywia.py --data-dir $(DATA_DIR)
 	cd $(ROOT) && $(VENV)/bin/saap-edge bench benchmarks/work/report/recovered-0.20-qalora benchmarks/work/report/recovered-0.50-qalora \
-		--dense smollm2-135m --runtimes torch gguf-f16 gguf-q4_1 gguf-q4_1-embq4 onnx-f32 onnx-int4 \
+		--dense smollm2-135m --runtimes torch gguf-f16 gguf-q4_1 gguf-q4_1-embq4 gguf-q4_1-embq8 onnx-f32 onnx-int4 onnx-int4-emb8 \
 		--out benchmarks/results/table3 --artifacts benchmarks/work/table3 --no-progress
 
 clean:
