@@ -180,3 +180,12 @@ def test_compress_with_hywia_records_the_blend_and_a_nan_loss_leaves_nothing(tmp
     err = capsys.readouterr().err
     assert "fusion loss is nan at step 1 of 3" in err and len(err.strip().splitlines()) == 1, err
     assert not bad.exists() and not list(tmp_path.glob("bad*"))
+
+
+@pytest.mark.gpu
+def test_the_fusion_learns_on_cuda():
+    """The masks live on the CPU with the scores; the hooks bring them to the activations' device."""
+    model, samples, s, st = _setup()
+    st.model = model.to("cuda")
+    ranking = rank_hywia(st, s, replace(H, steps=2))
+    assert len(ranking.details["hywia"]["curve"]) == 2 and all(torch.isfinite(v).all() for v in ranking.keep.values())

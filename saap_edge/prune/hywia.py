@@ -171,7 +171,7 @@ class SoftMask:
                 return None
             x = args[0]
             per_feature = mask.repeat_interleave(self.shapes[layer].head_dim) if kind == ATTN else mask
-            return (x * per_feature.to(x.dtype),)
+            return (x * per_feature.to(device=x.device, dtype=x.dtype),)
 
         return hook
 
