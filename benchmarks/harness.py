@@ -202,3 +202,13 @@ def main_of(name: str, parse_args, run, markdown, argv=None) -> None:
     paths = write_results(a.out, name, data, markdown(data))
     print(markdown(data))
     print("wrote", *paths)
+
+
+def copy_chart(a, key: str, chart: str, name: str) -> None:
+    """A chart the run wrote into --work/models/<key> copied to results/<name> (when present)."""
+    src = a.work / "models" / key / chart
+    if src.exists():
+        a.out.mkdir(parents=True, exist_ok=True)
+        tmp = a.out / (name + ".tmp")
+        tmp.write_bytes(src.read_bytes())
+        tmp.replace(a.out / name)

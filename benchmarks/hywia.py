@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import (add_tasks, cached_row, compress_and_score, dense_row, recover_and_score, machine, quality_arguments,  # noqa: E402
+from harness import (add_tasks, cached_row, copy_chart, compress_and_score, dense_row, recover_and_score, machine, quality_arguments,  # noqa: E402
                      main_of, quality_table, task_arguments)
 
 from saap_edge.compress import CompressJob, versions  # noqa: E402
@@ -122,6 +122,8 @@ def run(a: argparse.Namespace) -> dict:
     for ratio in a.ratios:
         for label, method in METHODS:
             rows.append(_row(a, f"main-{ratio:.2f}-{method}", "main", label, method, ratio, a.limit, tasks=True))
+    for ratio in a.ratios:
+        copy_chart(a, f"main-{ratio:.2f}-hywia", "hywia_blend.png", f"hywia_blend_{ratio:.2f}.png")
     if not a.no_ablations:
         for ratio in a.ablation_ratios:
             for label, blend in ABLATIONS:
