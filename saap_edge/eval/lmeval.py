@@ -69,23 +69,42 @@ def evaluate_lm_eval(model: str | os.PathLike, names, data_dir, folder: str | os
                      batch_size: int = 8, device: str = "cpu", samples: bool = False) -> dict[str, dict]:
     """Our tasks scored by lm-eval's `hf` model on `model` (a local directory): ``{task: metrics}``
     in :func:`saap_edge.eval.zeroshot.metrics`'s form (plus ``loglikelihoods`` per item with
-    `samples`)."""
-    try:
-        import lm_eval
-        from lm_eval.tasks import TaskManager
-    except ImportError as exc:
-        raise UserError("--scorer lm-eval needs lm-eval: pip install 'lm-eval>=0.4.13,<0.5'") from exc
+    `samples`). lm-eval runs in a child process: loading a directory with trust_remote_code
+    registers its modeling file's classes with transformers' Auto classes, which would then
+    shadow saap_edge's own in this process."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise UserError("--scorer lm-eval needs lm-eval: pip install 'lm-eval>=0.4.13,<0.5'")
     tasks = write_task_configs(names, data_dir, folder, limit)
+    request = {"model": str(model), "tasks": tasks, "folder": str(folder), "batch_size": batch_size, "device": device,
+               "samples": samples}
+    run = subprocess.run([sys.executable, "-m", "saap_edge.eval.lmeval", json.dumps(request)], capture_output=True,
+                         text=True)
+    lines = run.stdout.strip().splitlines()
+    if run.returncode != 0 or not lines:
+        last = (run.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"lm-eval failed on {model}: {last[:300]}")
+    return json.loads(lines[-1])
+
+
+def _simple_evaluate(request: dict) -> dict[str, dict]:
+    """The child process's side of evaluate_lm_eval."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    tasks, samples = request["tasks"], request["samples"]
     out = lm_eval.simple_evaluate(
-        model="hf", model_args={"pretrained": str(model), "trust_remote_code": True, "dtype": "float32"},
-        tasks=tasks, task_manager=TaskManager(include_path=str(folder), include_defaults=False),
-        batch_size=batch_size, device=device, log_samples=samples,
+        model="hf", model_args={"pretrained": request["model"], "trust_remote_code": True, "dtype": "float32"},
+        tasks=tasks, task_manager=TaskManager(include_path=request["folder"], include_defaults=False),
+        batch_size=request["batch_size"], device=request["device"], log_samples=samples,
         bootstrap_iters=100,  # > 0 turns standard errors on; a mean's is closed-form (no bootstrap)
     )
     results = {}
     for name in tasks:
         r = out["results"][name]
-        task = name[len(PREFIX):]
         n = out["n-samples"][name]["effective"]
         entry = {"acc": r["acc,none"], "acc_stderr": _number(r.get("acc_stderr,none")), "n": n}
         if "acc_norm,none" in r:
@@ -93,9 +112,15 @@ def evaluate_lm_eval(model: str | os.PathLike, names, data_dir, folder: str | os
         if samples:
             ordered = sorted(out["samples"][name], key=lambda s: s["doc_id"])
             entry["loglikelihoods"] = [[float(resp[0][0]) for resp in s["resps"]] for s in ordered]
-        results[task] = entry
+        results[name[len(PREFIX):]] = entry
     return results
 
 
 def _number(value) -> float | None:
     return value if isinstance(value, (int, float)) else None  # lm-eval writes "N/A" where it has none
+
+
+if __name__ == "__main__":  # the child process of evaluate_lm_eval: one JSON request in, one JSON line out
+    import sys
+
+    print(json.dumps(_simple_evaluate(json.loads(sys.argv[1]))))
