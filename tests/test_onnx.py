@@ -305,7 +305,7 @@ def test_int8_embeddings_are_gguf_q8_0_blocks_and_run_in_onnxruntime(tmp_path):
     assert not initializer(proto, heads[0].input[3]).astype(int).__sub__(128).any()  # zero points 128
     for key, weight in (("embed", model.model.embed_tokens.weight), ("head", model.lm_head.weight)):
         codes, scales = q8_parts(weight)
-        assert torch.equal(torch.from_numpy(stored[key][0]), codes) and torch.equal(torch.from_numpy(stored[key][1]), scales)
+        assert torch.equal(torch.tensor(stored[key][0]), codes) and torch.equal(torch.tensor(stored[key][1]), scales)
         gguf_rows = dequantize(quantize(weight.detach().numpy(), QT.Q8_0), QT.Q8_0)
         assert np.array_equal(q8_decode(codes, scales).numpy(), gguf_rows)
     f16 = export_onnx(model, tmp_path / "f16", "int4", "f16")
