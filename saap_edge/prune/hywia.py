@@ -43,7 +43,7 @@ from saap_edge.prune import importance as imp
 from saap_edge.prune.estimate import _only_grads_for
 from saap_edge.prune.groups import ATTN, HEAD, MLP, LayerShape, decoder_layers, output_proj, submodule, total_params
 from saap_edge.prune.importance import Key, Scores
-from saap_edge.prune.search import candidates, global_pool, search_global
+from saap_edge.prune.search import candidates, global_pool, take_lowest
 
 BLEND_CHART = "hywia_blend.png"
 GRANULARITIES = ("coarse", "fine")
@@ -75,11 +75,8 @@ def granular_scores(st, s: PruneSettings, h: HywiaSettings) -> tuple[dict[str, S
 def _normalise(scores: Scores, scope: str) -> Scores:
     """Each score divided by the mean of its scope (one positive constant per scope, so any
     later standardisation in that scope sees the same order and z-scores)."""
-    groups: dict[object, list[Key]] = {}
-    for key in scores:
-        groups.setdefault(imp.scope_of(key, scope), []).append(key)
     out: Scores = {}
-    for keys in groups.values():
+    for keys in imp.group_keys(scores, scope).values():
         mean = float(torch.cat([scores[k].reshape(-1) for k in keys]).double().mean())
         mean = mean if mean > 0 and math.isfinite(mean) else 1.0
         for k in keys:
@@ -191,7 +188,7 @@ def soft_masks(keep: Scores, shapes: list[LayerShape], costs, total: int, s: Pru
     cands = candidates(detached, shapes, costs, s.align, modules)
     target = int(round(s.ratio * total))
     pool = global_pool(cands, target, shapes, costs, s.layer_cap)
-    chosen = set(search_global(cands, target, shapes, costs, s.layer_cap))
+    chosen = set(take_lowest(pool, target, shapes, costs))  # what search_global takes, from the pool computed once
     taken = [c.score for c in chosen]
     left = [c.score for c in pool if c not in chosen]
     hi = max(taken) if taken else min(left) - 1.0

@@ -29,7 +29,7 @@ def scope_of(key: Key, scope: str) -> object:
     return {"all": None, "global": key[1]}.get(scope, key)
 
 
-def _group_keys(keys, scope: str) -> dict[object, list[Key]]:
+def group_keys(keys, scope: str) -> dict[object, list[Key]]:
     groups: dict[object, list[Key]] = {}
     for key in keys:
         groups.setdefault(scope_of(key, scope), []).append(key)
@@ -76,7 +76,7 @@ def fuse(iv: Scores, ie: Scores, fusion: str = "adaptive", scope: str = "global"
     if fusion == "sum":
         return {k: iv[k].double() + ie[k].double() for k in iv}
     fused: Scores = {}
-    for keys in _group_keys(iv, scope).values():
+    for keys in group_keys(iv, scope).values():
         estimate = uncertainty_learned if fusion == "learned" else uncertainty_closed_form
         l1, l2 = estimate(_flat(iv, keys), _flat(ie, keys))
         l1, l2 = max(l1, 1e-30), max(l2, 1e-30)
@@ -110,7 +110,7 @@ def indicator(fused: torch.Tensor, weight_norm2: torch.Tensor | None, name: str)
 def standardize(scores: Scores, scope: str = "global") -> Scores:
     """Eq. 11: (M - mean M) / std M within each scope."""
     out: Scores = {}
-    for keys in _group_keys(scores, scope).values():
+    for keys in group_keys(scores, scope).values():
         flat = _flat(scores, keys).double()
         mean, std = flat.mean(), flat.std() if flat.numel() > 1 else torch.tensor(1.0)
         std = std if std > 0 else torch.tensor(1.0)

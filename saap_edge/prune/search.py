@@ -175,8 +175,13 @@ def search_global(cands: list[Candidate], target: int, shapes: list[LayerShape],
     ignore how removals in one layer compound, and without a cap a high ratio can strip whole
     layers to the minimum. When the target cannot be reached under `cap`, the cap is raised
     (in steps of 0.01) only as far as needed."""
+    return take_lowest(global_pool(cands, target, shapes, costs, cap), target, shapes, costs)
+
+
+def take_lowest(pool: list[Candidate], target: int, shapes: list[LayerShape], costs) -> list[Candidate]:
+    """The candidates of `pool`, lowest keep-score first, until `target` parameters are removed."""
     chosen, ledger = [], Ledger(shapes, costs)
-    for cand in sorted(global_pool(cands, target, shapes, costs, cap), key=lambda c: (c.score, c.layer, c.kind, c.rank)):
+    for cand in sorted(pool, key=lambda c: (c.score, c.layer, c.kind, c.rank)):
         if ledger.removed >= target:
             break
         chosen.append(cand)
