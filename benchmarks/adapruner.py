@@ -23,15 +23,13 @@ cached under --work, so an interrupted run resumes.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import (add_tasks, cached_row, copy_chart, compress_and_score, dense_row, recover_and_score, machine, quality_arguments,  # noqa: E402
-                     main_of, quality_table, task_arguments)
+from harness import (compress_and_score, copy_chart, dense_rows, machine, main_of, main_rows,  # noqa: E402
+                     method_row, quality_arguments, quality_table, recovered_rows, task_arguments)
 
 from saap_edge.compress import CompressJob, versions  # noqa: E402
 from saap_edge.config import PruneSettings, ReconstructSettings, RunSettings, SearchSettings  # noqa: E402
@@ -55,32 +53,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _row(a, key: str, table: str, label: str, method: str, ratio: float, limit: int, search: dict | None = None,
-         tasks: bool = False, source: str | None = None, reuse: str | None = None) -> dict | None:
-    """One row, cached under --work/rows; `reuse` names a row whose finished search this one copies."""
-    if a.only and not key.startswith(tuple(a.only)):
-        return None
+def _measure(a, key: str, table: str, label: str, method: str, ratio: float, limit: int, search: dict | None = None,
+             reuse: str | None = None) -> dict:
+    """Compress with `method` (no recovery), then score the output on the test sets; `reuse`
+    names a row whose finished search this one copies."""
     db = a.work / "models" / f"{key}.search.db"
     if reuse and not db.exists() and (a.work / "models" / f"{reuse}.search.db").exists():
         db.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(a.work / "models" / f"{reuse}.search.db", db)
-    row = cached_row(a.work / "rows" / f"{key}.json",
-                     lambda: _measure(a, key, table, label, method, ratio, limit, search) if source is None else
-                     _recovered(a, key, table, label, source, limit))
-    if tasks and "tasks" not in row:  # rows measured before the zero-shot columns existed
-        row = add_tasks(a, row, a.work / "models" / key)
-    print(f"[{time.strftime('%H:%M:%S')}] {key}: {row['ppl']} average {row.get('average')}", flush=True)
-    return row
-
-
-def _recovered(a, key: str, table: str, label: str, source: str, limit: int) -> dict:
-    """`source`'s pruned model recovered (see harness.recover_and_score)."""
-    row = recover_and_score(a, key, json.loads((a.work / "rows" / f"{source}.json").read_text()), limit)
-    return {**row, "table": table, "label": label}
-
-
-def _measure(a, key: str, table: str, label: str, method: str, ratio: float, limit: int, search: dict | None) -> dict:
-    """Compress with `method` (no recovery), then score the output on the test sets."""
     s = PruneSettings(method=method, ratio=ratio, calib_samples=a.calib_samples)
     q = SearchSettings(pool_size=a.pool_size, trials=a.trials, startup=a.startup, **(search or {}))
     job = CompressJob(a.model, a.work / "models" / key, s, ReconstructSettings(),
@@ -100,24 +80,19 @@ METHODS = (("adapruner", "adapruner"), ("saap (default)", "saap"), ("llm-pruner 
 
 
 def run(a: argparse.Namespace) -> dict:
-    rows = [] if a.only and not "dense".startswith(tuple(a.only)) else [cached_row(a.work / "rows" / "dense.json", lambda: dense_row(a))]
-    for ratio in a.ratios:
-        for label, method in METHODS:
-            rows.append(_row(a, f"main-{ratio:.2f}-{method}", "main", label, method, ratio, a.limit, tasks=True))
+    rows = dense_rows(a) + main_rows(a, METHODS, lambda key, label, method, ratio:
+                                     _measure(a, key, "main", label, method, ratio, a.limit))
     for ratio in a.ratios:
         copy_chart(a, f"main-{ratio:.2f}-adapruner", "search.png", f"adapruner_search_{ratio:.2f}.png")
     if not a.no_ablations:
         for ratio in a.ablation_ratios:
             for label, overrides in ABLATIONS:
                 name = label.split(" ")[0].lower().rstrip(",")
-                rows.append(_row(a, f"ablation-{ratio:.2f}-{name}-{overrides.get('space', 'both')}", "ablation", label,
-                                 "adapruner", ratio, a.ablation_limit, overrides,
-                                 reuse=f"main-{ratio:.2f}-adapruner" if not overrides else None))
-    if not a.no_recovered:
-        for ratio in a.ratios:
-            for label, method in METHODS:
-                rows.append(_row(a, f"recovered-{ratio:.2f}-{method}-k{a.recover_steps}", "recovered", label + " + qalora",
-                                 method, ratio, a.limit, tasks=True, source=f"main-{ratio:.2f}-{method}"))
+                key = f"ablation-{ratio:.2f}-{name}-{overrides.get('space', 'both')}"
+                reuse = f"main-{ratio:.2f}-adapruner" if not overrides else None
+                rows.append(method_row(a, key, lambda: _measure(a, key, "ablation", label, "adapruner", ratio,
+                                                                a.ablation_limit, overrides, reuse)))
+    rows += recovered_rows(a, METHODS)
     return {"benchmark": "adapruner", "model": a.model, "command": "python benchmarks/adapruner.py " + " ".join(sys.argv[1:]),
             "protocol": {"pool_size": a.pool_size, "calib_samples": a.calib_samples, "trials": a.trials,
                          "startup": a.startup, "objective": "wikitext2 validation, 32 windows of 128 tokens",

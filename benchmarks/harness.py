@@ -18,17 +18,22 @@ def timed(store: dict, key: str):
     store[key] = store.get(key, 0.0) + time.perf_counter() - t0
 
 
+def write_whole(path: Path, data: str | bytes) -> None:
+    """`data` at `path`, written to a temporary name and then renamed, so no reader sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data) if isinstance(data, bytes) else tmp.write_text(data)
+    tmp.replace(path)
+
+
 def cached_row(path: Path, make, keep=None) -> dict:
-    """A benchmark row read from `path`, or made by `make()` and stored there (written whole,
-    then renamed) unless `keep(row)` says no, so an interrupted run resumes from its rows."""
+    """A benchmark row read from `path`, or made by `make()` and stored there (written whole)
+    unless `keep(row)` says no, so an interrupted run resumes from its rows."""
     if path.exists():
         return json.loads(path.read_text())
     row = make()
     if keep is None or keep(row):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(row, indent=1, default=str))
-        tmp.replace(path)
+        store_row(path, row)
     return row
 
 
@@ -79,31 +84,103 @@ def zero_shot(model, tokenizer, data_dir, limit: int) -> dict:
 
 
 def store_row(path: Path, row: dict) -> dict:
-    """Write `row` to `path` whole (temporary name, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(row, indent=1, default=str))
-    tmp.replace(path)
+    """Write `row` to `path` whole."""
+    write_whole(path, json.dumps(row, indent=1, default=str))
     return row
+
+
+def read_row(a, key: str) -> dict:
+    return json.loads((a.work / "rows" / f"{key}.json").read_text())
+
+
+def load(model):
+    """A model directory or name for scoring: float32 on the CPU."""
+    from saap_edge.models.load import load_model
+
+    return load_model(str(model), "cpu", "float32")
+
+
+def score_ppl(a, loaded, limit: int) -> dict:
+    """A loaded model on the test sets, `limit` windows each (0: all): {"ppl": {...}, "windows": {...}} for a row."""
+    from saap_edge.eval.ppl import evaluate_ppl
+
+    res = evaluate_ppl(loaded.model, loaded.tokenizer, a.datasets, window=128, limit=limit or None, data_dir=a.data_dir,
+                       progress=False)
+    return {"ppl": {k: v["ppl"] for k, v in res.items()}, "windows": {k: v["windows"] for k, v in res.items()}}
+
+
+def task_columns(a, loaded) -> dict:
+    """The seven zero-shot tasks of a loaded model, their average and its standard error."""
+    t0 = time.perf_counter()
+    tasks = zero_shot(loaded.model, loaded.tokenizer, a.data_dir, a.task_limit)
+    return {"tasks": tasks, "average": task_average(tasks), "average_stderr": task_average_stderr(tasks),
+            "tasks_s": time.perf_counter() - t0}
+
+
+def method_row(a, key: str, make, tasks: bool = False, share_from: Path | None = None) -> dict | None:
+    """One row of a method benchmark: skipped unless --only matches; taken from `share_from`'s
+    rows (another benchmark's work folder, same protocol) when measured there; else cached
+    under --work/rows or made by `make()`; with `tasks`, the zero-shot columns added."""
+    if a.only and not key.startswith(tuple(a.only)):
+        return None
+    if share_from is not None:
+        share_row(a, key, share_from)
+    row = cached_row(a.work / "rows" / f"{key}.json", make)
+    if tasks and "tasks" not in row:  # rows measured before the zero-shot columns existed
+        row = add_tasks(a, row, a.work / "models" / key)
+    print(f"[{time.strftime('%H:%M:%S')}] {key}: {row['ppl']} average {row.get('average')}", flush=True)
+    return row
+
+
+def share_row(a, key: str, other: Path) -> None:
+    """Copy a row measured under the work folder `other` (and link its model, for the zero-shot columns)."""
+    row, model = other / "rows" / f"{key}.json", other / "models" / key
+    if (a.work / "rows" / f"{key}.json").exists() or not row.exists() or other.resolve() == a.work.resolve():
+        return
+    write_whole(a.work / "rows" / f"{key}.json", row.read_text())
+    if model.exists() and not (a.work / "models" / key).exists():
+        (a.work / "models").mkdir(parents=True, exist_ok=True)
+        (a.work / "models" / key).symlink_to(model.resolve(), target_is_directory=True)
+
+
+def dense_rows(a, share_from: Path | None = None) -> list[dict]:
+    row = method_row(a, "dense", lambda: dense_row(a), share_from=share_from)
+    return [row] if row else []
+
+
+def main_rows(a, methods, measure, share_from: Path | None = None) -> list[dict | None]:
+    """Per ratio and (label, method): `measure(key, label, method, ratio)` on the full test sets, with the tasks."""
+    return [method_row(a, f"main-{ratio:.2f}-{method}", lambda: measure(f"main-{ratio:.2f}-{method}", label, method, ratio),
+                       tasks=True, share_from=share_from)
+            for ratio in a.ratios for label, method in methods]
+
+
+def recovered_rows(a, methods, share_from: Path | None = None) -> list[dict | None]:
+    """Per ratio and (label, method): the main row's pruned model recovered (recover_and_score), with the tasks."""
+    if a.no_recovered:
+        return []
+    rows = []
+    for ratio in a.ratios:
+        for label, method in methods:
+            key, source = f"recovered-{ratio:.2f}-{method}-k{a.recover_steps}", f"main-{ratio:.2f}-{method}"
+            rows.append(method_row(a, key, lambda: {**recover_and_score(a, key, read_row(a, source), a.limit),
+                                                    "table": "recovered", "label": label + " + qalora"},
+                                   tasks=True, share_from=share_from))
+    return rows
 
 
 def compress_and_score(a, key: str, job, limit: int) -> tuple[dict, dict]:
     """Run `job` (a CompressJob writing --work/models/<key>), then score its output on the test
     sets (`limit` windows each, 0: all): (row, compress report)."""
     from saap_edge.compress import compress
-    from saap_edge.eval.ppl import evaluate_ppl
-    from saap_edge.models.load import load_model
 
     job.out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     report = compress(job)
     wall = time.perf_counter() - t0
-    loaded = load_model(str(job.out), "cpu", "float32")
-    res = evaluate_ppl(loaded.model, loaded.tokenizer, a.datasets, window=128, limit=limit or None, data_dir=a.data_dir,
-                       progress=False)
     row = {"key": key, "method": job.prune.method, "ratio": job.prune.ratio,
            "params": report["params"]["after"], "removed_share": report["params"]["removed_share"],
-           "ppl": {k: v["ppl"] for k, v in res.items()}, "windows": {k: v["windows"] for k, v in res.items()},
+           **score_ppl(a, load(job.out), limit),
            "compress_s": wall, "time_s": report["time_s"], "recovery": job.recover.recovery if job.recover else "none"}
     return row, report
 
@@ -114,8 +191,6 @@ def recover_and_score(a, key: str, source: dict, limit: int) -> dict:
     its report names), then the test sets."""
     from saap_edge.compress import RecoverJob, recover_dir
     from saap_edge.config import RecoverSettings, RunSettings
-    from saap_edge.eval.ppl import evaluate_ppl
-    from saap_edge.models.load import load_model
 
     out = a.work / "models" / key
     job = RecoverJob(str(a.work / "models" / source["key"]), out, RecoverSettings(steps=a.recover_steps),
@@ -123,40 +198,23 @@ def recover_and_score(a, key: str, source: dict, limit: int) -> dict:
     t0 = time.perf_counter()
     report = recover_dir(job)
     wall = time.perf_counter() - t0
-    loaded = load_model(str(out), "cpu", "float32")
-    res = evaluate_ppl(loaded.model, loaded.tokenizer, a.datasets, window=128, limit=limit or None, data_dir=a.data_dir,
-                       progress=False)
     keep = ("method", "ratio", "params", "removed_share", "search", "hywia")
-    return {**{k: source[k] for k in keep if k in source}, "key": key, "source": source["key"],
-            "ppl": {k: v["ppl"] for k, v in res.items()}, "windows": {k: v["windows"] for k, v in res.items()},
+    return {**{k: source[k] for k in keep if k in source}, "key": key, "source": source["key"], **score_ppl(a, load(out), limit),
             "recovery": report["recovery"]["recovery"], "recover_s": wall, "heldout_ppl": report["recovery"]["heldout_ppl"]}
 
 
 def add_tasks(a, row: dict, model_dir: Path) -> dict:
     """`row` with the seven zero-shot tasks of the model at `model_dir` (stored back under --work/rows)."""
-    from saap_edge.models.load import load_model
-
-    loaded = load_model(str(model_dir), "cpu", "float32")
-    t0 = time.perf_counter()
-    row["tasks"] = zero_shot(loaded.model, loaded.tokenizer, a.data_dir, a.task_limit)
-    row["average"], row["average_stderr"] = task_average(row["tasks"]), task_average_stderr(row["tasks"])
-    row["tasks_s"] = time.perf_counter() - t0
+    row.update(task_columns(a, load(model_dir)))
     return store_row(a.work / "rows" / f"{row['key']}.json", row)
 
 
 def dense_row(a) -> dict:
     """The unpruned model on the same test sets and tasks."""
-    from saap_edge.eval.ppl import evaluate_ppl
-    from saap_edge.models.load import load_model
-
-    loaded = load_model(a.model, "cpu", "float32")
-    res = evaluate_ppl(loaded.model, loaded.tokenizer, a.datasets, window=128, limit=a.limit or None, data_dir=a.data_dir,
-                       progress=False)
-    tasks = zero_shot(loaded.model, loaded.tokenizer, a.data_dir, a.task_limit)
+    loaded = load(a.model)
     return {"key": "dense", "table": "main", "label": "dense", "method": "dense", "ratio": 0.0,
             "params": sum(t.numel() for t in loaded.model.parameters()), "removed_share": 0.0,
-            "ppl": {k: v["ppl"] for k, v in res.items()}, "windows": {k: v["windows"] for k, v in res.items()},
-            "tasks": tasks, "average": task_average(tasks), "average_stderr": task_average_stderr(tasks), "recovery": "none"}
+            **score_ppl(a, loaded, a.limit), **task_columns(a, loaded), "recovery": "none"}
 
 
 def quality_table(rows: list[dict], datasets: list[str]) -> str:
@@ -186,12 +244,9 @@ def task_arguments(p) -> None:
 
 def write_results(out_dir: Path, name: str, data: dict, markdown: str) -> tuple[Path, Path]:
     """benchmarks/results/<name>.json and .md, each written to a temporary name then renamed."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     paths = (out_dir / f"{name}.json", out_dir / f"{name}.md")
     for path, text in zip(paths, (json.dumps(data, indent=1, default=str) + "\n", markdown)):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+        write_whole(path, text)
     return paths
 
 
@@ -208,7 +263,4 @@ def copy_chart(a, key: str, chart: str, name: str) -> None:
     """A chart the run wrote into --work/models/<key> copied to results/<name> (when present)."""
     src = a.work / "models" / key / chart
     if src.exists():
-        a.out.mkdir(parents=True, exist_ok=True)
-        tmp = a.out / (name + ".tmp")
-        tmp.write_bytes(src.read_bytes())
-        tmp.replace(a.out / name)
+        write_whole(a.out / name, src.read_bytes())

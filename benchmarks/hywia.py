@@ -20,15 +20,12 @@ otherwise). Finished rows are cached under --work, so an interrupted run resumes
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import (add_tasks, cached_row, copy_chart, compress_and_score, dense_row, recover_and_score, machine, quality_arguments,  # noqa: E402
-                     main_of, quality_table, task_arguments)
+from harness import (compress_and_score, copy_chart, dense_rows, load, machine, main_of, main_rows,  # noqa: E402
+                     method_row, quality_arguments, quality_table, read_row, recovered_rows, score_ppl, task_arguments)
 
 from saap_edge.compress import CompressJob, versions  # noqa: E402
 from saap_edge.config import HywiaSettings, PruneSettings, ReconstructSettings, RunSettings  # noqa: E402
@@ -49,54 +46,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _shared(a, key: str) -> None:
-    """Copy a baseline row (and its model, for the zero-shot columns) measured by the AdaPruner benchmark."""
-    row, model = a.baselines / "rows" / f"{key}.json", a.baselines / "models" / key
-    if (a.work / "rows" / f"{key}.json").exists() or not row.exists() or a.baselines.resolve() == a.work.resolve():
-        return
-    (a.work / "rows").mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(row, a.work / "rows" / f"{key}.json")
-    if model.exists() and not (a.work / "models" / key).exists():
-        (a.work / "models").mkdir(parents=True, exist_ok=True)
-        (a.work / "models" / key).symlink_to(model.resolve(), target_is_directory=True)
-
-
-def _row(a, key: str, table: str, label: str, method: str, ratio: float, limit: int, blend: str = "learned",
-         tasks: bool = False, source: str | None = None) -> dict | None:
-    if a.only and not key.startswith(tuple(a.only)):
-        return None
-    _shared(a, key)
-    row = cached_row(a.work / "rows" / f"{key}.json",
-                     lambda: _measure(a, key, table, label, method, ratio, limit, blend) if source is None else
-                     _recovered(a, key, table, label, source, limit))
-    if tasks and "tasks" not in row:
-        row = add_tasks(a, row, a.work / "models" / key)
-    print(f"[{time.strftime('%H:%M:%S')}] {key}: {row['ppl']} average {row.get('average')}", flush=True)
-    return row
-
-
 def _rescore(a, key: str, main: str, table: str, label: str, limit: int) -> dict:
     """A row of the model another row compressed with the same settings, scored on `limit` windows."""
-    from saap_edge.eval.ppl import evaluate_ppl
-    from saap_edge.models.load import load_model
-
-    row = {k: v for k, v in json.loads((a.work / "rows" / f"{main}.json").read_text()).items()
-           if k not in ("tasks", "average", "average_stderr", "tasks_s")}
-    loaded = load_model(str(a.work / "models" / main), "cpu", "float32")
-    res = evaluate_ppl(loaded.model, loaded.tokenizer, a.datasets, window=128, limit=limit or None, data_dir=a.data_dir,
-                       progress=False)
-    row.update(key=key, table=table, label=label, ppl={k: v["ppl"] for k, v in res.items()},
-               windows={k: v["windows"] for k, v in res.items()}, same_model_as=main)
-    return row
+    row = {k: v for k, v in read_row(a, main).items() if k not in ("tasks", "average", "average_stderr", "tasks_s")}
+    return {**row, "key": key, "table": table, "label": label, **score_ppl(a, load(a.work / "models" / main), limit),
+            "same_model_as": main}
 
 
-def _recovered(a, key: str, table: str, label: str, source: str, limit: int) -> dict:
-    """`source`'s pruned model recovered (see harness.recover_and_score)."""
-    row = recover_and_score(a, key, json.loads((a.work / "rows" / f"{source}.json").read_text()), limit)
-    return {**row, "table": table, "label": label}
-
-
-def _measure(a, key: str, table: str, label: str, method: str, ratio: float, limit: int, blend: str) -> dict:
+def _measure(a, key: str, table: str, label: str, method: str, ratio: float, limit: int, blend: str = "learned") -> dict:
     main = f"main-{ratio:.2f}-hywia"
     if table == "ablation" and blend == "learned" and (a.work / "rows" / f"{main}.json").exists():
         return _rescore(a, key, main, table, label, limit)  # the main row's compress, same settings
@@ -115,24 +72,17 @@ def _measure(a, key: str, table: str, label: str, method: str, ratio: float, lim
 
 
 def run(a: argparse.Namespace) -> dict:
-    rows = []
-    if not a.only or "dense".startswith(tuple(a.only)):
-        _shared(a, "dense")
-        rows.append(cached_row(a.work / "rows" / "dense.json", lambda: dense_row(a)))
-    for ratio in a.ratios:
-        for label, method in METHODS:
-            rows.append(_row(a, f"main-{ratio:.2f}-{method}", "main", label, method, ratio, a.limit, tasks=True))
+    rows = dense_rows(a, a.baselines) + main_rows(a, METHODS, lambda key, label, method, ratio:
+                                                  _measure(a, key, "main", label, method, ratio, a.limit), a.baselines)
     for ratio in a.ratios:
         copy_chart(a, f"main-{ratio:.2f}-hywia", "hywia_blend.png", f"hywia_blend_{ratio:.2f}.png")
     if not a.no_ablations:
         for ratio in a.ablation_ratios:
             for label, blend in ABLATIONS:
-                rows.append(_row(a, f"ablation-{ratio:.2f}-{blend}", "ablation", label, "hywia", ratio, a.ablation_limit, blend))
-    if not a.no_recovered:
-        for ratio in a.ratios:
-            for label, method in METHODS:
-                rows.append(_row(a, f"recovered-{ratio:.2f}-{method}-k{a.recover_steps}", "recovered", label + " + qalora",
-                                 method, ratio, a.limit, tasks=True, source=f"main-{ratio:.2f}-{method}"))
+                key = f"ablation-{ratio:.2f}-{blend}"
+                rows.append(method_row(a, key, lambda: _measure(a, key, "ablation", label, "hywia", ratio,
+                                                                a.ablation_limit, blend)))
+    rows += recovered_rows(a, METHODS, a.baselines)
     h = HywiaSettings(steps=a.hywia_steps, batch=a.hywia_batch)
     return {"benchmark": "hywia", "model": a.model, "command": "python benchmarks/hywia.py " + " ".join(sys.argv[1:]),
             "protocol": {"calib_samples": a.calib_samples, "hywia": h.to_dict(), "reconstruction": ReconstructSettings().to_dict(),
