@@ -97,14 +97,15 @@ def default_out(job: ExportJob, source: Path, directory: Path | None) -> Path:
 def _check_job(job: ExportJob) -> ExportJob:
     if job.format not in FORMATS:
         raise UserError(f"--format {job.format!r} is not one of {', '.join(FORMATS)}")
-    from exporters.onnx import ONNX_QUANTS
+    from exporters.gguf import EMBED_TYPES as GGUF_EMBED_TYPES
+    from exporters.onnx import ONNX_EMBED_TYPES, ONNX_QUANTS
 
     allowed = GGUF_QUANTS if job.format == "gguf" else ONNX_QUANTS
     if job.quant is None:
         job.quant = allowed[0]
     if job.quant not in allowed:
         raise UserError(f"--quant {job.quant!r} is not one of {', '.join(allowed)} for {job.format.upper()}")
-    embeds = ("f16", "f32", "q4_1", "q8_0") if job.format == "gguf" else ("f16", "f32", "int8")
+    embeds = GGUF_EMBED_TYPES if job.format == "gguf" else ONNX_EMBED_TYPES
     if job.embed_type not in embeds:
         raise UserError(f"--embed-type {job.embed_type!r} is not one of {', '.join(embeds)} for {job.format.upper()}")
     return job

@@ -40,6 +40,7 @@ from saap_edge.errors import UserError
 from saap_edge.models.int4_linear import Int4Linear, unpack_nibbles
 
 ONNX_QUANTS = ("int4", "f16", "f32")
+ONNX_EMBED_TYPES = ("f16", "f32", "int8")  # the token embedding / output matrix (int8: 8-bit blocks of 32)
 IR_VERSION = 10  # onnx 1.23 writes 14; onnxruntime 1.2x-1.3x read at most 10-13 (DESIGN.md 5)
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"  # baked into the graph by the exporter: never rename it
@@ -282,9 +283,8 @@ def prepare(model: nn.Module, quant: str, embed_type: str = "f32") -> nn.Module:
     if embed_type == "int8":
         tied = m.lm_head.weight is m.model.embed_tokens.weight
         emb = Int8Embedding(*q8_parts(m.model.embed_tokens.weight))
-        head = Int8Head(*q8_parts(m.lm_head.weight)) if not tied else Int8Head(emb.codes, emb.scales)
-        if tied:  # one set of initializers for both, as in the checkpoint
-            head.codes, head.scales = emb.codes, emb.scales
+        # tied: the head holds the embedding's own tensors, one set of initializers as in the checkpoint
+        head = Int8Head(emb.codes, emb.scales) if tied else Int8Head(*q8_parts(m.lm_head.weight))
         m.model.embed_tokens, m.lm_head = emb, head
     elif embed_type == "f16" or quant == "f16":
         emb = m.model.embed_tokens

@@ -349,8 +349,10 @@ class BenchSettings(Settings):
     provider: str = "auto"  # ONNX rows: onnxruntime's execution provider (auto: CUDA where onnxruntime-gpu has it)
 
     def validate(self) -> "BenchSettings":
-        if self.provider not in ("auto", "cpu", "cuda"):
-            raise UserError(f"--provider {self.provider!r} is not one of auto, cpu, cuda")
+        from runtime.ort import PROVIDER_CHOICES  # torch-free; onnxruntime itself is imported only when a session opens
+
+        if self.provider not in PROVIDER_CHOICES:
+            raise UserError(f"--provider {self.provider!r} is not one of {', '.join(PROVIDER_CHOICES)}")
         known = BENCH_RUNTIMES + EXTRA_BENCH_RUNTIMES
         unknown = [r for r in self.runtimes if r not in known]
         if unknown or not self.runtimes:
