@@ -19,6 +19,7 @@ from saap_edge.files import read_json
 
 FORMATS = ("gguf", "onnx")
 GGUF_QUANTS = ("q4_1", "f16", "f32")
+ONNX_GRAPHS = ("fused", "dynamo")
 
 
 @dataclass
@@ -31,6 +32,8 @@ class ExportJob:
     validate: bool = True
     overwrite: bool = False
     device: str = "cpu"
+    onnx_graph: str = "fused"  # ONNX: fused (exporters.onnx_fused) or dynamo (exporters.onnx)
+    matmul_accuracy: str = "fp32"  # ONNX fused: MatMulNBits activations, fp32 or int8 (accuracy_level 4)
 
 
 @dataclass
@@ -108,6 +111,11 @@ def _check_job(job: ExportJob) -> ExportJob:
     embeds = GGUF_EMBED_TYPES if job.format == "gguf" else ONNX_EMBED_TYPES
     if job.embed_type not in embeds:
         raise UserError(f"--embed-type {job.embed_type!r} is not one of {', '.join(embeds)} for {job.format.upper()}")
+    if job.format == "onnx" and job.onnx_graph not in ONNX_GRAPHS:
+        raise UserError(f"--onnx-graph {job.onnx_graph!r} is not one of {', '.join(ONNX_GRAPHS)}")
+    if job.matmul_accuracy != "fp32" and (job.format != "onnx" or job.onnx_graph != "fused"):
+        raise UserError(f"--matmul-accuracy {job.matmul_accuracy} applies to the fused ONNX graph only; "
+                        "drop it or use --format onnx --onnx-graph fused")
     return job
 
 
@@ -172,6 +180,7 @@ def _export_gguf(job: ExportJob, model, loaded, directory: Path | None, source: 
 
 def _export_onnx(job: ExportJob, model, loaded, directory: Path | None, tmp: Path) -> dict:
     from exporters.onnx import export_onnx
+    from exporters.onnx_fused import export_onnx_fused
     from exporters.validate import probe_tokens, validate_onnx
     from saap_edge.models.int4_linear import Int4Linear
     from saap_edge.quant.int4 import quantize_model
@@ -180,11 +189,18 @@ def _export_onnx(job: ExportJob, model, loaded, directory: Path | None, tmp: Pat
         # fp checkpoint: the same group quantizer as recovery, at its default group size
         model = copy.deepcopy(model)
         quantize_model(model, None)
-    info = export_onnx(model, tmp, job.quant, job.embed_type, tokenizer=loaded.tokenizer,
-                       provenance=_provenance(directory, model))
+    if job.onnx_graph == "fused":
+        info = export_onnx_fused(model, tmp, job.quant, job.embed_type, tokenizer=loaded.tokenizer,
+                                 provenance=_provenance(directory, model), accuracy=job.matmul_accuracy)
+    else:
+        info = export_onnx(model, tmp, job.quant, job.embed_type, tokenizer=loaded.tokenizer,
+                           provenance=_provenance(directory, model))
     group = (getattr(model.config, "quantization", None) or {}).get("group_size")
-    result = {"arch": "decoder with past (" + ("per-layer KV heads" if len({h for h, _ in info.kv}) > 1 else "uniform KV heads") + ")",
+    graph = "fused decoder, GroupQueryAttention" if job.onnx_graph == "fused" else "traced decoder"
+    kv = "per-layer KV heads" if len({h for h, _ in info.kv}) > 1 else "uniform KV heads"
+    result = {"arch": f"{graph} with past ({kv})", "graph": job.onnx_graph,
               "quant": job.quant, "embed_type": job.embed_type, "int4_tensors": len(info.int4_tensors),
+              "matmul_accuracy": info.accuracy,
               "group_size": group if job.quant == "int4" else None}
     if job.validate:
         t1 = time.perf_counter()

@@ -153,10 +153,13 @@ def check_onnx_weights(info) -> tuple[int, float]:
     inits = {t.name: t for t in proto.graph.initializer}
     for name, layer in info.int4_tensors.items():
         want = {k: v.numpy() for k, v in matmul_nbits_parts(layer).items()}
-        found = int4_initializer_names(proto, name)
+        prefix, row = info.packed.get(name, (name, None))
+        found = int4_initializer_names(proto, prefix)
         if len(found) != len(want) or not all(n in inits for n in found.values()):
             raise UserError(f"validation: the ONNX graph lacks the int4 initializers of {name}; the folder was not kept")
         got = {k: numpy_helper.to_array(inits[n]) for k, n in found.items()}
+        if row is not None:  # this projection's rows of the stacked tensors (fused graph: q, k, v / gate, up)
+            got = _rows_of(got, row, layer.out_features, layer.in_features // layer.group_size)
         for key, value in want.items():
             if got[key].dtype != value.dtype or not np.array_equal(got[key].reshape(value.shape), value):
                 raise UserError(f"validation: {name}.{key} in the ONNX graph differs from the checkpoint; the folder was not kept")
@@ -166,6 +169,16 @@ def check_onnx_weights(info) -> tuple[int, float]:
         if not np.array_equal(decoded.reshape(n, k), layer.dequantized(torch.float32).numpy()):
             raise UserError(f"validation: {name}: the ONNX int4 weights do not decode to a*q + b; the folder was not kept")
     return len(info.int4_tensors), 0.0
+
+
+def _rows_of(stacked: dict[str, np.ndarray], row: int, n: int, groups: int) -> dict[str, np.ndarray]:
+    """Rows row .. row + n of stacked MatMulNBits tensors (all row-major in N; offsets [K/G, N])."""
+    total = stacked["offsets"].reshape(groups, -1).shape[1]
+    rows = slice(row, row + n)
+    return {"qweight": stacked["qweight"].reshape(total, groups, -1)[rows],
+            "scales": stacked["scales"].reshape(total, groups)[rows].reshape(-1),
+            "zero_points": stacked["zero_points"].reshape(total, -1)[rows].reshape(-1),
+            "offsets": np.ascontiguousarray(stacked["offsets"].reshape(groups, total)[:, rows])}
 
 
 def validate_onnx(model, info, ids: list[int]) -> Validation:
@@ -197,10 +210,14 @@ def validate_onnx(model, info, ids: list[int]) -> Validation:
     v.logits_scale = float(np.abs(ref).max())
     v.top1_agreement = float((full.argmax(-1) == ref.argmax(-1)).mean())
     bound = LOGITS_ATOL_ONNX * max(1.0, v.logits_scale / 10)
-    if v.logits_max_abs_diff > bound or v.cache_max_abs_diff > bound:
+    # int8 activations (--matmul-accuracy int8) differ from torch by design, like llama.cpp's Q4_1
+    # path: their logits are bounded loosely (top-1 agreement); the cache must still agree
+    int8 = getattr(info, "accuracy", "fp32") == "int8"
+    if (v.logits_max_abs_diff > bound and not int8) or v.cache_max_abs_diff > bound:
         raise UserError(f"validation: ONNX logits differ from torch by {v.logits_max_abs_diff:.3g} (with the KV cache: "
                         f"{v.cache_max_abs_diff:.3g}; bound {bound:.3g}); the folder was not kept")
-    if v.top1_agreement < ONNX_MIN_TOP1:
+    least = MIN_TOP1_AGREEMENT["q4_1"] if int8 else ONNX_MIN_TOP1
+    if v.top1_agreement < least:
         raise UserError(f"validation: onnxruntime's top token agrees with torch on only {v.top1_agreement:.0%} of "
-                        f"positions for {info.quant}; the folder was not kept")
+                        f"positions for {info.quant} (at least {least:.0%} expected); the folder was not kept")
     return v

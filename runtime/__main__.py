@@ -19,21 +19,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, 1 for off (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the runtime's choice)")
+    p.add_argument("--engine", default="auto", choices=ENGINES, help="ONNX: onnxruntime-genai's generation loop (genai; "
+                   "folders with genai_config.json), our numpy loop over onnxruntime (onnxruntime), or auto: genai where it "
+                   "is installed and the folder has its config (default: %(default)s)")
     p.add_argument("--provider", default="auto", help="ONNX: onnxruntime execution provider, auto (CUDA where "
                    "onnxruntime-gpu has it, else CPU), cpu or cuda (default: %(default)s)")
 
 
-def open_runtime(path: str, threads: int | None = None, provider: str = "auto"):
-    """The runtime for an artifact: a .gguf file (llama.cpp) or an ONNX folder / .onnx file."""
+ENGINES = ("auto", "genai", "onnxruntime")
+
+
+def open_runtime(path: str, threads: int | None = None, provider: str = "auto", engine: str = "auto"):
+    """The runtime for an artifact: a .gguf file (llama.cpp) or an ONNX folder / .onnx file
+    (onnxruntime-genai or onnxruntime, see --engine)."""
     p = Path(path)
+    if engine not in ENGINES:
+        raise RuntimeLoadError(f"--engine {engine!r} is not one of {', '.join(ENGINES)}")
     if p.suffix == ".gguf":
+        if engine == "genai":
+            raise RuntimeLoadError("--engine genai runs exported ONNX folders; a .gguf runs on llama.cpp")
         if provider not in ("auto", "cpu"):
             raise RuntimeLoadError(f"--provider {provider} chooses onnxruntime's provider; a .gguf runs on llama.cpp's CPU build")
         from runtime.llamacpp import LlamaCppRuntime
 
         return LlamaCppRuntime(path, n_threads=threads)
     if p.suffix == ".onnx" or p.is_dir():
+        from runtime.genai import GENAI_CONFIG, GenaiRuntime, genai_available
         from runtime.ort import OrtRuntime
+
+        folder = p.parent if p.suffix == ".onnx" else p
+        if engine == "genai" or engine == "auto" and genai_available() and (folder / GENAI_CONFIG).is_file():
+            return GenaiRuntime(path, n_threads=threads, provider=provider)
 
         return OrtRuntime(path, n_threads=threads, provider=provider)
     raise RuntimeLoadError(f"{path}: unknown artifact type; give a .gguf file or an exported ONNX folder")
@@ -47,7 +63,7 @@ def run(a: argparse.Namespace, out=None, err=None) -> int:
         sampling = Sampling(a.temperature, a.top_k, a.top_p, a.seed).validate()
     except ValueError as exc:
         raise RuntimeLoadError(str(exc)) from exc
-    rt = open_runtime(a.artifact, a.threads, a.provider)
+    rt = open_runtime(a.artifact, a.threads, a.provider, a.engine)
     gen = Generator(rt)
     out.write(a.prompt)
     for piece in gen.stream(a.prompt, a.max_new_tokens, sampling):

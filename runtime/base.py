@@ -97,26 +97,36 @@ class Generator:
         self.stats = Stats()
 
     def stream(self, prompt: str | list[int], max_new_tokens: int = 64, sampling: Sampling | None = None) -> Iterator[str]:
-        """Yield text pieces as tokens are generated; `self.stats` holds the timings after."""
+        """Yield text pieces as tokens are generated; `self.stats` holds the timings after.
+
+        A runtime with its own generation loop (`generate_tokens`, e.g. onnxruntime-genai) runs
+        it; the others get this loop over `logits` and `sample`."""
         s = (sampling or Sampling()).validate()
         rt = self.runtime
         ids = rt.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
-        rng = np.random.default_rng(s.seed)
         rt.reset()
         self.stats = st = Stats(prompt_tokens=len(ids))
-        t0 = time.perf_counter()
-        logits = rt.logits(ids)
-        st.prefill_s = time.perf_counter() - t0
+        own = getattr(rt, "generate_tokens", None)
+        tokens = own(ids, max_new_tokens, s, st) if own else self._steps(ids, max_new_tokens, s, st)
         text_so_far = ""
-        t1 = time.perf_counter()
-        for i in range(max_new_tokens):
-            token = sample(logits, s, rng)
+        for token in tokens:
             st.token_ids.append(token)
             st.generated_tokens += 1
             text = rt.detokenize(st.token_ids)
             piece, text_so_far = text[len(text_so_far):], text
             if piece:
                 yield piece
+
+    def _steps(self, ids: list[int], max_new_tokens: int, s: Sampling, st: Stats) -> Iterator[int]:
+        rt = self.runtime
+        rng = np.random.default_rng(s.seed)
+        t0 = time.perf_counter()
+        logits = rt.logits(ids)
+        st.prefill_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        for i in range(max_new_tokens):
+            token = sample(logits, s, rng)
+            yield token
             if token in rt.eos_token_ids or i == max_new_tokens - 1:
                 break
             logits = rt.logits([token])

@@ -52,6 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--provider", default="auto", help="ONNX: auto, cpu or cuda (onnxruntime execution provider)")
+    p.add_argument("--engine", default="auto", help="ONNX: auto, genai (onnxruntime-genai) or onnxruntime (our loop)")
 
 
 def main(argv=None) -> int:
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
     add_arguments(p)
     a = p.parse_args(argv)
     t0 = time.perf_counter()
-    rt = open_runtime(a.artifact, a.threads, a.provider)
+    rt = open_runtime(a.artifact, a.threads, a.provider, a.engine)
     load_s = time.perf_counter() - t0
     result = measure(rt, a.prompt_tokens, a.new_tokens, a.reps, a.warmup)
     print(json.dumps({"artifact": a.artifact, "load_s": load_s, "provider": getattr(rt, "provider", None), **result}))

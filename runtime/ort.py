@@ -51,50 +51,11 @@ def _model_path(path: Path) -> Path:
     return path
 
 
-class OrtRuntime(Runtime):
-    name = "onnxruntime"
+class OnnxFolder(Runtime):
+    """What every runtime of an exported ONNX folder reads besides the graph: config.json and
+    generation_config.json (special tokens, sizes, which graph) and tokenizer.json."""
 
-    def __init__(self, path: str | os.PathLike, n_threads: int | None = None, provider: str = "auto"):
-        try:
-            import onnxruntime as ort
-        except ImportError as exc:
-            raise RuntimeLoadError("onnxruntime is not installed (pip install onnxruntime, or onnxruntime-gpu)") from exc
-        providers = choose_providers(provider)
-        model = _model_path(Path(path))
-        self.folder = model.parent
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if n_threads:
-            opts.intra_op_num_threads = n_threads
-        try:
-            self.session = ort.InferenceSession(str(model), opts, providers=providers)
-        except Exception as exc:  # onnxruntime raises its own Fail / InvalidProtobuf / RuntimeException
-            raise RuntimeLoadError(f"onnxruntime cannot load {model}: {str(exc).splitlines()[0][:300]}") from exc
-        self.provider = self.session.get_providers()[0]  # what runs the nodes it can (CUDA falls back to CPU silently)
-        if provider == "cuda" and self.provider != PROVIDERS["cuda"]:
-            raise RuntimeLoadError(f"--provider cuda: onnxruntime has {PROVIDERS['cuda']} but could not start it (no GPU "
-                                   "or no CUDA libraries); use --provider cpu")
-        self.name = f"onnxruntime ({self.provider.replace('ExecutionProvider', '')})"
-        self._read_cache_layout()
-        self._read_tokenizer()
-        self.reset()
-
-    def _read_cache_layout(self) -> None:
-        names = {i.name: i for i in self.session.get_inputs()}
-        if "input_ids" not in names:
-            raise RuntimeLoadError(f"{self.folder}: the model has no input_ids input; not a decoder export")
-        layers: dict[int, tuple[int, int]] = {}
-        for name, inp in names.items():
-            m = PAST.match(name)
-            if m:
-                _, heads, _, head_dim = inp.shape
-                if not isinstance(heads, int) or not isinstance(head_dim, int):
-                    raise RuntimeLoadError(f"{name} has no fixed KV-head / head-dim size: {inp.shape}")
-                layers[int(m.group(1))] = (heads, head_dim)
-                self.kv_dtype = DTYPES.get(inp.type, np.float32)
-        self.kv = [layers[i] for i in range(len(layers))]
-        self.inputs = set(names)
-        self.outputs = [o.name for o in self.session.get_outputs()]
+    folder: Path
 
     def _read_tokenizer(self) -> None:
         cfg = {}
@@ -106,7 +67,9 @@ class OrtRuntime(Runtime):
                 except (ValueError, AttributeError) as exc:  # not UTF-8, not JSON, not an object
                     raise RuntimeLoadError(f"{self.folder / name}: cannot be read ({type(exc).__name__}: "
                                            f"{str(exc).splitlines()[0][:160]}); the file is damaged: export again") from exc
+        self.graph = (cfg.get("saap_onnx") or {}).get("graph", "dynamo")
         self.vocab_size = cfg.get("vocab_size")
+        self.max_positions = cfg.get("max_position_embeddings")
         self.bos_token_id = cfg.get("bos_token_id")
         eos = cfg.get("eos_token_id")
         self.eos_token_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -132,9 +95,62 @@ class OrtRuntime(Runtime):
             return " ".join(map(str, ids))
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
+
+class OrtRuntime(OnnxFolder):
+    name = "onnxruntime"
+    cache_block = 256  # shared cache: first buffer length in positions, doubled as needed
+
+    def __init__(self, path: str | os.PathLike, n_threads: int | None = None, provider: str = "auto"):
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise RuntimeLoadError("onnxruntime is not installed (pip install onnxruntime, or onnxruntime-gpu)") from exc
+        providers = choose_providers(provider)
+        model = _model_path(Path(path))
+        self.folder = model.parent
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if n_threads:
+            opts.intra_op_num_threads = n_threads
+        try:
+            self.session = ort.InferenceSession(str(model), opts, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own Fail / InvalidProtobuf / RuntimeException
+            raise RuntimeLoadError(f"onnxruntime cannot load {model}: {str(exc).splitlines()[0][:300]}") from exc
+        self.provider = self.session.get_providers()[0]  # what runs the nodes it can (CUDA falls back to CPU silently)
+        if provider == "cuda" and self.provider != PROVIDERS["cuda"]:
+            raise RuntimeLoadError(f"--provider cuda: onnxruntime has {PROVIDERS['cuda']} but could not start it (no GPU "
+                                   "or no CUDA libraries); use --provider cpu")
+        self.name = f"onnxruntime ({self.provider.replace('ExecutionProvider', '')})"
+        self._read_cache_layout()
+        self._read_tokenizer()
+        # The fused graph (GroupQueryAttention) writes new keys in place when past and present are
+        # one buffer: generation then binds one growing buffer per cache tensor instead of
+        # concatenating the whole cache every step. The traced graph concatenates.
+        self.shared_cache = self.graph == "fused" and self.provider == PROVIDERS["cpu"]
+        self.reset()
+
+    def _read_cache_layout(self) -> None:
+        names = {i.name: i for i in self.session.get_inputs()}
+        if "input_ids" not in names:
+            raise RuntimeLoadError(f"{self.folder}: the model has no input_ids input; not a decoder export")
+        layers: dict[int, tuple[int, int]] = {}
+        for name, inp in names.items():
+            m = PAST.match(name)
+            if m:
+                _, heads, _, head_dim = inp.shape
+                if not isinstance(heads, int) or not isinstance(head_dim, int):
+                    raise RuntimeLoadError(f"{name} has no fixed KV-head / head-dim size: {inp.shape}")
+                layers[int(m.group(1))] = (heads, head_dim)
+                self.kv_dtype = DTYPES.get(inp.type, np.float32)
+        self.kv = [layers[i] for i in range(len(layers))]
+        self.inputs = set(names)
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
     def reset(self) -> None:
         self.past = [(np.zeros((1, h, 0, d), self.kv_dtype), np.zeros((1, h, 0, d), self.kv_dtype)) for h, d in self.kv]
         self.n_past = 0
+        self.buffers: list = []  # shared cache: one OrtValue per past / present pair
+        self.capacity = 0
 
     def forward(self, ids: np.ndarray, past=None, n_past: int = 0):
         """Logits [batch, seq, vocab] and the new cache for ids [batch, seq] after `past`."""
@@ -151,9 +167,51 @@ class OrtRuntime(Runtime):
         return out["logits"], present
 
     def logits(self, new_ids: list[int]) -> np.ndarray:
+        if self.shared_cache:
+            return self._shared_step(new_ids)
         logits, self.past = self.forward(np.asarray([new_ids], np.int64), self.past, self.n_past)
         self.n_past += len(new_ids)
         return logits[0, -1].astype(np.float32)
+
+    def _grow(self, needed: int) -> None:
+        """Buffers of at least `needed` positions (doubling), the cache so far copied over."""
+        import onnxruntime as ort
+
+        capacity = max(self.cache_block, self.capacity)
+        while capacity < needed:
+            capacity *= 2
+        capacity = min(capacity, self.max_positions or capacity)
+        old, self.buffers = self.buffers, []
+        for i, (h, d) in enumerate(self.kv):
+            pair = []
+            for j in range(2):
+                arr = np.zeros((1, h, capacity, d), self.kv_dtype)
+                if old:
+                    arr[:, :, : self.capacity] = old[i][j].numpy()
+                pair.append(ort.OrtValue.ortvalue_from_numpy(arr))
+            self.buffers.append(pair)
+        self.capacity = capacity
+
+    def _shared_step(self, new_ids: list[int]) -> np.ndarray:
+        """One step with each layer's past and present bound to the same buffer (the mask's width,
+        not the buffer's, tells GroupQueryAttention how many positions are filled)."""
+        total = self.n_past + len(new_ids)
+        if self.max_positions and total > self.max_positions:
+            raise RuntimeLoadError(f"{total} tokens exceed the model's {self.max_positions} positions "
+                                   "(max_position_embeddings); use a shorter prompt or fewer new tokens")
+        if total > self.capacity:
+            self._grow(total)
+        io = self.session.io_binding()
+        io.bind_cpu_input("input_ids", np.asarray([new_ids], np.int64))
+        io.bind_cpu_input("attention_mask", np.ones((1, total), np.int64))
+        io.bind_output("logits")  # first: get_outputs() follows the binding order
+        for i, (k, v) in enumerate(self.buffers):
+            for kind, value in (("key", k), ("value", v)):
+                io.bind_ortvalue_input(f"past_key_values.{i}.{kind}", value)
+                io.bind_ortvalue_output(f"present.{i}.{kind}", value)
+        self.session.run_with_iobinding(io)
+        self.n_past = total
+        return io.get_outputs()[0].numpy()[0, -1].astype(np.float32)
 
     def close(self) -> None:
         self.session = None

@@ -359,6 +359,14 @@ def add_export(p: argparse.ArgumentParser) -> None:
                                                  "fp weights are quantized by the same group quantizer first")
     p.add_argument("--embed-type", default="f16", help="token embedding / output matrix: f16, f32, (GGUF) q4_1, q8_0 or (ONNX) int8: 8-bit blocks of 32 "
                                                            "(default: %(default)s)")
+    p.add_argument("--onnx-graph", default="fused", choices=["fused", "dynamo"],
+                   help="ONNX: fused (GroupQueryAttention with rotary inside and a shareable KV buffer, fused "
+                        "RMSNorms; runs in onnxruntime-genai, genai_config.json written) or dynamo (the traced Hugging Face "
+                        "forward, optimum's layout) (default: %(default)s)")
+    p.add_argument("--matmul-accuracy", default="fp32", choices=["fp32", "int8"],
+                   help="ONNX fused graph: activations of the int4 / 8-bit matmuls. fp32 computes what torch computes on the "
+                        "stored weights; int8 quantizes each activation block to int8 in the kernel (as llama.cpp does for "
+                        "Q4_1): faster, validated loosely (default: %(default)s)")
     p.add_argument("--out", type=Path, default=None, help="output file or folder (default: <model>/model-<quant>.gguf, "
                                                           "<model>/onnx-<quant>/)")
     p.add_argument("--no-validate", action="store_true", help="skip reading the artifact back and comparing it with torch")
@@ -369,7 +377,8 @@ def run_export(a: argparse.Namespace) -> int:
     from exporters import ExportJob, export
     from saap_edge.report import format_table
 
-    result = export(ExportJob(a.model, a.format, a.quant, a.embed_type, a.out, not a.no_validate, a.overwrite))
+    result = export(ExportJob(a.model, a.format, a.quant, a.embed_type, a.out, not a.no_validate, a.overwrite,
+                              onnx_graph=a.onnx_graph, matmul_accuracy=a.matmul_accuracy))
     info = result.info
     rows = [["file", str(result.path)], ["bytes", result.bytes], ["architecture", info["arch"]],
             ["projections", info["quant"]], ["embeddings", info["embed_type"]], ["int4 tensors packed", info["int4_tensors"]]]

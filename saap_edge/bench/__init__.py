@@ -22,16 +22,18 @@ from saap_edge.config import BenchSettings
 from saap_edge.errors import UserError
 from saap_edge.files import read_json
 
-# runtime name -> (worker runtime, export format, export quant, embedding type)
+# runtime name -> (worker runtime, export format, export quant, embedding type, ONNX graph, ONNX engine)
 ARTIFACTS = {
-    "torch": ("torch", None, None, None),
-    "gguf-f16": ("llama.cpp", "gguf", "f16", "f16"),
-    "gguf-q4_1": ("llama.cpp", "gguf", "q4_1", "f16"),
-    "gguf-q4_1-embq4": ("llama.cpp", "gguf", "q4_1", "q4_1"),  # embedding / output matrix Q4_1 too
-    "gguf-q4_1-embq8": ("llama.cpp", "gguf", "q4_1", "q8_0"),  # embedding / output matrix Q8_0
-    "onnx-f32": ("onnxruntime", "onnx", "f32", "f32"),
-    "onnx-int4": ("onnxruntime", "onnx", "int4", "f16"),
-    "onnx-int4-emb8": ("onnxruntime", "onnx", "int4", "int8"),  # embedding / output matrix in 8-bit blocks
+    "torch": ("torch", None, None, None, None, None),
+    "gguf-f16": ("llama.cpp", "gguf", "f16", "f16", None, None),
+    "gguf-q4_1": ("llama.cpp", "gguf", "q4_1", "f16", None, None),
+    "gguf-q4_1-embq4": ("llama.cpp", "gguf", "q4_1", "q4_1", None, None),  # embedding / output matrix Q4_1 too
+    "gguf-q4_1-embq8": ("llama.cpp", "gguf", "q4_1", "q8_0", None, None),  # embedding / output matrix Q8_0
+    "onnx-f32": ("onnxruntime", "onnx", "f32", "f32", "fused", "onnxruntime"),
+    "onnx-int4": ("onnxruntime", "onnx", "int4", "f16", "fused", "onnxruntime"),  # our loop, shared KV buffer
+    "onnx-int4-genai": ("onnxruntime", "onnx", "int4", "f16", "fused", "genai"),  # onnxruntime-genai's loop
+    "onnx-int4-dynamo": ("onnxruntime", "onnx", "int4", "f16", "dynamo", "onnxruntime"),  # the traced graph
+    "onnx-int4-emb8": ("onnxruntime", "onnx", "int4", "int8", "fused", "onnxruntime"),  # embedding / output matrix in 8-bit blocks
 }
 DENSE = "dense"
 
@@ -48,17 +50,18 @@ class RowFailed(Exception):
 
 def artifact_for(model: BenchModel, runtime: str, work: Path, s: BenchSettings) -> Path | str:
     """The file the runtime runs: the source itself for torch, else an export (made once)."""
-    _, fmt, quant, embed = ARTIFACTS[runtime]
+    _, fmt, quant, embed, graph, _ = ARTIFACTS[runtime]
     if fmt is None:
         return model.source
     from exporters import ExportJob, export
 
-    suffix = f"-emb{embed}" if embed != "f16" else ""
+    suffix = (f"-emb{embed}" if embed != "f16" else "") + ("-dynamo" if graph == "dynamo" else "")
     out = work / model.label / (f"model-{quant}{suffix}.gguf" if fmt == "gguf" else f"onnx-{quant}{suffix}")
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    export(ExportJob(model.source, fmt, quant, embed, out, validate=s.validate_exports, overwrite=True))
+    export(ExportJob(model.source, fmt, quant, embed, out, validate=s.validate_exports, overwrite=True,
+                     onnx_graph=graph or "fused"))
     return out
 
 
@@ -77,7 +80,7 @@ def measure(runtime: str, artifact, s: BenchSettings, log: Path) -> dict:
     if s.threads:
         cmd += ["--threads", str(s.threads)]
     if kind == "onnxruntime":
-        cmd += ["--provider", s.provider]
+        cmd += ["--provider", s.provider, "--engine", ARTIFACTS[runtime][5]]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")]))
     child = run_child(cmd, log, env=env)
     lines = log.read_text(errors="replace").strip().splitlines()

@@ -1,0 +1,396 @@
+"""The fused ONNX decoder (`export --format onnx`, default `--onnx-graph fused`).
+
+One onnxruntime kernel per step of the LLaMA block, the graph onnxruntime-genai's own model
+builder makes for LLaMA, here with each layer's own sizes:
+
+  h = Gather(embedding, input_ids)
+  per layer i:
+    x, h = SkipSimplifiedLayerNormalization(pending, h, input_layernorm)   (the residual add fused in)
+    q, k, v = projections of x
+    a, present.i.key, present.i.value = com.microsoft::GroupQueryAttention(q, k, v,
+        past_key_values.i.key, past_key_values.i.value, seqlens_k, total_sequence_length, cos, sin)
+        with num_heads / kv_num_heads = layer i's own counts and the rotary embedding inside
+    pending = o_proj(a); x, h = SkipSimplifiedLayerNormalization(pending, h, post_attention_layernorm)
+    pending = down_proj(silu(gate_proj(x)) * up_proj(x))
+  logits = lm_head(SkipSimplifiedLayerNormalization(pending, h, norm))
+
+- Projections are the same initializers as the traced export (exporters.onnx.matmul_nbits_parts):
+  int4 is MatMulNBits(x, codes, a, zero points 0) + (group sums of x) @ b, every stored number
+  the checkpoint's; f16 / f32 are MatMul with the weight as stored. The embedding and output
+  matrix follow --embed-type (f32, f16, or 8-bit blocks: Gather of the codes, and 8-bit
+  MatMulNBits for the head over the same initializers when they are tied).
+- The cache is BNSH with fixed integer head counts and head size (tools read each layer's
+  shape from the input), a symbolic sequence axis. GroupQueryAttention writes the new keys
+  after `seqlens_k` in place when past and present are one buffer (onnxruntime-genai's
+  past_present_share_buffer; runtime/ort.py does the same with I/O binding); given a past
+  of P positions and no shared buffer, present holds P + S.
+- Positions come from the attention mask (sum - 1 = seqlens_k); there is no position_ids input.
+- cos / sin caches are the model's own rotary embedding (rope scaling and attention scaling
+  included) evaluated in torch at every position up to max_position_embeddings.
+- An attention-free layer (0 heads) has no attention nodes; its cache is a 1-head placeholder
+  passed through from past to present and never read (onnxruntime-genai takes a 0 in the
+  past shape for "unknown" and would size that layer like the largest).
+
+Written node by node with onnx.helper: every node is one onnxruntime kernel, so there is
+nothing to trace and no fusion pass that could miss a heterogeneous layer. The traced graph
+(exporters.onnx) stays as `--onnx-graph dynamo`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from exporters.onnx import (
+    DATA_FILE,
+    IR_VERSION,
+    MODEL_FILE,
+    ONNX_NAMES,
+    ONNX_QUANTS,
+    Q8_BLOCK,
+    OnnxInfo,
+    _check_block_size,
+    _write_side_files,
+    kv_shapes,
+    matmul_nbits_parts,
+    q8_parts,
+)
+from saap_edge.errors import UserError
+from saap_edge.models.int4_linear import Int4Linear
+
+OPSET = 17
+GENAI_CONFIG = "genai_config.json"
+GQA_HEAD_MULTIPLE = 8  # GroupQueryAttention's CPU kernel needs head_size % 8 == 0
+# --matmul-accuracy: MatMulNBits' accuracy_level. fp32 keeps float32 activations (the graph
+# computes what torch computes on the stored weights); int8 quantizes each activation block to
+# int8 inside the kernel (what llama.cpp does for Q4_1), faster and no longer bit-faithful.
+ACCURACY_LEVELS = {"fp32": 0, "int8": 4}
+
+
+class _Graph:
+    """Nodes, initializers and value names with unique node names."""
+
+    def __init__(self):
+        self.nodes, self.inits, self._count = [], {}, 0
+
+    def init(self, name: str, array: np.ndarray) -> str:
+        from onnx import numpy_helper
+
+        if name not in self.inits:
+            self.inits[name] = numpy_helper.from_array(np.ascontiguousarray(array), name)
+        return name
+
+    def const(self, values, dtype=np.int64) -> str:
+        arr = np.asarray(values, dtype=dtype)
+        return self.init(f"const.{arr.dtype}.{'_'.join(map(str, arr.reshape(-1).tolist())) or 'empty'}.{arr.ndim}", arr)
+
+    def op(self, op_type: str, inputs: list[str], n_out: int = 1, domain: str = "", name: str = "", **attrs):
+        from onnx import helper
+
+        self._count += 1
+        base = name or f"{op_type}_{self._count}"
+        outs = [f"{base}/out{i}" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=base, domain=domain or None, **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def rename_output(self, value: str, name: str) -> None:
+        """Give the node output `value` the graph-output name `name`."""
+        for node in self.nodes:
+            for i, out in enumerate(node.output):
+                if out == value:
+                    node.output[i] = name
+                    return
+        raise KeyError(value)
+
+
+def fused_supported(config) -> str | None:
+    """Why the fused graph cannot express this model, or None when it can."""
+    hd = kv_shapes(config)[0][1]
+    if hd % GQA_HEAD_MULTIPLE:
+        return f"head size {hd} is not a multiple of {GQA_HEAD_MULTIPLE} (GroupQueryAttention's CPU kernel)"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"activation {config.hidden_act!r} (the LLaMA block uses silu)"
+    return None
+
+
+class _Builder:
+    def __init__(self, model: nn.Module, quant: str, embed_type: str, accuracy: str = "fp32"):
+        self.m, self.quant, self.embed_type = model, quant, embed_type
+        self.accuracy_level = ACCURACY_LEVELS[accuracy]
+        self.cfg = model.config
+        self.g = _Graph()
+        self._sums: dict[tuple[str, int], str] = {}
+        self.packed: dict[str, tuple[str, int]] = {}  # module -> (packed initializer prefix, first row)
+
+    # -- projections ---------------------------------------------------------------------------
+    def linear(self, x: str, modules: list[tuple[str, nn.Module]], packed: str) -> str:
+        """x @ [W_1; W_2; ..]^T: the projections that read the same input (q, k, v; gate, up) as one
+        MatMulNBits / MatMul whose rows are theirs stacked in order, each number as stored."""
+        g = self.g
+        first = modules[0][1]
+        int4 = self.quant == "int4" and all(isinstance(m, Int4Linear) for _, m in modules)
+        if int4:
+            parts = [{k: v.numpy() for k, v in matmul_nbits_parts(m).items()} for _, m in modules]
+            k, gs = first.in_features, first.group_size
+            n = sum(m.out_features for _, m in modules)
+            row = 0
+            for name, m in modules:
+                self.packed[name] = (packed, row)
+                row += m.out_features
+            # every part is row-major in N (zero points: each row's groups padded to whole bytes), offsets [K/G, N]
+            stacked = {p: np.concatenate([q[p] for q in parts], axis=1 if p == "offsets" else 0) for p in parts[0]}
+            ins = [x] + [g.init(f"{packed}.{p}", stacked[p]) for p in ("qweight", "scales", "zero_points")]
+            scaled = g.op("MatMulNBits", ins, domain="com.microsoft", name=f"{packed}/MatMulNBits", K=k, N=n, bits=4,
+                          block_size=gs, accuracy_level=self.accuracy_level)
+            y = g.op("Add", [scaled, g.op("MatMul", [self.group_sums(x, k, gs), g.init(f"{packed}.offsets", stacked["offsets"])])])
+        else:
+            w = torch.cat([m.dequantized(torch.float32) if isinstance(m, Int4Linear) else m.weight.detach().float()
+                           for _, m in modules]).cpu()
+            y = g.op("MatMul", [x, self.weight_t(f"{packed}.weight", w, self.quant == "f16")])
+        biases = [getattr(m, "bias", None) for _, m in modules]
+        if any(isinstance(b, torch.Tensor) for b in biases):
+            full = np.concatenate([b.detach().float().cpu().numpy() if isinstance(b, torch.Tensor) else
+                                   np.zeros(m.out_features, np.float32) for b, (_, m) in zip(biases, modules)])
+            y = g.op("Add", [y, g.init(f"{packed}.bias", full)])
+        return y
+
+    def group_sums(self, x: str, k: int, gs: int) -> str:
+        """x [.., K] summed per group of gs: [.., K/gs], once per input (q, k, v share it)."""
+        key = (x, gs)
+        if key not in self._sums:
+            grouped = self.g.op("Reshape", [x, self.g.const([0, 0, k // gs, gs])])
+            self._sums[key] = self.g.op("ReduceSum", [grouped, self.g.const([-1])], keepdims=0)
+        return self._sums[key]
+
+    def weight_t(self, name: str, w: torch.Tensor, half: bool) -> str:
+        """W [N, K] stored as given (f16 or f32), transposed (and widened) in the graph;
+        onnxruntime folds both into one float32 constant when the session starts."""
+        g = self.g
+        stored = g.init(name, w.half().numpy() if half else w.numpy())
+        if half:
+            stored = g.op("Cast", [stored], to=1)
+        return g.op("Transpose", [stored], perm=[1, 0])
+
+    # -- embedding and head --------------------------------------------------------------------
+    def embedding(self, ids: str) -> str:
+        g = self.g
+        w = self.m.model.embed_tokens.weight.detach().float().cpu()
+        if self.embed_type == "int8":
+            codes, scales = (t.numpy() for t in q8_parts(w))
+            c = g.init("model.embed_tokens.codes", codes)
+            s = g.init("model.embed_tokens.scales", scales)
+            rows = g.op("Sub", [g.op("Cast", [g.op("Gather", [c, ids])], to=1), g.const(128.0, np.float32)])
+            scaled = g.op("Mul", [rows, g.op("Unsqueeze", [g.op("Gather", [s, ids]), g.const([-1])])])
+            return g.op("Reshape", [scaled, g.const([0, 0, -1])])
+        if self.half_embedding:
+            return g.op("Cast", [g.op("Gather", [g.init("model.embed_tokens.weight", w.half().numpy()), ids])], to=1)
+        return g.op("Gather", [g.init("model.embed_tokens.weight", w.numpy()), ids])
+
+    @property
+    def half_embedding(self) -> bool:
+        return self.embed_type == "f16" or self.quant == "f16" and self.embed_type != "int8"
+
+    def head(self, x: str) -> str:
+        g = self.g
+        head, emb = self.m.lm_head.weight, self.m.model.embed_tokens.weight
+        tied = head is emb
+        prefix = "model.embed_tokens" if tied else "lm_head"
+        w = head.detach().float().cpu()
+        if self.embed_type == "int8":
+            codes, scales = (t.numpy() for t in q8_parts(w))
+            c, s = g.init(f"{prefix}.codes", codes), g.init(f"{prefix}.scales", scales)
+            v, h = w.shape
+            if self.accuracy_level:  # int8 activations: 8-bit MatMulNBits over the stored blocks
+                zp = g.init(f"{prefix}.zero_points", np.full(v * (h // Q8_BLOCK), 128, np.uint8))
+                flat = g.op("Reshape", [s, g.const([-1])])
+                return g.op("MatMulNBits", [x, c, flat, zp], domain="com.microsoft", name="lm_head/MatMulNBits", K=h, N=v,
+                            bits=8, block_size=Q8_BLOCK, accuracy_level=self.accuracy_level)
+            # float32 activations: (q - 128) * d decoded from constants, which onnxruntime folds into one
+            # float32 matrix when the session starts (8-bit MatMulNBits has no fast float32 kernel on CPU:
+            # ~9x slower than this per decode step, measured on SmolLM2's 49152 x 576 head)
+            rows = g.op("Mul", [g.op("Sub", [g.op("Cast", [c], to=1), g.const(128.0, np.float32)]),
+                                g.op("Unsqueeze", [s, g.const([-1])])])
+            weight = g.op("Reshape", [rows, g.const([v, h])])
+            return g.op("MatMul", [x, g.op("Transpose", [weight], perm=[1, 0])])
+        half = self.half_embedding
+        name = f"{prefix}.weight"
+        if tied and name in g.inits:  # the embedding's initializer, one copy as in the checkpoint
+            stored = g.op("Cast", [name], to=1) if half else name
+            return g.op("MatMul", [x, g.op("Transpose", [stored], perm=[1, 0])])
+        return g.op("MatMul", [x, self.weight_t(name, w, half)])
+
+    # -- the decoder ---------------------------------------------------------------------------
+    def norm(self, pending: str | None, residual: str, weight: torch.Tensor, name: str) -> tuple[str, str]:
+        """(normalised, new residual): RMSNorm of residual + pending, the add fused in."""
+        g = self.g
+        w = g.init(f"{name}.weight", weight.detach().float().cpu().numpy())
+        eps = float(self.cfg.rms_norm_eps)
+        if pending is None:
+            return g.op("SimplifiedLayerNormalization", [residual, w], axis=-1, epsilon=eps, stash_type=1), residual
+        out = g.op("SkipSimplifiedLayerNormalization", [pending, residual, w], n_out=4, domain="com.microsoft",
+                   epsilon=eps)
+        return out[0], out[3]
+
+    def rotary_caches(self) -> tuple[str, str]:
+        cfg = self.cfg
+        hd = kv_shapes(cfg)[0][1]
+        positions = int(cfg.max_position_embeddings)
+        x = torch.zeros(1, 1, hd)
+        with torch.no_grad():
+            cos, sin = self.m.model.rotary_emb(x, torch.arange(positions)[None])
+        return (self.g.init("cos_cache", cos[0, :, : hd // 2].float().numpy()),
+                self.g.init("sin_cache", sin[0, :, : hd // 2].float().numpy()))
+
+    def build(self):
+        from onnx import TensorProto, helper
+
+        g, cfg, m = self.g, self.cfg, self.m
+        n = cfg.num_hidden_layers
+        kv = kv_shapes(cfg)
+        heads = list(getattr(cfg, "num_attention_heads_per_layer", None) or [cfg.num_attention_heads] * n)
+        ids, mask = ONNX_NAMES["inputs"][:2]
+        # GroupQueryAttention's lengths: tokens seen per row minus one, and the mask's width
+        seqlens = g.op("Cast", [g.op("Sub", [g.op("ReduceSum", [mask, g.const([1])], keepdims=0), g.const(1)])],
+                       to=TensorProto.INT32, name="seqlens_k")
+        total = g.op("Cast", [g.op("Gather", [g.op("Shape", [mask]), g.const(1)])], to=TensorProto.INT32,
+                     name="total_sequence_length")
+        cos, sin = self.rotary_caches()
+        inputs = [helper.make_tensor_value_info(ids, TensorProto.INT64, ["batch_size", "sequence_length"]),
+                  helper.make_tensor_value_info(mask, TensorProto.INT64, ["batch_size", "total_sequence_length"])]
+        outputs = []
+        residual, pending = self.embedding(ids), None
+        for i, layer in enumerate(m.model.layers):
+            h_kv, hd = kv[i]
+            cache_heads = h_kv or 1  # attention-free: a 1-head placeholder (see the module docstring)
+            past_k, past_v = ONNX_NAMES["past_key"].format(i=i), ONNX_NAMES["past_value"].format(i=i)
+            pres_k, pres_v = ONNX_NAMES["present_key"].format(i=i), ONNX_NAMES["present_value"].format(i=i)
+            for name in (past_k, past_v):
+                inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT,
+                                                            ["batch_size", cache_heads, "past_sequence_length", hd]))
+            for name in (pres_k, pres_v):
+                outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT,
+                                                             ["batch_size", cache_heads, "total_sequence_length", hd]))
+            prefix = f"model.layers.{i}"
+            if h_kv == 0:  # attention-free: an empty cache passes through
+                g.nodes.append(helper.make_node("Identity", [past_k], [pres_k], name=f"{prefix}/no_attention_k"))
+                g.nodes.append(helper.make_node("Identity", [past_v], [pres_v], name=f"{prefix}/no_attention_v"))
+            else:
+                attn = layer.self_attn
+                x, residual = self.norm(pending, residual, layer.input_layernorm.weight, f"{prefix}.input_layernorm")
+                qkv = self.linear(x, [(f"{prefix}.self_attn.{p}", getattr(attn, p)) for p in ("q_proj", "k_proj", "v_proj")],
+                                  f"{prefix}.self_attn.qkv_proj")
+                # packed query, key, value in one input (GroupQueryAttention splits it by its head counts)
+                out = g.op("GroupQueryAttention", [qkv, "", "", past_k, past_v, seqlens, total, cos, sin], n_out=3,
+                           domain="com.microsoft", name=f"{prefix}/GroupQueryAttention", num_heads=heads[i],
+                           kv_num_heads=h_kv, do_rotary=1, rotary_interleaved=0, scale=float(attn.scaling),
+                           local_window_size=-1)
+                g.rename_output(out[1], pres_k)
+                g.rename_output(out[2], pres_v)
+                o = f"{prefix}.self_attn.o_proj"
+                pending = self.linear(out[0], [(o, attn.o_proj)], o)
+            x, residual = self.norm(pending, residual, layer.post_attention_layernorm.weight,
+                                    f"{prefix}.post_attention_layernorm")
+            mlp = layer.mlp
+            width = mlp.gate_proj.out_features
+            gate_up = self.linear(x, [(f"{prefix}.mlp.{p}", getattr(mlp, p)) for p in ("gate_proj", "up_proj")],
+                                  f"{prefix}.mlp.gate_up_proj")
+            gate, up = g.op("Split", [gate_up, g.const([width, width])], n_out=2, axis=-1)
+            act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])
+            d = f"{prefix}.mlp.down_proj"
+            pending = self.linear(act, [(d, mlp.down_proj)], d)
+        x, _ = self.norm(pending, residual, m.model.norm.weight, "model.norm")
+        logits = self.head(x)
+        g.rename_output(logits, ONNX_NAMES["logits"])
+        outputs.insert(0, helper.make_tensor_value_info(ONNX_NAMES["logits"], TensorProto.FLOAT,
+                                                        ["batch_size", "sequence_length", cfg.vocab_size]))
+        graph = helper.make_graph(g.nodes, "saap_edge_fused_decoder", inputs, outputs, list(g.inits.values()))
+        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
+                                                        helper.make_opsetid("com.microsoft", 1)],
+                                  producer_name="saap-edge")
+        proto.ir_version = IR_VERSION
+        return proto
+
+
+def export_onnx_fused(model: nn.Module, folder: Path, quant: str = "int4", embed_type: str = "f32",
+                      tokenizer=None, provenance: dict | None = None, accuracy: str = "fp32") -> OnnxInfo:
+    """Write `folder`/model.onnx (+ .data, config.json, genai_config.json, tokenizer files) as the
+    fused decoder. For int4 the model must hold Int4Linear projections."""
+    import onnx
+
+    if quant not in ONNX_QUANTS:
+        raise UserError(f"--quant {quant!r} is not one of {', '.join(ONNX_QUANTS)} for ONNX")
+    why = fused_supported(model.config)
+    if why:
+        raise UserError(f"the fused ONNX decoder cannot express this model: {why}; export with --onnx-graph dynamo")
+    _check_block_size(model, quant)
+    model = model.float().eval()
+    int4 = {name: mod for name, mod in model.named_modules() if isinstance(mod, Int4Linear)} if quant == "int4" else {}
+    if accuracy not in ACCURACY_LEVELS:
+        raise UserError(f"--matmul-accuracy {accuracy!r} is not one of {', '.join(ACCURACY_LEVELS)}")
+    builder = _Builder(model, quant, embed_type, accuracy)
+    with torch.no_grad():
+        proto = builder.build()
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(proto, str(folder / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=DATA_FILE, size_threshold=1024)
+    os.chmod(folder / DATA_FILE, 0o644)
+    _write_side_files(model, folder, quant, embed_type, tokenizer,
+                      {**(provenance or {}), "graph": "fused", "matmul_accuracy": accuracy})
+    write_genai_config(model, folder)
+    return OnnxInfo(folder, quant, embed_type, model.config.num_hidden_layers, kv_shapes(model.config), int4,
+                    packed=builder.packed, accuracy=accuracy)
+
+
+def write_genai_config(model: nn.Module, folder: Path) -> Path:
+    """genai_config.json: what onnxruntime-genai reads to run the folder (names of the inputs
+    and outputs, sizes, special tokens, search defaults). Its single head counts are the largest
+    layer's; onnxruntime-genai >= 0.15 sizes each layer's cache from the past input shapes."""
+    cfg = model.config
+    gen = getattr(model, "generation_config", None)
+
+    def special(name):
+        value = getattr(gen, name, None) if gen is not None else None
+        return value if value is not None else getattr(cfg, name, None)
+
+    kv = kv_shapes(cfg)
+    heads = list(getattr(cfg, "num_attention_heads_per_layer", None) or [cfg.num_attention_heads])
+    eos = special("eos_token_id")
+    context = int(cfg.max_position_embeddings)
+    data = {
+        "model": {
+            "bos_token_id": special("bos_token_id"),
+            "context_length": context,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": MODEL_FILE,
+                "head_size": kv[0][1],
+                "hidden_size": int(cfg.hidden_size),
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                           "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"},
+                "num_attention_heads": max(heads),
+                "num_hidden_layers": int(cfg.num_hidden_layers),
+                "num_key_value_heads": max(h for h, _ in kv),
+            },
+            "eos_token_id": eos,
+            "pad_token_id": special("pad_token_id") if special("pad_token_id") is not None else
+            (eos[0] if isinstance(eos, list) else eos),
+            "type": "llama",
+            "vocab_size": int(cfg.vocab_size),
+        },
+        "search": {
+            "diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
+            "max_length": context, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
+            "num_return_sequences": 1, "past_present_share_buffer": True, "repetition_penalty": 1.0,
+            "temperature": 1.0, "top_k": 1, "top_p": 1.0,
+        },
+    }
+    path = folder / GENAI_CONFIG
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
