@@ -16,6 +16,7 @@ import torch
 from saap_edge import __version__
 from saap_edge.checkpoint import CHART_FILE, PLAN_FILE, REPORT_FILE, atomic_dir, check_output_dir, save_model, write_json
 from saap_edge.config import HywiaSettings, PruneSettings, ReconstructSettings, RecoverSettings, RunSettings, SearchSettings
+from saap_edge.distributed import processes
 from saap_edge.errors import UserError
 from saap_edge.files import read_json
 from saap_edge.seeding import set_seed
@@ -212,6 +213,8 @@ def compress(job: CompressJob) -> dict:
     if s.method == "hywia":
         job.hywia.validate(s.calib_samples)
     check_output_dir(job.out, job.overwrite)
+    procs = processes()
+    job = _per_process(job, procs, s.method)
     t0 = time.perf_counter()
     trains = r is not None and r.recovery != "none"
     ckpt = checkpoint_dir(job.out) if trains else None
@@ -222,7 +225,7 @@ def compress(job: CompressJob) -> dict:
         model, tokenizer, plan, report, device, dense = _resume_pruned(pruned_dir, job, s)
     else:
         model, tokenizer, plan, report, device, dense = _prune_stage(job, s, rc)
-        if pruned_dir is not None:  # a fresh run: earlier checkpoints no longer apply
+        if pruned_dir is not None and procs.main:  # a fresh run: earlier checkpoints no longer apply
             clear_checkpoints(ckpt)
             ckpt.mkdir(parents=True)
             tmp = ckpt / ".pruned.tmp"
@@ -245,11 +248,25 @@ def compress(job: CompressJob) -> dict:
                 report["ppl"][name]["recovered"] = result
     report["time_s"]["total_s"] = time.perf_counter() - t0
     report["peak_memory_mib"] = peak_memory_mib(device)
-    with atomic_dir(job.out, job.overwrite) as tmp:
-        _save(tmp, model, tokenizer, plan, report, title)
-    if not job.keep_checkpoints:
-        clear_checkpoints(ckpt)
+    report["processes"] = procs.world
+    procs.barrier()  # every process is done with the checkpoints before they go
+    if procs.main:
+        with atomic_dir(job.out, job.overwrite) as tmp:
+            _save(tmp, model, tokenizer, plan, report, title)
+        if not job.keep_checkpoints:
+            clear_checkpoints(ckpt)
     return report
+
+
+def _per_process(job, procs, method: str):
+    """The job as this process runs it: its own GPU, and no shared teacher cache (processes would
+    write it at once; each computes its micro-batches' targets). One process: unchanged."""
+    if not procs.parallel:
+        return job
+    if method in ("adapruner", "hywia"):
+        raise UserError(f"--method {method} runs in one process (its search / fusion learning is not split over "
+                        "processes); run it without accelerate launch")
+    return replace(job, run=replace(job.run, device=procs.device(job.run.device)), teacher_cache=None)
 
 
 @dataclass
@@ -290,6 +307,8 @@ def recover_dir(job: RecoverJob) -> dict:
     check_output_dir(job.out, job.overwrite)
     if Path(job.out).resolve() == Path(job.source).resolve():
         raise UserError(f"--out {job.out} is the input directory; choose another --out")
+    procs = processes()
+    job = _per_process(job, procs, "recover")
     t0 = time.perf_counter()
     loaded = load_model(job.source, job.run.device, job.run.dtype)
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -315,7 +334,7 @@ def recover_dir(job: RecoverJob) -> dict:
     report.setdefault("time_s", {})
     before = _quick_ppl(model, tokenizer, job, device) if job.eval_ppl else {}
     ckpt = checkpoint_dir(job.out) if r.recovery != "none" else None
-    if ckpt is not None and not job.resume:
+    if ckpt is not None and not job.resume and procs.main:
         clear_checkpoints(ckpt)
     teacher = None
     if r.distills:
@@ -336,8 +355,11 @@ def recover_dir(job: RecoverJob) -> dict:
         report["ppl"][name] = {"before": old["before"] if same else None, "after": before[name], "recovered": result}
     report["time_s"]["recover_total_s"] = time.perf_counter() - t0
     report["peak_memory_mib"] = peak_memory_mib(device)
-    with atomic_dir(job.out, job.overwrite) as tmp:
-        _save(tmp, recovered.model, tokenizer, plan, report, f"{report['settings']['method']} + {r.recovery}")
-    if not job.keep_checkpoints:
-        clear_checkpoints(ckpt)
+    report["processes"] = procs.world
+    procs.barrier()
+    if procs.main:
+        with atomic_dir(job.out, job.overwrite) as tmp:
+            _save(tmp, recovered.model, tokenizer, plan, report, f"{report['settings']['method']} + {r.recovery}")
+        if not job.keep_checkpoints:
+            clear_checkpoints(ckpt)
     return report

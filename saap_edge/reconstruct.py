@@ -42,6 +42,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from saap_edge.config import ReconstructSettings
+from saap_edge.distributed import processes
 from saap_edge.errors import UserError
 from saap_edge.models.onednn import onednn_linears
 from saap_edge.prune.groups import ATTN, MLP, MEMBERS, OUTPUT_PROJ, LayerShape, decoder_layers, discover, member_index, submodule
@@ -307,6 +308,8 @@ class _Stage:
         log the errors."""
         shape, lp, path = self.shapes[i], self.plan.layers[i], OUTPUT_PROJ[kind]
         part = "q" if kind == ATTN else "ch"
+        # several processes: each streamed its own samples; the moments of all of them are the sum
+        processes().sum_(*(m for m in (moments.gram, moments.cross, moments.gram_target) if m is not None))
         cross, gram_t = moments.targets()
         if not all(torch.isfinite(m).all() for m in (moments.gram, cross, gram_t)):
             raise UserError(f"layer {i} {path}: NaN or inf in the calibration activations the refit reads; "
@@ -388,15 +391,21 @@ def reconstruct(
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     with PeakRSS() as rss:
-        stage = _Stage(dense, slim, plan, samples, r, device)
+        procs = processes()
+        if samples.shape[0] < procs.world:
+            raise UserError(f"{samples.shape[0]} reconstruction samples for {procs.world} processes: each process needs "
+                            "at least one; raise --recon-samples or launch fewer processes")
+        # several processes: each streams its share of the windows through the layers
+        stage = _Stage(dense, slim, plan, samples[procs.share(samples.shape[0])], r, device)
         pairs = list(zip(decoder_layers(dense), decoder_layers(slim)))
-        for i, (dl, sl) in enumerate(tqdm(pairs, desc="reconstruct", disable=not progress)):
+        for i, (dl, sl) in enumerate(tqdm(pairs, desc="reconstruct", disable=not progress or not procs.main)):
             with _on(dl, device), _on(sl, device):
                 stage.layer(i, dl, sl)
     info = {
         **r.to_dict(),
         "tokens": int(samples.numel()),
         "time_s": time.perf_counter() - t0,
+        "processes": procs.world,
         "peak_rss_mib": rss.peak_mib,
         "device": str(device),
         "layers": stage.log,

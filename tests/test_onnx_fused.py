@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import data_dir, hetero_model
+from conftest import DATA_DIR, hetero_model
 from exporters.onnx import stored_weights_model
 from exporters.onnx_fused import export_onnx_fused
 from saap_edge.cli import main
@@ -295,7 +295,7 @@ def test_smollm2_pruned_20_percent_genai_greedy_equals_torch(tmp_path):
 
     out = tmp_path / "s20"
     assert main(["compress", "--model", "smollm2-135m", "--ratio", "0.2", "--recovery", "none", "--out", str(out),
-                 "--data-dir", str(data_dir()), "--no-progress"]) == 0
+                 "--data-dir", str(DATA_DIR), "--no-progress"]) == 0
     assert main(["export", str(out), "--format", "onnx"]) == 0
     model = AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
     rt = GenaiRuntime(out / "onnx-int4")

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from saap_edge.distributed import processes
 from saap_edge.errors import UserError
 from saap_edge.prune.groups import HEAD, MEMBERS, OUTPUT_PROJ, LayerShape, decoder_layers, submodule, unit_reduce
 from saap_edge.prune.importance import Key, Scores
@@ -127,26 +128,34 @@ def backward_each(model: nn.Module, samples: torch.Tensor, hooked: list[tuple[nn
     registered and only those weights taking gradients; `set_sample(d)` runs before sample d,
     `bad()` names a weight whose gradient was not finite. Returns the losses."""
     device = next(model.parameters()).device
-    handles, losses = [], []
+    procs = processes()  # several processes: this one takes samples d = rank, rank + N, ...
+    if samples.shape[0] < procs.world:
+        raise UserError(f"{samples.shape[0]} {what}s for {procs.world} processes: each process needs at least one; "
+                        "give more samples or launch fewer processes")
+    handles, losses, error = [], torch.zeros(samples.shape[0], dtype=torch.float64), None
     with _only_grads_for(model, [w for w, _ in hooked]):
         try:
             for weight, hook in hooked:
                 handles.append(weight.register_post_accumulate_grad_hook(hook))
-            for d in tqdm(range(samples.shape[0]), desc=desc, disable=not progress):
+            for d in tqdm(procs.share(samples.shape[0]), desc=desc, disable=not progress or not procs.main):
                 set_sample(d)
                 ids = samples[d : d + 1].to(device)
                 loss = model(input_ids=ids, labels=ids).loss
                 if not torch.isfinite(loss):
                     raise UserError(f"loss is {loss.item()} on {what} {d}: {_locate_nonfinite(model, ids)}")
                 loss.backward()
-                losses.append(loss.item())
+                losses[d] = loss.item()
                 if bad():
                     raise UserError(f"NaN or inf in the gradients of {bad()} ({what} {d}); try --dtype float32 or other "
                                     "calibration text")
+        except UserError as exc:
+            error = exc
         finally:
             for h in handles:
                 h.remove()
-    return losses
+    procs.agree(error)
+    procs.sum_(losses)
+    return losses.tolist()
 
 
 def _param_mix(model, shapes, layers, hooks: _TaylorHooks, n: int) -> Scores:
@@ -175,6 +184,10 @@ def collect_taylor(
     hooked = [(weight, hooks.make(name, axis, targets)) for name, weight, axis, targets in _members(model, shapes, layers, heads)]
     losses = backward_each(model, samples, hooked, lambda d: setattr(hooks, "sample", d), lambda: hooks.bad,
                            "calibration sample", "importance", progress)
+    # several processes: each filled its own samples' rows (the rest are 0) -> the sum is the whole
+    procs = processes()
+    procs.sum_(*(t for store in (hooks.vector, hooks.element, hooks.first) for t in store.values()))
+    procs.sum_(*hooks.grad_sum.values(), *hooks.grad_sq.values())
     mix = _param_mix(model, shapes, layers, hooks, samples.shape[0]) if with_param_mix else {}
     return TaylorStats(hooks.vector, hooks.element, hooks.first, mix, losses)
 
@@ -204,10 +217,19 @@ def collect_inputs(
         for i in layers
         for kind in OUTPUT_PROJ
     ]
+    procs = processes()
     try:
-        for d in tqdm(range(samples.shape[0]), desc="activations", disable=not progress):
+        for d in tqdm(procs.share(samples.shape[0]), desc="activations", disable=not progress or not procs.main):
             model(input_ids=samples[d : d + 1].to(device))
     finally:
         for h in handles:
             h.remove()
+    if procs.parallel:  # every process sums every key (a process may have had no sample)
+        for key in [(i, kind) for i in layers for kind in OUTPUT_PROJ]:
+            width = submodule(blocks[key[0]], OUTPUT_PROJ[key[1]]).in_features
+            entry = stats.setdefault(key, [torch.zeros(width, dtype=torch.float64)] * 2 + [0])
+            sums = [torch.as_tensor(entry[0], dtype=torch.float64).clone(), torch.as_tensor(entry[1], dtype=torch.float64).clone(),
+                    torch.tensor([float(entry[2])], dtype=torch.float64)]
+            procs.sum_(*sums)
+            stats[key] = [sums[0], sums[1], int(sums[2].item())]
     return {k: (v[0], v[1], v[2]) for k, v in stats.items()}

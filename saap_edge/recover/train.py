@@ -5,8 +5,18 @@ bit for bit, checkpoints must hold no pickles (Trainer saves optimizer and RNG s
 torch.save), and a NaN loss must stop the run with the last good checkpoint named.
 
 Determinism: the window order of epoch e is a permutation seeded with (seed, e); the global
-RNG (LoRA dropout) is reseeded from (seed, step) before every step; so step k sees the same
-data and the same dropout masks whether or not the run was interrupted before it.
+RNG (LoRA dropout) is reseeded from (seed, step, micro-batch) before every micro-batch; so
+step k sees the same data and the same dropout masks whether or not the run was interrupted
+before it, and whichever process computes a micro-batch.
+
+Several processes (saap_edge/distributed.py): the micro-batches of a step are dealt out
+(micro m to process m mod N, so --grad-accum must be a multiple of N and the global batch,
+batch_size x grad_accum, is the same for any N); after them the gradients of the trained
+parameters are all-reduced (summed) and every process takes the same optimizer step, so the
+parameters stay equal everywhere. This is DistributedDataParallel's arithmetic, written as
+one all-reduce per step because the loop accumulates over micro-batches and trains a few
+adapter tensors (nothing to overlap with the backward pass). Only process 0 writes
+checkpoints; a checkpoint resumes under any process count that divides --grad-accum.
 
 Losses (`s.loss`): lm, next-token cross-entropy; kd, KL to the dense teacher's
 distribution (recover/distill.py); kd+lm, kd_weight * kd + (1 - kd_weight) * lm.
@@ -34,6 +44,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from saap_edge.config import RecoverSettings
+from saap_edge.distributed import processes
 from saap_edge.errors import UserError
 from saap_edge.files import DamagedFile, check_safetensors, read_json, reading
 from saap_edge.eval.ppl import window_perplexity
@@ -231,6 +242,12 @@ def train(
     if s.loss != "lm" and teacher is None:
         raise UserError(f"--recover-loss {s.loss} needs the dense teacher model; give --teacher PATH")
     device = next(p for p in model.parameters() if p.requires_grad).device
+    procs = processes()
+    if s.grad_accum % procs.world:
+        raise UserError(f"{procs.world} processes do not divide the global batch of --grad-accum {s.grad_accum} "
+                        f"micro-batches of {s.batch_size}; give --grad-accum a multiple of {procs.world} "
+                        "(--batch-size times --grad-accum is the global batch) or launch fewer processes")
+    trained = [p for p in model.parameters() if p.requires_grad]
     n_train = len(data.train)
     n_steps = total_steps(s, n_train)
     optimizer = torch.optim.AdamW(param_groups(model, s), lr=s.lr, weight_decay=s.weight_decay)
@@ -254,27 +271,41 @@ def train(
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     model.train()
     last_good = latest_checkpoint(ckpt_dir) if ckpt_dir else None
-    bar = tqdm(range(start, n_steps), desc=f"recover {'+'.join(s.trained)} ({s.loss})", disable=not progress, initial=start, total=n_steps)
+    bar = tqdm(range(start, n_steps), desc=f"recover {'+'.join(s.trained)} ({s.loss})",
+               disable=not progress or not procs.main, initial=start, total=n_steps)
     t0 = time.perf_counter()
     try:
         for step in bar:
-            torch.manual_seed(s.seed * 1_000_003 + step)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, s, n_steps) * group["lr_share"]
-            step_loss = 0.0
-            for micro in range(s.grad_accum):
+            step_loss, bad = 0.0, None
+            for micro in procs.share(s.grad_accum):
+                torch.manual_seed((s.seed * 1_000_003 + step) * 1_009 + micro)
                 batch = data.train[batch_indices(step, micro, s, n_train)].to(device)
                 with autocast:
                     loss = step_loss_of(model, batch, s, teacher, batch_start(step, micro, s))
                 if not torch.isfinite(loss):
-                    where = f"{last_good} (step {int(last_good.name[5:])})" if last_good else "none was written yet"
-                    raise LossDiverged(
-                        f"recovery loss became {loss.item()} at step {step}; training stopped. Last good checkpoint: "
-                        f"{where}. Lower --lr (now {s.lr:g}) and resume or restart"
-                    )
+                    bad = loss.item()
+                    break
                 (loss / s.grad_accum).backward()
                 step_loss += loss.item() / s.grad_accum
                 result.tokens += batch.numel()
+            if procs.parallel:  # the step's loss, whether any process diverged, and the summed gradients
+                shared = torch.tensor([step_loss, 0.0 if bad is None else 1.0], dtype=torch.float64)
+                procs.sum_(shared)
+                step_loss, diverged = float(shared[0]), shared[1] > 0
+                for p in trained:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                procs.sum_(*(p.grad for p in trained))
+            else:
+                diverged = bad is not None
+            if diverged:
+                where = f"{last_good} (step {int(last_good.name[5:])})" if last_good else "none was written yet"
+                raise LossDiverged(
+                    f"recovery loss became {bad if bad is not None else 'NaN or inf (on another process)'} at step {step}; "
+                    f"training stopped. Last good checkpoint: {where}. Lower --lr (now {s.lr:g}) and resume or restart"
+                )
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             result.losses.append(step_loss)
@@ -285,8 +316,11 @@ def train(
                 result.curve.append([done, _heldout_ppl(model, data)])
                 model.train()
             if ckpt_dir is not None and save_every > 0 and (done % save_every == 0 or done == n_steps):
-                last_good = save_checkpoint(ckpt_dir, model, optimizer, done,
-                                            {**meta, "losses": result.losses, "curve": result.curve})
+                if procs.main:
+                    last_good = save_checkpoint(ckpt_dir, model, optimizer, done,
+                                                {**meta, "losses": result.losses, "curve": result.curve})
+                else:
+                    last_good = ckpt_dir / f"step-{done:06d}"
             if stop_after is not None and done >= stop_after:
                 break
     finally:
