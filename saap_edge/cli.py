@@ -23,10 +23,15 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16 (default: %(default)s)")
     p.add_argument("--data-dir", default=None, help="folder with local copies of named datasets (default: $SAAP_EDGE_DATA_DIR, else the hub)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--device-map", default=None, choices=["auto"], help="auto: spread the decoder layers over every visible "
+                   "GPU (and CPU RAM where --max-memory allows) with accelerate, for models larger than one GPU (default: one device)")
+    p.add_argument("--max-memory", default=None, help="budgets for --device-map and the memory check, e.g. 0=20GiB,1=20GiB,cpu=64GiB "
+                   "(default: what the devices have free)")
 
 
 def _run_settings(a: argparse.Namespace) -> RunSettings:
-    return RunSettings(device=a.device, dtype=a.dtype, data_dir=a.data_dir, progress=not a.no_progress)
+    return RunSettings(device=a.device, dtype=a.dtype, data_dir=a.data_dir, progress=not a.no_progress,
+                       device_map=getattr(a, "device_map", None), max_memory=getattr(a, "max_memory", None))
 
 
 def _add_recover_args(p: argparse.ArgumentParser, in_compress: bool) -> None:

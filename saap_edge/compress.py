@@ -18,6 +18,7 @@ from saap_edge.checkpoint import CHART_FILE, PLAN_FILE, REPORT_FILE, atomic_dir,
 from saap_edge.config import HywiaSettings, PruneSettings, ReconstructSettings, RecoverSettings, RunSettings, SearchSettings
 from saap_edge.distributed import processes
 from saap_edge.errors import UserError
+from saap_edge.memory import parse_max_memory
 from saap_edge.files import read_json
 from saap_edge.seeding import set_seed
 from saap_edge.data import calibration_samples
@@ -73,7 +74,7 @@ def _prune_stage(job: CompressJob, s: PruneSettings, r: ReconstructSettings) -> 
     the dense model when recovery distils from it and no other --teacher is given, else None)."""
     t0 = time.perf_counter()
     set_seed(s.seed)  # torch's generator starts differently in every process
-    loaded = load_model(job.model, job.run.device, job.run.dtype)
+    loaded = load_model(job.model, job.run.device, job.run.dtype, job.run.device_map, parse_max_memory(job.run.max_memory))
     model, tokenizer = loaded.model, loaded.tokenizer
     device = next(model.parameters()).device
     lengths = {"--seq-len": s.seq_len, **({"--recon-seq-len": r.seq_len} if r.active else {})}
@@ -215,6 +216,7 @@ def compress(job: CompressJob) -> dict:
     check_output_dir(job.out, job.overwrite)
     procs = processes()
     job = _per_process(job, procs, s.method)
+    memory = check_memory(job, s, r)
     t0 = time.perf_counter()
     trains = r is not None and r.recovery != "none"
     ckpt = checkpoint_dir(job.out) if trains else None
@@ -249,6 +251,7 @@ def compress(job: CompressJob) -> dict:
     report["time_s"]["total_s"] = time.perf_counter() - t0
     report["peak_memory_mib"] = peak_memory_mib(device)
     report["processes"] = procs.world
+    report["memory_estimate"] = {st.stage: {**st.parts, "total": st.total} for st in memory}
     procs.barrier()  # every process is done with the checkpoints before they go
     if procs.main:
         with atomic_dir(job.out, job.overwrite) as tmp:
@@ -258,11 +261,42 @@ def compress(job: CompressJob) -> dict:
     return report
 
 
+def check_memory(job: "CompressJob", s: PruneSettings, r: RecoverSettings | None) -> list:
+    """Count each stage's memory from the model's config (saap_edge/memory.py), print it, and
+    refuse before loading a stage the devices cannot hold. Returns the stages counted."""
+    import sys
+
+    from saap_edge.memory import Shape, available_bytes, check_fits, describe, estimation_memory, recovery_memory
+    from saap_edge.models.load import model_config, resolve_device, resolve_dtype
+
+    config = model_config(job.model)
+    if config is None:
+        return []
+    device = resolve_device(job.run.device)
+    b = resolve_dtype(job.run.dtype, device).itemsize
+    try:
+        shape = Shape.of(config)
+    except (AttributeError, TypeError):  # not a LLaMA config: loading refuses it with the reason
+        return []
+    stages = [estimation_memory(shape, b, s.seq_len, s.calib_samples)]
+    if r is not None and r.recovery != "none":
+        stages.append(recovery_memory(shape, b, s.ratio, r.batch_size, r.seq_len, r.distills, r.rank,
+                                      "lora" in r.trained, r.group_size or 32))
+    available = available_bytes(str(device), parse_max_memory(job.run.max_memory))
+    if job.run.progress and processes().main:  # --no-progress: quiet (errors stay one line)
+        print(describe(stages, available), file=sys.stderr, flush=True)
+    check_fits(stages, available, job.run.device_map)
+    return stages
+
+
 def _per_process(job, procs, method: str):
     """The job as this process runs it: its own GPU, and no shared teacher cache (processes would
     write it at once; each computes its micro-batches' targets). One process: unchanged."""
     if not procs.parallel:
         return job
+    if job.run.device_map:
+        raise UserError("--device-map spreads one model over every GPU; with several processes each process takes one "
+                        "GPU: use one or the other")
     if method in ("adapruner", "hywia"):
         raise UserError(f"--method {method} runs in one process (its search / fusion learning is not split over "
                         "processes); run it without accelerate launch")

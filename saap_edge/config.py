@@ -226,6 +226,8 @@ class RunSettings:
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
     data_dir: str | None = None
     progress: bool = True
+    device_map: str | None = None  # "auto": the decoder layers spread over the visible GPUs (accelerate)
+    max_memory: str | None = None  # per-device budgets for the map, "0=20GiB,cpu=64GiB"
 
 
 RECOVERIES = ("qalora", "lora", "none")

@@ -164,3 +164,79 @@ def test_one_process_takes_no_distributed_path(monkeypatch):
     assert torch.equal(t, torch.ones(3))
     with pytest.raises(ValueError, match="boom"):
         p.agree(ValueError("boom"))
+
+
+def test_memory_estimate_of_a_known_configuration_equals_a_hand_count():
+    from transformers import LlamaConfig
+
+    from saap_edge.memory import Shape, estimation_memory, recovery_memory
+
+    cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, tie_word_embeddings=False)
+    shape = Shape.of(cfg)
+    per_layer = 64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128  # q, k, v, o, gate, up, down
+    params = 2 * 512 * 64 + 2 * per_layer + (2 * 2 * 64 + 64)  # embedding + head, layers, norms
+    assert shape.params() == params
+    est = estimation_memory(shape, 4, 16, 8)
+    act = 2 * (16 * (4 * 64 + 4 * 64 + 3 * 32 + 4 * 128) * 4 + 4 * 16 * 16 * 4)
+    assert est.parts == {"weights": params * 4, "activations": act, "logits": 2 * 16 * 512 * 4,
+                         "gradient in flight": 64 * 128 * (4 + 12), "unit statistics": 8 * 2 * (2 + 4 + 128) * 3 * 4}
+    assert est.total == params * 4 + act + 65536 + 131072 + 25728
+    rec = recovery_memory(shape, 2, 0.5, 4, 32, True, 8, True, 32)
+    lora = 2 * 8 * ((64 + 64) + 2 * (64 + 32) + (64 + 64) + 2 * (64 + 128) + (128 + 64))
+    assert rec.parts == {"student weights": params, "teacher weights": params * 2,
+                         "activations": 4 * 2 * (32 * (4 * 64 + 4 * 64 + 3 * 32 + 4 * 128) * 2 + 4 * 32 * 32 * 2),
+                         "logits": 3 * 4 * 32 * 512 * 4, "trained parameters and AdamW": lora * 16}
+
+
+def test_a_run_the_devices_cannot_hold_is_refused_before_loading(setup, capsys):
+    from saap_edge.cli import main
+
+    root, model, _ = setup
+    out = root / "too-big"
+    assert main(compress_argv(model, out, "--max-memory", "cpu=1MiB")) == 2
+    err = capsys.readouterr().err
+    assert "estimation needs about" in err and "devices hold 1.0 MiB" in err and "--device-map auto" in err
+    assert not out.exists()
+    assert main(compress_argv(model, out, "--max-memory", "cpu=lots")) == 2
+    assert "each entry is DEVICE=SIZE" in capsys.readouterr().err
+
+
+def test_a_model_dispatched_over_a_device_map_scores_like_the_undispatched_one(setup):
+    """accelerate's hooks on every layer (a CPU-only map): the same per-sample Taylor statistics."""
+    import copy
+
+    from accelerate import dispatch_model
+    from transformers import AutoModelForCausalLM
+
+    from saap_edge.prune.estimate import collect_taylor
+    from saap_edge.prune.groups import discover
+
+    _, model_dir, _ = setup
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    dispatched = copy.deepcopy(model)
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu",
+                  **{f"model.layers.{i}": "cpu" for i in range(4)}}
+    dispatched = dispatch_model(dispatched, device_map, force_hooks=True)
+    assert hasattr(dispatched.model.layers[1], "_hf_hook")
+    samples = torch.randint(3, 500, (3, 24), generator=torch.Generator().manual_seed(0))
+    shapes = discover(model)
+    a = collect_taylor(model, samples, shapes, list(range(4)), progress=False, heads=True)
+    b = collect_taylor(dispatched, samples, shapes, list(range(4)), progress=False, heads=True)
+    for store in ("vector", "element", "first"):
+        x, y = getattr(a, store), getattr(b, store)
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    assert a.losses == b.losses
+
+
+def test_compress_with_device_map_auto_gives_the_same_plan(setup, pruned, capsys):
+    """--device-map auto on a machine with no GPU: accelerate places every layer on the CPU; the
+    plan equals the one of the plain run."""
+    from saap_edge.cli import main
+
+    root, model, _ = setup
+    out = root / "mapped"
+    assert main(compress_argv(model, out, "--device-map", "auto")) == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["memory_estimate"]["estimation"]["total"] > report["memory_estimate"]["estimation"]["weights"] > 0
+    assert layers_of(out) == layers_of(pruned[1])

@@ -131,8 +131,26 @@ def _read_gguf(location: Path, torch_dtype):
     return model.to(torch_dtype), tokenizer
 
 
-def load_model(name: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
-    """Load --model `name` for pruning or evaluation (eval mode, on `device`)."""
+def model_config(name: str):
+    """The transformers config of --model `name` without its weights (None when it cannot be read
+    that way: a GGUF transformers does not map)."""
+    from transformers import AutoConfig
+
+    import saap_edge.models.slim  # noqa: F401  registers the slim architecture
+
+    try:
+        kind, location = resolve_model(name)
+        if kind in ("gguf", "alias"):
+            return AutoConfig.from_pretrained(str(location.parent), gguf_file=location.name)
+        return AutoConfig.from_pretrained(str(location))
+    except Exception:  # noqa: BLE001 - loading proper reports what is wrong with the model
+        return None
+
+
+def load_model(name: str, device: str = "auto", dtype: str = "auto", device_map: str | None = None,
+               max_memory: dict | None = None) -> LoadedModel:
+    """Load --model `name` for pruning or evaluation (eval mode, on `device`; with `device_map`
+    "auto" its layers spread over the visible devices by accelerate, within `max_memory`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import saap_edge.models.slim  # noqa: F401  registers the slim architecture
@@ -145,10 +163,11 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto") -> LoadedMo
         args, kwargs = (str(location.parent),), {"gguf_file": location.name}
     else:
         args, kwargs = (str(location),), {}
+    placement = {"device_map": device_map, "max_memory": max_memory} if device_map else {}
     logging.getLogger("transformers.modeling_gguf_pytorch_utils").setLevel(logging.ERROR)
     try:
         tokenizer = AutoTokenizer.from_pretrained(*args, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(*args, dtype=torch_dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(*args, dtype=torch_dtype, **kwargs, **placement)
     except Exception as exc:  # noqa: BLE001 - the tokenizers library raises plain Exception
         if kind == "hf" and isinstance(location, Path):  # every file was checked: the content is wrong
             with reading(location, "model directory (its tokenizer or weights)"):
@@ -158,5 +177,21 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto") -> LoadedMo
         # transformers' GGUF loader reads only `llama` files it can map (not `deci`, not
         # llama2.c exports such as stories260K); our reader takes every llama / deci GGUF
         model, tokenizer = _read_gguf(location, torch_dtype)
+        if device_map:
+            model = _dispatch(model, max_memory)
+    if device_map:
+        return LoadedModel(model.eval(), tokenizer, {"model": name, "kind": kind, "path": str(location),
+                                                     "device_map": dict(getattr(model, "hf_device_map", {}))})
     model.to(target).eval()
     return LoadedModel(model, tokenizer, {"model": name, "kind": kind, "path": str(location)})
+
+
+def _dispatch(model, max_memory: dict | None):
+    """accelerate's big-model placement for a model built in memory (our GGUF reader)."""
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    names = list({type(b).__name__ for b in model.model.layers})
+    device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=names)
+    model = dispatch_model(model, device_map)
+    model.hf_device_map = device_map
+    return model
