@@ -60,6 +60,24 @@ def hetero_model(seed: int = 0, uniform: bool = False, vocab: int = 512, heads_a
     return model.eval()
 
 
+def greedy_torch(model, ids: list[int], n: int) -> list[int]:
+    """n greedy tokens after `ids` from transformers' generate (end-of-text ignored)."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, pad_token_id=0,
+                             eos_token_id=None, attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+    return out[0, len(ids):].tolist()
+
+
+def greedy_runtime(rt, ids: list[int], n: int) -> list[int]:
+    """n greedy tokens after `ids` from a device runtime's generator (end-of-text ignored)."""
+    from runtime.base import Generator
+
+    rt.eos_token_ids = set()
+    gen = Generator(rt)
+    list(gen.stream(ids, n))
+    return gen.stats.token_ids
+
+
 def save_tiny32(path: Path, tokenizer) -> Path:
     """An HF directory of a tiny LLaMA whose widths are multiples of 32 (int4 groups and GGUF
     blocks fit), with the test tokenizer: what the CLI tests compress."""

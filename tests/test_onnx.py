@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import hetero_model
+from conftest import greedy_runtime, greedy_torch, hetero_model
 from exporters.onnx import export_onnx, initializer, matmul_nbits_parts
 from saap_edge.cli import main
 from saap_edge.models.int4_linear import Int4Linear
@@ -37,22 +37,6 @@ def int4_model(uniform=False):
 def torch_logits(model, ids):
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].numpy()
-
-
-def greedy_torch(model, ids, n):
-    with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, pad_token_id=0,
-                             eos_token_id=None, attention_mask=torch.ones(1, len(ids), dtype=torch.long))
-    return out[0, len(ids):].tolist()
-
-
-def greedy_runtime(rt, ids, n):
-    from runtime.base import Generator
-
-    rt.eos_token_ids = set()
-    gen = Generator(rt)
-    list(gen.stream(ids, n))
-    return gen.stats.token_ids
 
 
 @pytest.fixture(scope="module")

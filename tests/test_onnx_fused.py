@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DATA_DIR, hetero_model
+from conftest import DATA_DIR, greedy_runtime, greedy_torch, hetero_model
 from exporters.onnx import stored_weights_model
 from exporters.onnx_fused import export_onnx_fused
 from saap_edge.cli import main
@@ -33,22 +33,6 @@ def model_of(kind: str, quant: str = "int4"):
     if quant == "int4":
         quantize_model(m, 32)
     return m
-
-
-def torch_greedy(model, ids, n):
-    with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None,
-                             attention_mask=torch.ones(1, len(ids), dtype=torch.long))
-    return out[0, len(ids):].tolist()
-
-
-def greedy(rt, ids, n):
-    from runtime.base import Generator
-
-    rt.eos_token_ids = set()
-    gen = Generator(rt)
-    list(gen.stream(ids, n))
-    return gen.stats.token_ids
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +194,7 @@ def test_genai_greedy_equals_torch_greedy_on_heterogeneous_layers(fused):
         model, folder = fused[kind]
         rt = GenaiRuntime(folder)
         assert rt.name == "onnxruntime-genai (CPU)"
-        assert greedy(rt, IDS, 12) == torch_greedy(model, IDS, 12)
+        assert greedy_runtime(rt, IDS, 12) == greedy_torch(model, IDS, 12)
         with torch.no_grad():
             ref = model(torch.tensor([IDS])).logits[0].numpy()
         rt.reset()
@@ -300,4 +284,4 @@ def test_smollm2_pruned_20_percent_genai_greedy_equals_torch(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
     rt = GenaiRuntime(out / "onnx-int4")
     prompt = rt.tokenize("The three most important things about a healthy diet are")
-    assert greedy(rt, prompt, 24) == torch_greedy(model, prompt, 24)
+    assert greedy_runtime(rt, prompt, 24) == greedy_torch(model, prompt, 24)
