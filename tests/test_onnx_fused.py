@@ -58,6 +58,8 @@ def test_fused_graph_matches_torch_in_one_pass_and_through_the_shared_cache(fuse
         ref = model(torch.tensor([IDS])).logits[0].numpy()
     full, present = rt.forward(np.asarray([IDS]))  # one pass, no cache
     assert np.abs(full[0] - ref).max() < ORT_ATOL
+    batch, _ = rt.forward(np.asarray([IDS, IDS[::-1]]))  # a batch: each row as alone (what perplexity scoring runs)
+    assert np.array_equal(batch[0], full[0]) and np.array_equal(batch[1], rt.forward(np.asarray([IDS[::-1]]))[0][0])
     half = len(IDS) // 2  # a second prompt chunk after a cache (not the first prompt, not one token)
     first, past = rt.forward(np.asarray([IDS[:half]]))
     second, _ = rt.forward(np.asarray([IDS[half:]]), past, half)
