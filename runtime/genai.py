@@ -31,6 +31,35 @@ def genai_available() -> bool:
     return True
 
 
+def check_genai_config(folder: Path) -> None:
+    """genai_config.json against the graph it names (onnxruntime-genai reads the config without
+    checking it, then fails mid-generation): the file, the cache input names, the number of
+    layers and the head size. Needs the `onnx` package to read the graph; skipped without it."""
+    path = folder / GENAI_CONFIG
+    fix = "export the folder again (saap-edge export --format onnx)"
+    try:
+        dec = json.loads(path.read_text())["model"]["decoder"]
+        names, layers, head = dec["filename"], int(dec["num_hidden_layers"]), int(dec["head_size"])
+        pattern = dec["inputs"]["past_key_names"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RuntimeLoadError(f"{path}: not an onnxruntime-genai config ({type(exc).__name__}: {exc}); {fix}") from exc
+    graph = folder / names
+    if not graph.is_file():
+        raise RuntimeLoadError(f"{path} names {names}, which is not in {folder}; {fix}")
+    try:
+        import onnx
+    except ImportError:
+        return
+    inputs = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim]
+              for i in onnx.load(str(graph), load_external_data=False).graph.input}
+    found = sum(1 for i in range(len(inputs)) if pattern % i in inputs)
+    if found != layers:
+        raise RuntimeLoadError(f"{path} says {layers} layers but {names} has {found} inputs named {pattern!r}; {fix}")
+    dims = {inputs[pattern % i][-1] for i in range(found)}
+    if dims != {head}:
+        raise RuntimeLoadError(f"{path} says head_size {head} but the cache inputs of {names} have {sorted(map(str, dims))}; {fix}")
+
+
 class GenaiRuntime(OnnxFolder):
     name = "onnxruntime-genai"
 
@@ -46,6 +75,7 @@ class GenaiRuntime(OnnxFolder):
             raise RuntimeLoadError(f"{folder}: no {GENAI_CONFIG}, so onnxruntime-genai cannot run it; export it again with "
                                    "the fused graph (saap-edge export --format onnx --onnx-graph fused), or use --engine onnxruntime")
         self.folder, self.og = folder, og
+        check_genai_config(folder)
         try:
             providers = choose_providers(provider, ["CUDAExecutionProvider", "CPUExecutionProvider"]
                                          if og.is_cuda_available() else ["CPUExecutionProvider"])

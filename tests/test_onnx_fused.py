@@ -246,6 +246,18 @@ def test_bad_inputs_are_one_line_exit_2(fused, tmp_path, capsys, tiny_tokenizer)
         assert runtime_main([str(traced), "--engine", "genai", "-n", "2"]) == 2
         err = capsys.readouterr().err.strip()
         assert "no genai_config.json" in err and "--onnx-graph fused" in err and len(err.splitlines()) == 1
+        for change, needle in ((lambda d: d["model"]["decoder"].update(num_hidden_layers=5), "says 5 layers but"),
+                               (lambda d: d["model"]["decoder"].update(head_size=16), "says head_size 16"),
+                               (lambda d: d["model"]["decoder"].update(filename="gone.onnx"), "names gone.onnx")):
+            bad = tmp_path / "mismatched"
+            shutil.rmtree(bad, ignore_errors=True)
+            shutil.copytree(folder, bad)
+            cfg = json.loads((bad / "genai_config.json").read_text())
+            change(cfg)
+            (bad / "genai_config.json").write_text(json.dumps(cfg))
+            assert runtime_main([str(bad), "-n", "2"]) == 2
+            err = capsys.readouterr().err.strip()
+            assert needle in err and "export the folder again" in err and len(err.splitlines()) == 1
     src = save_tiny32(tmp_path / "src", tiny_tokenizer)
     for argv, needle in (
         (["export", str(src), "--matmul-accuracy", "int8"], "applies to the fused ONNX graph only"),
