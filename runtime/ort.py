@@ -191,6 +191,14 @@ class OrtRuntime(OnnxFolder):
                 pair.append(ort.OrtValue.ortvalue_from_numpy(arr))
             self.buffers.append(pair)
         self.capacity = capacity
+        # one binding for the whole generation: the cache buffers stay bound, each step rebinds
+        # the token ids, the mask and the logits (bound first: get_outputs() follows that order)
+        self._io = self.session.io_binding()
+        self._io.bind_output("logits")
+        for i, (k, v) in enumerate(self.buffers):
+            for kind, value in (("key", k), ("value", v)):
+                self._io.bind_ortvalue_input(f"past_key_values.{i}.{kind}", value)
+                self._io.bind_ortvalue_output(f"present.{i}.{kind}", value)
 
     def _shared_step(self, new_ids: list[int]) -> np.ndarray:
         """One step with each layer's past and present bound to the same buffer (the mask's width,
@@ -201,14 +209,10 @@ class OrtRuntime(OnnxFolder):
                                    "(max_position_embeddings); use a shorter prompt or fewer new tokens")
         if total > self.capacity:
             self._grow(total)
-        io = self.session.io_binding()
+        io = self._io
         io.bind_cpu_input("input_ids", np.asarray([new_ids], np.int64))
         io.bind_cpu_input("attention_mask", np.ones((1, total), np.int64))
-        io.bind_output("logits")  # first: get_outputs() follows the binding order
-        for i, (k, v) in enumerate(self.buffers):
-            for kind, value in (("key", k), ("value", v)):
-                io.bind_ortvalue_input(f"past_key_values.{i}.{kind}", value)
-                io.bind_ortvalue_output(f"present.{i}.{kind}", value)
+        io.bind_output("logits")
         self.session.run_with_iobinding(io)
         self.n_past = total
         return io.get_outputs()[0].numpy()[0, -1].astype(np.float32)
