@@ -17,7 +17,8 @@ samples over the processes and combines exactly what it must:
   message, instead of leaving the others waiting in a collective.
 
 Only process 0 writes (checkpoints, outputs, caches). A single process (no launcher) takes
-none of these paths.
+none of these paths. SAAP_EDGE_DIST_TIMEOUT (seconds) bounds how long the process group waits
+for its peers (torch's default otherwise).
 """
 
 from __future__ import annotations
@@ -110,10 +111,14 @@ def processes() -> Processes:
         return Processes()
     cuda = torch.cuda.is_available()
     backend = "nccl" if cuda else "gloo"
+    timeout = os.environ.get("SAAP_EDGE_DIST_TIMEOUT")  # seconds; unset: torch's default
     try:
+        from datetime import timedelta
+
         from accelerate import PartialState
 
-        state = PartialState(cpu=not cuda)
+        extra = {"timeout": timedelta(seconds=float(timeout))} if timeout else {}
+        state = PartialState(cpu=not cuda, **extra)
     except Exception as exc:  # torch.distributed raises RuntimeError / DistNetworkError / ValueError
         raise UserError(f"the {backend} process group cannot start ({str(exc).splitlines()[0][:200]}); check the "
                         "launcher's MASTER_ADDR / MASTER_PORT and that every process sees the same settings, or run "

@@ -240,3 +240,18 @@ def test_compress_with_device_map_auto_gives_the_same_plan(setup, pruned, capsys
     report = json.loads((out / "report.json").read_text())
     assert report["memory_estimate"]["estimation"]["total"] > report["memory_estimate"]["estimation"]["weights"] > 0
     assert layers_of(out) == layers_of(pruned[1])
+
+
+def test_a_process_group_that_cannot_start_is_one_error_line(setup):
+    """A peer that never answers (an address that does not resolve): exit 2, the backend named,
+    nothing written."""
+    root, model, _ = setup
+    out = root / "no-group"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), WORLD_SIZE="2", RANK="1", LOCAL_RANK="1",
+               MASTER_ADDR="peer.invalid", MASTER_PORT=str(_port()), SAAP_EDGE_DIST_TIMEOUT="3")
+    run = subprocess.run([sys.executable, "-m", "saap_edge.cli", *compress_argv(model, out)], capture_output=True,
+                         text=True, env=env, cwd=ROOT, timeout=300)
+    assert run.returncode == 2
+    errors = [line for line in run.stderr.splitlines() if line.startswith("saap-edge compress: error:")]
+    assert len(errors) == 1 and "the gloo process group cannot start" in errors[0] and "MASTER_ADDR" in errors[0]
+    assert not out.exists()
