@@ -114,11 +114,18 @@ def _prune_stage(job: CompressJob, s: PruneSettings, r: ReconstructSettings) -> 
     plan = result.plan
     recon_info = {"method": "none"}
     if r.active:
-        slim = _reconstruct_stage(model, result.model, plan, recon_samples, r, device, job.run.progress)
+        slim = _reconstruct_stage(model, result.model, plan, recon_samples, r, device, job.run.progress,
+                                  parse_max_memory(job.run.max_memory) if job.run.device_map else None)
         recon_info = slim.info
         timings["reconstruct_s"] = recon_info["time_s"]
         plan.reconstruction = {**r.to_dict(), "source": s.calib, "sha256": recon_hash}
     keep_dense = job.recover is not None and job.recover.distills and job.teacher is None
+    if job.run.device_map:  # both models spread over the devices again (slicing built the slim one on the CPU)
+        from saap_edge.models.load import dispatch
+
+        max_memory = parse_max_memory(job.run.max_memory)
+        result.model = dispatch(result.model, max_memory)
+        model = dispatch(model, max_memory) if keep_dense else model
     dense = model if keep_dense else None  # the teacher (recover/distill.py sets eval mode, no gradients)
     if dense is not None:
         dense.zero_grad(set_to_none=True)  # estimation's gradients are not the teacher's
@@ -145,16 +152,25 @@ def _prune_stage(job: CompressJob, s: PruneSettings, r: ReconstructSettings) -> 
     return result.model, tokenizer, plan, report, device, dense
 
 
-def _reconstruct_stage(dense, slim, plan: PrunePlan, samples, r: ReconstructSettings, device, progress: bool):
+def _reconstruct_stage(dense, slim, plan: PrunePlan, samples, r: ReconstructSettings, device, progress: bool,
+                       mapped: dict | None = None):
     """Refit `slim` in place. On a GPU both models wait on the CPU while the stage moves one
-    decoder layer of each at a time to the device (what lets a LLaMA-7B fit 24 GB)."""
+    decoder layer of each at a time to the device (what lets a LLaMA-7B fit 24 GB). A model
+    spread by --device-map (`mapped`: its budgets) leaves accelerate's hooks first; the caller
+    spreads both again afterwards."""
+    if mapped is not None:
+        from saap_edge.models.load import undispatch
+
+        undispatch(dense)
+        undispatch(slim)
     if device.type == "cuda":
         dense.to("cpu")
         slim.to("cpu")
     try:
         return reconstruct(dense, slim, plan, samples, r, device=device, progress=progress)
     finally:
-        slim.to(device)
+        if mapped is None:
+            slim.to(device)
 
 
 def _save(directory: Path, model, tokenizer, plan: PrunePlan, report: dict, title: str) -> None:

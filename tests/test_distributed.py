@@ -255,3 +255,27 @@ def test_a_process_group_that_cannot_start_is_one_error_line(setup):
     errors = [line for line in run.stderr.splitlines() if line.startswith("saap-edge compress: error:")]
     assert len(errors) == 1 and "the gloo process group cannot start" in errors[0] and "MASTER_ADDR" in errors[0]
     assert not out.exists()
+
+
+def test_a_spread_model_leaves_its_hooks_for_reconstruction_and_is_spread_again(setup):
+    """The device-map path of compress with accelerate's hooks forced on (a CPU-only map): the
+    slim model is built off the hooks, the hooks come off for reconstruction and both models
+    are dispatched again with working forwards."""
+    from accelerate import dispatch_model
+    from transformers import AutoModelForCausalLM
+
+    from saap_edge.models.load import dispatch, undispatch
+
+    _, model_dir, _ = setup
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 17, 300, 45, 9]])
+    with torch.no_grad():
+        ref = model(ids).logits
+    model = dispatch_model(model, {"": "cpu"}, force_hooks=True)
+    assert hasattr(model.model.layers[0], "_hf_hook")
+    undispatch(model)
+    assert not hasattr(model.model.layers[0], "_hf_hook") and not hasattr(model, "hf_device_map")
+    model = dispatch(model, {"cpu": 2**30})
+    assert model.hf_device_map and all(v == "cpu" for v in model.hf_device_map.values())
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref)

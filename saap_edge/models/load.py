@@ -178,7 +178,7 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", device_map:
         # llama2.c exports such as stories260K); our reader takes every llama / deci GGUF
         model, tokenizer = _read_gguf(location, torch_dtype)
         if device_map:
-            model = _dispatch(model, max_memory)
+            model = dispatch(model, max_memory)
     if device_map:
         return LoadedModel(model.eval(), tokenizer, {"model": name, "kind": kind, "path": str(location),
                                                      "device_map": dict(getattr(model, "hf_device_map", {}))})
@@ -186,12 +186,23 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", device_map:
     return LoadedModel(model, tokenizer, {"model": name, "kind": kind, "path": str(location)})
 
 
-def _dispatch(model, max_memory: dict | None):
-    """accelerate's big-model placement for a model built in memory (our GGUF reader)."""
+def dispatch(model, max_memory: dict | None):
+    """accelerate's big-model placement for a model already in memory (our GGUF reader, a slim
+    model built by slicing): its decoder layers spread over the devices within `max_memory`."""
     from accelerate import dispatch_model, infer_auto_device_map
 
+    undispatch(model)
     names = list({type(b).__name__ for b in model.model.layers})
     device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=names)
     model = dispatch_model(model, device_map)
     model.hf_device_map = device_map
     return model
+
+
+def undispatch(model) -> None:
+    """Take accelerate's hooks off `model` (a no-op for a model that has none), so it moves as one."""
+    from accelerate.hooks import remove_hook_from_module
+
+    remove_hook_from_module(model, recurse=True)
+    if hasattr(model, "hf_device_map"):
+        del model.hf_device_map

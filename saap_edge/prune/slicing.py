@@ -72,7 +72,10 @@ def apply_plan(model: nn.Module, plan: PrunePlan) -> SlimLlamaForCausalLM:
     weight = next(model.parameters())
     with no_init_weights():
         slim = SlimLlamaForCausalLM(config)
-    slim.to(dtype=weight.dtype, device=weight.device)
+    # a model spread over several devices (--device-map) may not fit one: its slim copy is built
+    # on the CPU and spread again by the caller
+    spread = len({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}) > 1
+    slim.to(dtype=weight.dtype, device="cpu" if spread else weight.device)
     missing, unexpected = slim.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
