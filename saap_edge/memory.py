@@ -179,5 +179,8 @@ def check_fits(stages: list[StageMemory], available: int, device_map: str | None
                  "recovery": "--batch-size / --recover-seq-len (activations), --recover-loss lm (no teacher copy)"}[st.stage]
         more = ("--max-memory with a cpu= budget to offload layers to RAM" if device_map else
                 "--device-map auto to spread the layers over every GPU (and --max-memory cpu=... to offload)")
-        raise UserError(f"{st.stage} needs about {format_bytes(st.total)} and the devices hold {format_bytes(available)}; "
-                        f"lower {fixes}, or use {more}, or more devices")
+        weights = sum(v for k, v in st.parts.items() if "weights" in k)
+        room = (f" (its weights, {format_bytes(weights)}, fit but leave no room for activations)"
+                if weights <= available else "")
+        raise UserError(f"{st.stage} needs about {format_bytes(st.total)} and the devices hold {format_bytes(available)}"
+                        f"{room}; lower {fixes}, or use {more}, or more devices")

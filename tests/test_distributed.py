@@ -198,6 +198,11 @@ def test_a_run_the_devices_cannot_hold_is_refused_before_loading(setup, capsys):
     err = capsys.readouterr().err
     assert "estimation needs about" in err and "devices hold 1.0 MiB" in err and "--device-map auto" in err
     assert not out.exists()
+    # a map whose budget holds the weights (1.1 MiB here) but not the activations at --seq-len 128
+    assert main(compress_argv(model, out, "--device-map", "auto", "--max-memory", "cpu=3MiB")) == 2
+    err = capsys.readouterr().err
+    assert "fit but leave no room for activations" in err and "--seq-len" in err and "--max-memory with a cpu=" in err
+    assert not out.exists()
     assert main(compress_argv(model, out, "--max-memory", "cpu=lots")) == 2
     assert "each entry is DEVICE=SIZE" in capsys.readouterr().err
 
