@@ -169,6 +169,13 @@ def test_fused_quant_and_embedding_types_match_the_stored_weights(tmp_path, quan
     rt = OrtRuntime(tmp_path / "m")
     steps = [rt.logits(IDS[:4])] + [rt.logits([t]) for t in IDS[4:]]
     assert np.abs(np.stack(steps) - ref[3:]).max() < ORT_ATOL
+    if embed == "int8":  # the stored 8-bit rows are Q8_0's codes and steps, and decode to them
+        from exporters.onnx import initializer, q8_decode, q8_parts
+
+        codes, scales = q8_parts(model.model.embed_tokens.weight)
+        got_c, got_s = (initializer(tmp_path / "m" / "model.onnx", f"model.embed_tokens.{n}") for n in ("codes", "scales"))
+        assert np.array_equal(got_c, codes.numpy()) and np.array_equal(got_s, scales.numpy())
+        assert torch.equal(q8_decode(torch.from_numpy(got_c), torch.from_numpy(got_s)), q8_decode(codes, scales))
 
 
 def test_int8_activations_keep_the_cache_exact_and_the_top_token(tmp_path):
