@@ -334,7 +334,8 @@ class RecoverSettings(Settings):
 BENCH_RUNTIMES = ("torch", "gguf-f16", "gguf-q4_1", "onnx-f32", "onnx-int4")
 # on request: the embedding / output matrix in Q4_1 or Q8_0 (GGUF), 8-bit blocks (ONNX); other ONNX engines / graphs
 EXTRA_BENCH_RUNTIMES = ("gguf-q4_1-embq4", "gguf-q4_1-embq8", "onnx-int4-emb8",
-                        "onnx-int4-genai", "onnx-int4-dynamo")  # onnxruntime-genai's loop; the traced graph
+                        "onnx-int4-genai", "onnx-int4-dynamo",  # onnxruntime-genai's loop; the traced graph
+                        "onnx-int4-act8", "onnx-int4-emb8-act8")  # int8 activations (--matmul-accuracy int8)
 
 
 @dataclass

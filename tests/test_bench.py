@@ -60,6 +60,23 @@ def test_markdown_renders_the_json_faithfully():
     assert re.search(r"int4 artifact <= 30% .*: measured 26% \(bar 30%\) -> met", md)
 
 
+def test_onnx_targets_compare_with_llama_cpp_and_the_dense_onnx_row():
+    from saap_edge.bench import targets
+
+    small = "small (20% pruned)"
+    rows = [_row(DENSE, "gguf-f16", 10.0, 100.0, 100_000_000, 200 * 2**20, 200e6, 300.0),
+            _row(DENSE, "onnx-int4", 20.0, 100.0, 100_000_000, 70e6, 70e6, 300.0),
+            _row(small, "gguf-q4_1", 40.0, 150.0, 80_000_000, 50 * 2**20, 50e6, 90.0),
+            _row(small, "onnx-int4", 30.0, 150.0, 80_000_000, 56e6, 56e6, 90.0)]
+    got = {t["target"].split(": ", 1)[1].split(" (")[0]: t for t in targets(rows) if "onnx-int4" in t["target"]}
+    vs_cpp = got["decode >= 0.9x llama.cpp Q4_1 in the same run"]
+    assert vs_cpp["measured"] == 0.75 and not vs_cpp["met"]  # 30 vs 40 tok/s
+    size = got["folder <= 30% of the dense fp16 weights"]
+    assert abs(size["measured"] - 56e6 / 200e6) < 1e-12 and size["met"]
+    speed = got["decode speed-up over the dense onnx-int4 >= 95% of the bytes-read ideal"]
+    assert speed["ideal"] == 70e6 / 56e6 and abs(speed["measured"] - 1.5 / 1.25) < 1e-12 and speed["met"]
+
+
 def test_bench_settings_are_checked():
     with pytest.raises(UserError, match="--runtimes vllm"):
         BenchSettings(runtimes=("vllm",)).validate()
