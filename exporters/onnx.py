@@ -349,7 +349,7 @@ def export_onnx(model: nn.Module, folder: Path, quant: str = "int4", embed_type:
 
     if quant not in ONNX_QUANTS:
         raise UserError(f"--quant {quant!r} is not one of {', '.join(ONNX_QUANTS)} for ONNX")
-    _check_block_size(model, quant)
+    check_block_size(model, quant)
     prepared = prepare(model, quant, embed_type)
     int4 = {name: mod for name, mod in model.named_modules() if isinstance(mod, Int4Linear)} if quant == "int4" else {}
     n = model.config.num_hidden_layers
@@ -375,11 +375,11 @@ def export_onnx(model: nn.Module, folder: Path, quant: str = "int4", embed_type:
     onnx.save_model(proto, str(folder / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=DATA_FILE, size_threshold=1024)
     os.chmod(folder / DATA_FILE, 0o644)  # onnx creates it private; the model file is 0644 too
-    _write_side_files(model, folder, quant, embed_type, tokenizer, provenance or {})
+    write_side_files(model, folder, quant, embed_type, tokenizer, provenance or {})
     return OnnxInfo(folder, quant, embed_type, n, kv_shapes(model.config), int4)
 
 
-def _check_block_size(model: nn.Module, quant: str) -> None:
+def check_block_size(model: nn.Module, quant: str) -> None:
     if quant != "int4":
         return
     for name, mod in model.named_modules():
@@ -390,7 +390,7 @@ def _check_block_size(model: nn.Module, quant: str) -> None:
                                 "needed); re-quantize with --group-size 32, 64 or 128")
 
 
-def _write_side_files(model, folder: Path, quant: str, embed_type: str, tokenizer, provenance: dict):
+def write_side_files(model, folder: Path, quant: str, embed_type: str, tokenizer, provenance: dict):
     cfg = model.config.to_dict()
     # optimum sizes the empty past from these scalar fields: they are exact when every layer
     # shares one KV-head count (the only case optimum can run); the per-layer lists stay too.

@@ -54,8 +54,8 @@ from exporters.onnx import (
     ONNX_QUANTS,
     Q8_BLOCK,
     OnnxInfo,
-    _check_block_size,
-    _write_side_files,
+    check_block_size,
+    write_side_files,
     kv_shapes,
     matmul_nbits_parts,
     q8_parts,
@@ -327,7 +327,7 @@ def export_onnx_fused(model: nn.Module, folder: Path, quant: str = "int4", embed
     why = fused_supported(model.config)
     if why:
         raise UserError(f"the fused ONNX decoder cannot express this model: {why}; export with --onnx-graph dynamo")
-    _check_block_size(model, quant)
+    check_block_size(model, quant)
     model = model.float().eval()
     int4 = {name: mod for name, mod in model.named_modules() if isinstance(mod, Int4Linear)} if quant == "int4" else {}
     if accuracy not in ACCURACY_LEVELS:
@@ -339,7 +339,7 @@ def export_onnx_fused(model: nn.Module, folder: Path, quant: str = "int4", embed
     onnx.save_model(proto, str(folder / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=DATA_FILE, size_threshold=1024)
     os.chmod(folder / DATA_FILE, 0o644)
-    _write_side_files(model, folder, quant, embed_type, tokenizer,
+    write_side_files(model, folder, quant, embed_type, tokenizer,
                       {**(provenance or {}), "graph": "fused", "matmul_accuracy": accuracy})
     write_genai_config(model, folder)
     return OnnxInfo(folder, quant, embed_type, model.config.num_hidden_layers, kv_shapes(model.config), int4,
