@@ -328,7 +328,7 @@ def export_onnx_fused(model: nn.Module, folder: Path, quant: str = "int4", embed
     if why:
         raise UserError(f"the fused ONNX decoder cannot express this model: {why}; export with --onnx-graph dynamo")
     check_block_size(model, quant)
-    model = model.float().eval()
+    model.eval()  # weights are read as float32 one by one; the caller's model is left as it is
     int4 = {name: mod for name, mod in model.named_modules() if isinstance(mod, Int4Linear)} if quant == "int4" else {}
     if accuracy not in ACCURACY_LEVELS:
         raise UserError(f"--matmul-accuracy {accuracy!r} is not one of {', '.join(ACCURACY_LEVELS)}")
