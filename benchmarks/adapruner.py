@@ -46,6 +46,9 @@ ABLATIONS = [
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     quality_arguments(p, "adapruner")
+    p.add_argument("--baselines", type=Path, default=Path("benchmarks/work/hywia"),
+                   help="work folder of benchmarks/hywia.py, whose recovered saap / llm-pruner rows (same protocol, same "
+                        "pruned models) this one shares when that benchmark measured them first")
     p.add_argument("--pool-size", type=int, default=SearchSettings().pool_size)
     p.add_argument("--trials", type=int, default=SearchSettings().trials)
     p.add_argument("--startup", type=int, default=SearchSettings().startup)
@@ -92,7 +95,7 @@ def run(a: argparse.Namespace) -> dict:
                 reuse = f"main-{ratio:.2f}-adapruner" if not overrides else None
                 rows.append(method_row(a, key, lambda: _measure(a, key, "ablation", label, "adapruner", ratio,
                                                                 a.ablation_limit, overrides, reuse)))
-    rows += recovered_rows(a, METHODS)
+    rows += recovered_rows(a, METHODS, a.baselines)
     return {"benchmark": "adapruner", "model": a.model, "command": "python benchmarks/adapruner.py " + " ".join(sys.argv[1:]),
             "protocol": {"pool_size": a.pool_size, "calib_samples": a.calib_samples, "trials": a.trials,
                          "startup": a.startup, "objective": "wikitext2 validation, 32 windows of 128 tokens",
