@@ -50,8 +50,12 @@ def check_genai_config(folder: Path) -> None:
         import onnx
     except ImportError:
         return
-    inputs = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim]
-              for i in onnx.load(str(graph), load_external_data=False).graph.input}
+    try:
+        proto = onnx.load(str(graph), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and friends: the file is damaged
+        raise RuntimeLoadError(f"{graph}: cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); the "
+                               f"file is damaged: {fix}") from exc
+    inputs = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
     found = sum(1 for i in range(len(inputs)) if pattern % i in inputs)
     if found != layers:
         raise RuntimeLoadError(f"{path} says {layers} layers but {names} has {found} inputs named {pattern!r}; {fix}")

@@ -175,7 +175,7 @@ def test_fused_quant_and_embedding_types_match_the_stored_weights(tmp_path, quan
         codes, scales = q8_parts(model.model.embed_tokens.weight)
         got_c, got_s = (initializer(tmp_path / "m" / "model.onnx", f"model.embed_tokens.{n}") for n in ("codes", "scales"))
         assert np.array_equal(got_c, codes.numpy()) and np.array_equal(got_s, scales.numpy())
-        assert torch.equal(q8_decode(torch.from_numpy(got_c), torch.from_numpy(got_s)), q8_decode(codes, scales))
+        assert torch.equal(q8_decode(torch.from_numpy(got_c.copy()), torch.from_numpy(got_s.copy())), q8_decode(codes, scales))
 
 
 def test_int8_activations_keep_the_cache_exact_and_the_top_token(tmp_path):
