@@ -305,6 +305,39 @@ def check_memory(job: "CompressJob", s: PruneSettings, r: RecoverSettings | None
     return stages
 
 
+def _check_recover_memory(job: "RecoverJob", r: RecoverSettings) -> list:
+    """check_memory for `saap-edge recover`: the student is the input itself, the teacher the
+    dense model it will load (--teacher, else the source its report records, else the input)."""
+    import sys
+
+    from saap_edge.memory import Shape, available_bytes, check_fits, describe, recovery_memory
+    from saap_edge.models.load import model_config, resolve_device, resolve_dtype
+
+    config = model_config(job.source)
+    if config is None or r.recovery == "none":
+        return []
+    try:
+        shape = Shape.of(config)
+        teacher = None
+        if r.distills:
+            report = Path(job.source) / REPORT_FILE
+            recorded = (read_json(report, "report").get("model") or {}) if report.exists() else {}
+            name = job.teacher or recorded.get("path") or recorded.get("model") or job.source
+            teacher_config = model_config(name)
+            teacher = Shape.of(teacher_config) if teacher_config is not None else None
+    except (AttributeError, TypeError):  # not a LLaMA config: loading refuses it with the reason
+        return []
+    device = resolve_device(job.run.device)
+    b = resolve_dtype(job.run.dtype, device).itemsize
+    stages = [recovery_memory(shape, b, 0.0, r.batch_size, r.seq_len, r.distills, r.rank, "lora" in r.trained,
+                              r.group_size or 32, teacher)]
+    available = available_bytes(str(device), parse_max_memory(job.run.max_memory))
+    if job.run.progress and processes().main:
+        print(describe(stages, available), file=sys.stderr, flush=True)
+    check_fits(stages, available, job.run.device_map)
+    return stages
+
+
 def _per_process(job, procs, method: str):
     """The job as this process runs it: its own GPU, and no shared teacher cache (processes would
     write it at once; each computes its micro-batches' targets). One process: unchanged."""
@@ -359,8 +392,9 @@ def recover_dir(job: RecoverJob) -> dict:
         raise UserError(f"--out {job.out} is the input directory; choose another --out")
     procs = processes()
     job = _per_process(job, procs, "recover")
+    memory = _check_recover_memory(job, r)
     t0 = time.perf_counter()
-    loaded = load_model(job.source, job.run.device, job.run.dtype)
+    loaded = load_model(job.source, job.run.device, job.run.dtype, job.run.device_map, parse_max_memory(job.run.max_memory))
     model, tokenizer = loaded.model, loaded.tokenizer
     if getattr(model.config, "quantization", None):
         raise UserError(f"{job.source} is already an int4 checkpoint; recover its pruned fp directory instead")
@@ -406,6 +440,7 @@ def recover_dir(job: RecoverJob) -> dict:
     report["time_s"]["recover_total_s"] = time.perf_counter() - t0
     report["peak_memory_mib"] = peak_memory_mib(device)
     report["processes"] = procs.world
+    report["memory_estimate"] = {st.stage: {**st.parts, "total": st.total} for st in memory}
     procs.barrier()
     if procs.main:
         with atomic_dir(job.out, job.overwrite) as tmp:

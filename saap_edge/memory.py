@@ -106,12 +106,14 @@ def estimation_memory(shape: Shape, b: int, seq_len: int, samples: int) -> Stage
 
 
 def recovery_memory(shape: Shape, b: int, ratio: float, batch: int, seq_len: int, distils: bool, rank: int,
-                    lora: bool, group_size: int) -> StageMemory:
+                    lora: bool, group_size: int, teacher: Shape | None = None) -> StageMemory:
+    """`shape` is the model before pruning by `ratio` (compress) or the student itself (ratio 0,
+    `saap-edge recover`, whose dense `teacher` has a shape of its own)."""
     weights = shape.params() * b
     trained = sum(rank * (i + o) if lora else o * (i // group_size) for i, o in shape.projections())
     parts = {"student weights": int(round((1 - ratio) * weights))}
     if distils:
-        parts["teacher weights"] = weights
+        parts["teacher weights"] = (teacher or shape).params() * b
     parts.update({
         "activations": batch * shape.activations(seq_len, b),
         "logits": 3 * batch * seq_len * shape.vocab * 4,
