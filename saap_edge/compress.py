@@ -54,6 +54,7 @@ class CompressJob:
     curve_every: int = 0  # score the held-out recovery windows every N steps
     search: SearchSettings = field(default_factory=SearchSettings)  # --method adapruner
     hywia: HywiaSettings = field(default_factory=HywiaSettings)  # --method hywia
+    memory_text: str | None = field(default=None, repr=False)  # the memory count to print once loading passed
 
 
 def versions() -> dict:
@@ -81,6 +82,7 @@ def _prune_stage(job: CompressJob, s: PruneSettings, r: ReconstructSettings) -> 
     if job.recover is not None:
         lengths["--recover-seq-len"] = job.recover.seq_len
     check_positions(model, lengths)
+    _print_memory(job)
     check_ratio(model, s)
     if job.recover is not None and job.recover.recovery in ("qalora", "none"):
         check_prunable_to_int4(model.config, s.align, job.recover.group_size)
@@ -280,8 +282,6 @@ def compress(job: CompressJob) -> dict:
 def check_memory(job: "CompressJob", s: PruneSettings, r: RecoverSettings | None) -> list:
     """Count each stage's memory from the model's config (saap_edge/memory.py), print it, and
     refuse before loading a stage the devices cannot hold. Returns the stages counted."""
-    import sys
-
     from saap_edge.memory import Shape, available_bytes, check_fits, describe, estimation_memory, recovery_memory
     from saap_edge.models.load import model_config, resolve_device, resolve_dtype
 
@@ -299,17 +299,14 @@ def check_memory(job: "CompressJob", s: PruneSettings, r: RecoverSettings | None
         stages.append(recovery_memory(shape, b, s.ratio, r.batch_size, r.seq_len, r.distills, r.rank,
                                       "lora" in r.trained, r.group_size or 32))
     available = available_bytes(str(device), parse_max_memory(job.run.max_memory))
-    if job.run.progress and processes().main:  # --no-progress: quiet (errors stay one line)
-        print(describe(stages, available), file=sys.stderr, flush=True)
     check_fits(stages, available, job.run.device_map)
+    job.memory_text = describe(stages, available) if job.run.progress and processes().main else None
     return stages
 
 
 def _check_recover_memory(job: "RecoverJob", r: RecoverSettings) -> list:
     """check_memory for `saap-edge recover`: the student is the input itself, the teacher the
     dense model it will load (--teacher, else the source its report records, else the input)."""
-    import sys
-
     from saap_edge.memory import Shape, available_bytes, check_fits, describe, recovery_memory
     from saap_edge.models.load import model_config, resolve_device, resolve_dtype
 
@@ -332,10 +329,19 @@ def _check_recover_memory(job: "RecoverJob", r: RecoverSettings) -> list:
     stages = [recovery_memory(shape, b, 0.0, r.batch_size, r.seq_len, r.distills, r.rank, "lora" in r.trained,
                               r.group_size or 32, teacher)]
     available = available_bytes(str(device), parse_max_memory(job.run.max_memory))
-    if job.run.progress and processes().main:
-        print(describe(stages, available), file=sys.stderr, flush=True)
     check_fits(stages, available, job.run.device_map)
+    job.memory_text = describe(stages, available) if job.run.progress and processes().main else None
     return stages
+
+
+def _print_memory(job) -> None:
+    """The memory count, printed once the cheap checks after loading have passed (so a refused
+    run's stderr stays its one error line)."""
+    import sys
+
+    text = getattr(job, "memory_text", None)
+    if text:
+        print(text, file=sys.stderr, flush=True)
 
 
 def _per_process(job, procs, method: str):
@@ -371,6 +377,7 @@ class RecoverJob:
     teacher_cache: Path | None = field(default_factory=default_cache_dir)
     teacher_cache_mib: int = 4096
     curve_every: int = 0
+    memory_text: str | None = field(default=None, repr=False)  # the memory count to print once loading passed
 
 
 def _recorded_source(report: dict, source: str) -> str:
@@ -399,6 +406,7 @@ def recover_dir(job: RecoverJob) -> dict:
     if getattr(model.config, "quantization", None):
         raise UserError(f"{job.source} is already an int4 checkpoint; recover its pruned fp directory instead")
     check_positions(model, {"--recover-seq-len": r.seq_len})
+    _print_memory(job)
     device = next(model.parameters()).device
     source = Path(loaded.source["path"])
     pruned_input = source.is_dir() and (source / PLAN_FILE).exists()
