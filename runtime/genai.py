@@ -126,9 +126,7 @@ class GenaiRuntime(OnnxFolder):
         """Token ids from onnxruntime-genai's own loop and search; fills st's prefill / decode time.
         With no end-of-text ids (timing runs) the search may not stop early (min_length)."""
         total = len(ids) + max_new_tokens
-        if self.max_positions and total > self.max_positions:
-            raise RuntimeLoadError(f"{total} tokens exceed the model's {self.max_positions} positions "
-                                   "(max_position_embeddings); use a shorter prompt or fewer new tokens")
+        self.check_length(total)
         gen = self._search(total, s, min_length=0 if self.eos_token_ids else total)
         t0 = time.perf_counter()
         gen.append_tokens(np.asarray(ids, np.int32))

@@ -83,6 +83,12 @@ class OnnxFolder(Runtime):
                 raise RuntimeLoadError(f"{self.folder / 'tokenizer.json'}: cannot be read ({str(exc).splitlines()[0][:160]}); "
                                        "the file is damaged: export again") from exc
 
+    def check_length(self, total: int) -> None:
+        """Refuse a context longer than the model's positions (the rotary caches end there)."""
+        if self.max_positions and total > self.max_positions:
+            raise RuntimeLoadError(f"{total} tokens exceed the model's {self.max_positions} positions "
+                                   "(max_position_embeddings); use a shorter prompt or fewer new tokens")
+
     def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
         if self.tokenizer is None:
             raise RuntimeLoadError(f"{self.folder} has no tokenizer.json; pass token ids instead of text")
@@ -204,9 +210,7 @@ class OrtRuntime(OnnxFolder):
         """One step with each layer's past and present bound to the same buffer (the mask's width,
         not the buffer's, tells GroupQueryAttention how many positions are filled)."""
         total = self.n_past + len(new_ids)
-        if self.max_positions and total > self.max_positions:
-            raise RuntimeLoadError(f"{total} tokens exceed the model's {self.max_positions} positions "
-                                   "(max_position_embeddings); use a shorter prompt or fewer new tokens")
+        self.check_length(total)
         if total > self.capacity:
             self._grow(total)
         io = self._io
