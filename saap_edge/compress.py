@@ -282,23 +282,37 @@ def compress(job: CompressJob) -> dict:
 def check_memory(job: "CompressJob", s: PruneSettings, r: RecoverSettings | None) -> list:
     """Count each stage's memory from the model's config (saap_edge/memory.py), print it, and
     refuse before loading a stage the devices cannot hold. Returns the stages counted."""
-    from saap_edge.memory import Shape, available_bytes, check_fits, describe, estimation_memory, recovery_memory
-    from saap_edge.models.load import model_config, resolve_device, resolve_dtype
+    from saap_edge.memory import Shape, estimation_memory, recovery_memory
+    from saap_edge.models.load import model_config
 
     config = model_config(job.model)
     if config is None:
         return []
-    device = resolve_device(job.run.device)
-    b = resolve_dtype(job.run.dtype, device).itemsize
     try:
         shape = Shape.of(config)
     except (AttributeError, TypeError):  # not a LLaMA config: loading refuses it with the reason
         return []
+    b = _weight_bytes(job)
     stages = [estimation_memory(shape, b, s.seq_len, s.calib_samples)]
     if r is not None and r.recovery != "none":
         stages.append(recovery_memory(shape, b, s.ratio, r.batch_size, r.seq_len, r.distills, r.rank,
                                       "lora" in r.trained, r.group_size or 32))
-    available = available_bytes(str(device), parse_max_memory(job.run.max_memory))
+    return _gate(job, stages)
+
+
+def _weight_bytes(job) -> int:
+    """Bytes per weight of the run's --dtype on its --device."""
+    from saap_edge.models.load import resolve_device, resolve_dtype
+
+    return resolve_dtype(job.run.dtype, resolve_device(job.run.device)).itemsize
+
+
+def _gate(job, stages: list) -> list:
+    """Refuse stages the devices cannot hold; keep their description to print once loading passed."""
+    from saap_edge.memory import available_bytes, check_fits, describe
+    from saap_edge.models.load import resolve_device
+
+    available = available_bytes(str(resolve_device(job.run.device)), parse_max_memory(job.run.max_memory))
     check_fits(stages, available, job.run.device_map)
     job.memory_text = describe(stages, available) if job.run.progress and processes().main else None
     return stages
@@ -307,8 +321,8 @@ def check_memory(job: "CompressJob", s: PruneSettings, r: RecoverSettings | None
 def _check_recover_memory(job: "RecoverJob", r: RecoverSettings) -> list:
     """check_memory for `saap-edge recover`: the student is the input itself, the teacher the
     dense model it will load (--teacher, else the source its report records, else the input)."""
-    from saap_edge.memory import Shape, available_bytes, check_fits, describe, recovery_memory
-    from saap_edge.models.load import model_config, resolve_device, resolve_dtype
+    from saap_edge.memory import Shape, recovery_memory
+    from saap_edge.models.load import model_config
 
     config = model_config(job.source)
     if config is None or r.recovery == "none":
@@ -324,14 +338,8 @@ def _check_recover_memory(job: "RecoverJob", r: RecoverSettings) -> list:
             teacher = Shape.of(teacher_config) if teacher_config is not None else None
     except (AttributeError, TypeError):  # not a LLaMA config: loading refuses it with the reason
         return []
-    device = resolve_device(job.run.device)
-    b = resolve_dtype(job.run.dtype, device).itemsize
-    stages = [recovery_memory(shape, b, 0.0, r.batch_size, r.seq_len, r.distills, r.rank, "lora" in r.trained,
-                              r.group_size or 32, teacher)]
-    available = available_bytes(str(device), parse_max_memory(job.run.max_memory))
-    check_fits(stages, available, job.run.device_map)
-    job.memory_text = describe(stages, available) if job.run.progress and processes().main else None
-    return stages
+    return _gate(job, [recovery_memory(shape, _weight_bytes(job), 0.0, r.batch_size, r.seq_len, r.distills, r.rank,
+                                       "lora" in r.trained, r.group_size or 32, teacher)])
 
 
 def _print_memory(job) -> None:
