@@ -158,16 +158,19 @@ class Int8Head(nn.Module):
         return torch.ops.saap.matmul_nbits(x, self.codes, self.scales, self.zero_points, self.k, self.n, self.block_size, 8)
 
 
-def matmul_nbits_parts(layer: Int4Linear) -> dict[str, torch.Tensor]:
+def matmul_nbits_parts(layer: Int4Linear, half: bool = False) -> dict[str, torch.Tensor]:
     """The initializers of one int4 projection: MatMulNBits' B (uint8 [N, K/G, G/2]), scales
-    (f32 [N*K/G]) and zero points (uint8 zeros, [N * ceil(K/G / 2)]), and the offsets (f32 [K/G, N])."""
+    (f32 [N*K/G]) and zero points (uint8 zeros, [N * ceil(K/G / 2)]), and the offsets (f32 [K/G, N]).
+    half: scales and offsets as the checkpoint's fp16 (the fused graph stores them so and widens
+    them in the graph)."""
     n, k, g = layer.out_features, layer.in_features, layer.group_size
     groups = k // g
+    dtype = torch.float16 if half else torch.float32
     return {
         "qweight": layer.qweight.reshape(n, groups, g // 2).clone(),
-        "scales": layer.scales.float().reshape(-1).contiguous(),
+        "scales": layer.scales.to(dtype).reshape(-1).contiguous(),
         "zero_points": torch.zeros(n * ((groups + 1) // 2), dtype=torch.uint8),
-        "offsets": layer.offsets.float().t().contiguous(),
+        "offsets": layer.offsets.to(dtype).t().contiguous(),
     }
 
 

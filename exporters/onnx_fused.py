@@ -26,7 +26,12 @@ builder makes for LLaMA, here with each layer's own sizes:
   of P positions and no shared buffer, present holds P + S.
 - Positions come from the attention mask (sum - 1 = seqlens_k); there is no position_ids input.
 - cos / sin caches are the model's own rotary embedding (rope scaling and attention scaling
-  included) evaluated in torch at every position up to max_position_embeddings.
+  included) at every position up to max_position_embeddings: computed in the graph from its
+  inv_freq (folded into constants when the session starts), or, for rope types whose inv_freq
+  depends on the length, evaluated in torch and stored.
+- Stored bytes: int4 scales and offsets and the 8-bit rows' steps are the checkpoint's fp16,
+  widened by a Cast that onnxruntime folds at session start; MatMulNBits' constant zero points
+  are ConstantOfShape nodes (no bytes).
 - An attention-free layer (0 heads) has no attention nodes; its cache is a 1-head placeholder
   passed through from past to present and never read (onnxruntime-genai takes a 0 in the
   past shape for "unknown" and would size that layer like the largest).
@@ -70,6 +75,7 @@ GQA_HEAD_MULTIPLE = 8  # GroupQueryAttention's CPU kernel needs head_size % 8 ==
 # computes what torch computes on the stored weights); int8 quantizes each activation block to
 # int8 inside the kernel (what llama.cpp does for Q4_1), faster and no longer bit-faithful.
 ACCURACY_LEVELS = {"fp32": 0, "int8": 4}
+DYNAMIC_ROPE = ("dynamic", "longrope")  # rope types whose inv_freq changes with the sequence length
 
 
 class _Graph:
@@ -82,8 +88,25 @@ class _Graph:
         from onnx import numpy_helper
 
         if name not in self.inits:
-            self.inits[name] = numpy_helper.from_array(np.ascontiguousarray(array), name)
+            array = array if array.flags.c_contiguous else array.copy()  # (ascontiguousarray makes scalars 1-d)
+            self.inits[name] = numpy_helper.from_array(array, name)
         return name
+
+    def widened(self, name: str, array: np.ndarray) -> str:
+        """`array` stored as it is; a float16 one is widened to float32 in the graph (onnxruntime
+        folds the Cast into a float32 constant when the session starts: half the bytes on disk)."""
+        from onnx import TensorProto
+
+        stored = self.init(name, array)
+        return self.op("Cast", [stored], to=TensorProto.FLOAT) if array.dtype == np.float16 else stored
+
+    def filled(self, name: str, shape: tuple[int, ...], value: int = 0, dtype=np.uint8) -> str:
+        """A tensor of one value written as ConstantOfShape of its shape: no bytes on disk, folded
+        into a constant when the session starts (MatMulNBits' constant zero points)."""
+        from onnx import numpy_helper
+
+        return self.op("ConstantOfShape", [self.const(list(shape))], name=name,
+                       value=numpy_helper.from_array(np.full(1, value, dtype)))
 
     def const(self, values, dtype=np.int64) -> str:
         arr = np.asarray(values, dtype=dtype)
@@ -135,7 +158,9 @@ class _Builder:
         first = modules[0][1]
         int4 = self.quant == "int4" and all(isinstance(m, Int4Linear) for _, m in modules)
         if int4:
-            parts = [{k: v.numpy() for k, v in matmul_nbits_parts(m).items()} for _, m in modules]
+            # scales and offsets are stored as the checkpoint's fp16 and widened in the graph
+            half = all(m.scales.dtype == m.offsets.dtype == torch.float16 for _, m in modules)
+            parts = [{k: v.numpy() for k, v in matmul_nbits_parts(m, half).items()} for _, m in modules]
             k, gs = first.in_features, first.group_size
             n = sum(m.out_features for _, m in modules)
             row = 0
@@ -144,10 +169,12 @@ class _Builder:
                 row += m.out_features
             # every part is row-major in N (zero points: each row's groups padded to whole bytes), offsets [K/G, N]
             stacked = {p: np.concatenate([q[p] for q in parts], axis=1 if p == "offsets" else 0) for p in parts[0]}
-            ins = [x] + [g.init(f"{packed}.{p}", stacked[p]) for p in ("qweight", "scales", "zero_points")]
+            ins = [x, g.init(f"{packed}.qweight", stacked["qweight"]), g.widened(f"{packed}.scales", stacked["scales"]),
+                   g.filled(f"{packed}.zero_points", stacked["zero_points"].shape)]
             scaled = g.op("MatMulNBits", ins, domain="com.microsoft", name=f"{packed}/MatMulNBits", K=k, N=n, bits=4,
                           block_size=gs, accuracy_level=self.accuracy_level)
-            y = g.op("Add", [scaled, g.op("MatMul", [self.group_sums(x, k, gs), g.init(f"{packed}.offsets", stacked["offsets"])])])
+            offsets = g.widened(f"{packed}.offsets", stacked["offsets"])
+            y = g.op("Add", [scaled, g.op("MatMul", [self.group_sums(x, k, gs), offsets])])
         else:
             w = torch.cat([m.dequantized(torch.float32) if isinstance(m, Int4Linear) else m.weight.detach().float()
                            for _, m in modules]).cpu()
@@ -183,7 +210,7 @@ class _Builder:
         if self.embed_type == "int8":
             codes, scales = (t.numpy() for t in q8_parts(w))
             c = g.init("model.embed_tokens.codes", codes)
-            s = g.init("model.embed_tokens.scales", scales)
+            s = g.widened("model.embed_tokens.scales", scales.astype(np.float16))  # Q8_0's d, an fp16 value
             rows = g.op("Sub", [g.op("Cast", [g.op("Gather", [c, ids])], to=1), g.const(128.0, np.float32)])
             scaled = g.op("Mul", [rows, g.op("Unsqueeze", [g.op("Gather", [s, ids]), g.const([-1])])])
             return g.op("Reshape", [scaled, g.const([0, 0, -1])])
@@ -203,10 +230,10 @@ class _Builder:
         w = head.detach().float().cpu()
         if self.embed_type == "int8":
             codes, scales = (t.numpy() for t in q8_parts(w))
-            c, s = g.init(f"{prefix}.codes", codes), g.init(f"{prefix}.scales", scales)
+            c, s = g.init(f"{prefix}.codes", codes), g.widened(f"{prefix}.scales", scales.astype(np.float16))
             v, h = w.shape
             if self.accuracy_level:  # int8 activations: 8-bit MatMulNBits over the stored blocks
-                zp = g.init(f"{prefix}.zero_points", np.full(v * (h // Q8_BLOCK), 128, np.uint8))
+                zp = g.filled(f"{prefix}.zero_points", (v * (h // Q8_BLOCK),), 128)
                 flat = g.op("Reshape", [s, g.const([-1])])
                 return g.op("MatMulNBits", [x, c, flat, zp], domain="com.microsoft", name="lm_head/MatMulNBits", K=h, N=v,
                             bits=8, block_size=Q8_BLOCK, accuracy_level=self.accuracy_level)
@@ -240,9 +267,26 @@ class _Builder:
         cfg = self.cfg
         hd = kv_shapes(cfg)[0][1]
         positions = int(cfg.max_position_embeddings)
+        rotary = self.m.model.rotary_emb
+        inv_freq = getattr(rotary, "inv_freq", None)
+        if getattr(rotary, "rope_type", "default") not in DYNAMIC_ROPE and inv_freq is not None:
+            # A fixed inv_freq: the tables are computed in the graph as the model computes them,
+            # cos / sin(position * inv_freq) * attention_scaling (a float32 product, as torch's), and
+            # onnxruntime folds them into constants when the session starts: 32 floats on disk
+            # instead of 2 x max_position_embeddings x head_size / 2.
+            g = self.g
+            inv = g.init("rotary.inv_freq", inv_freq.detach().float().cpu().numpy().reshape(1, -1))
+            pos = g.op("Cast", [g.op("Range", [g.const(0), g.const(positions), g.const(1)])], to=1)
+            freqs = g.op("Mul", [g.op("Unsqueeze", [pos, g.const([1])]), inv], name="rotary/freqs")
+            scaling = float(getattr(rotary, "attention_scaling", 1.0))
+            tables = []
+            for fn in ("Cos", "Sin"):
+                t = g.op(fn, [freqs], name=f"rotary/{fn.lower()}")
+                tables.append(g.op("Mul", [t, g.const(scaling, np.float32)]) if scaling != 1.0 else t)
+            return tables[0], tables[1]
         x = torch.zeros(1, 1, hd)
-        with torch.no_grad():
-            cos, sin = self.m.model.rotary_emb(x, torch.arange(positions)[None])
+        with torch.no_grad():  # inv_freq depends on the sequence length: the tables as torch evaluates them
+            cos, sin = rotary(x, torch.arange(positions)[None])
         return (self.g.init("cos_cache", cos[0, :, : hd // 2].float().numpy()),
                 self.g.init("sin_cache", sin[0, :, : hd // 2].float().numpy()))
 

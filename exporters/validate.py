@@ -127,8 +127,9 @@ ONNX_MIN_TOP1 = 0.9  # near-ties may flip within the bound above
 
 
 def int4_initializer_names(proto, module: str) -> dict[str, str]:
-    """Initializer names of one int4 projection, read off its MatMulNBits node (the exporter's
-    optimizer shares equal constants, e.g. the all-zero zero points, between projections)."""
+    """Value names of one int4 projection's stored numbers, read off its MatMulNBits node (the
+    exporter's optimizer shares equal constants, e.g. the all-zero zero points, between
+    projections); the offsets by their initializer's name."""
     names = {}
     for node in proto.graph.node:
         if node.op_type == "MatMulNBits" and node.input[1].endswith(f"{module}.qweight"):
@@ -139,33 +140,61 @@ def int4_initializer_names(proto, module: str) -> dict[str, str]:
     return names
 
 
+class StoredValues:
+    """The numbers behind a graph's constant values, as the file stores them: an initializer
+    itself, the initializer a Cast widens (its stored dtype: the fused graph keeps fp16 scales
+    and offsets so), or the tensor a ConstantOfShape of a constant shape fills. None for a value
+    computed from the inputs."""
+
+    def __init__(self, proto):
+        from onnx import numpy_helper
+
+        self._to_array = numpy_helper.to_array
+        self.inits = {t.name: t for t in proto.graph.initializer}
+        self.producer = {out: node for node in proto.graph.node for out in node.output}
+
+    def __call__(self, name: str) -> np.ndarray | None:
+        if name in self.inits:
+            return self._to_array(self.inits[name])
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Cast":
+            return self(node.input[0])
+        if node is not None and node.op_type == "ConstantOfShape":
+            shape = self(node.input[0])
+            value = next((self._to_array(a.t) for a in node.attribute if a.name == "value"), np.zeros(1, np.float32))
+            return None if shape is None else np.full(tuple(int(d) for d in shape), value.reshape(-1)[0], value.dtype)
+        return None
+
+
 def check_onnx_weights(info) -> tuple[int, float]:
     """The int4 initializers of the saved model against each Int4Linear, every number exact:
     MatMulNBits B == the packed codes, scales == a, zero points == 0, offsets == b; and the
     weights they decode to, (q - 0) * a + b in float32, equal the checkpoint's a*q + b.
     Returns (tensors checked, max |decoded - a*q + b|), the latter 0 when it passes."""
     import onnx
-    from onnx import numpy_helper
 
     from exporters.onnx import matmul_nbits_parts
 
     proto = onnx.load(str(info.path / "model.onnx"))
-    inits = {t.name: t for t in proto.graph.initializer}
+    stored = StoredValues(proto)
     for name, layer in info.int4_tensors.items():
-        want = {k: v.numpy() for k, v in matmul_nbits_parts(layer).items()}
         prefix, row = info.packed.get(name, (name, None))
         found = int4_initializer_names(proto, prefix)
-        if len(found) != len(want) or not all(n in inits for n in found.values()):
+        got = {k: stored(n) for k, n in found.items()}
+        if len(found) != 4 or any(v is None for v in got.values()):
             raise UserError(f"validation: the ONNX graph lacks the int4 initializers of {name}; the folder was not kept")
-        got = {k: numpy_helper.to_array(inits[n]) for k, n in found.items()}
         if row is not None:  # this projection's rows of the stacked tensors (fused graph: q, k, v / gate, up)
             got = _rows_of(got, row, layer.out_features, layer.in_features // layer.group_size)
+        # scales / offsets stored as fp16 (fused) or widened to float32 (traced): either way every bit
+        want = {k: v.numpy() for k, v in matmul_nbits_parts(layer, half=got["scales"].dtype == np.float16).items()}
         for key, value in want.items():
-            if got[key].dtype != value.dtype or not np.array_equal(got[key].reshape(value.shape), value):
+            if got[key].dtype != value.dtype or got[key].size != value.size or not np.array_equal(
+                    np.ascontiguousarray(got[key]).reshape(-1).view(np.uint8), np.ascontiguousarray(value).reshape(-1).view(np.uint8)):
                 raise UserError(f"validation: {name}.{key} in the ONNX graph differs from the checkpoint; the folder was not kept")
         n, k, g = layer.out_features, layer.in_features, layer.group_size
         q = layer.codes.numpy().reshape(n, k // g, g).astype(np.float32)
-        decoded = q * got["scales"].reshape(n, -1, 1) + got["offsets"].reshape(k // g, n).T[..., None]
+        scales, offsets = got["scales"].astype(np.float32), got["offsets"].astype(np.float32)
+        decoded = q * scales.reshape(n, -1, 1) + offsets.reshape(k // g, n).T[..., None]
         if not np.array_equal(decoded.reshape(n, k), layer.dequantized(torch.float32).numpy()):
             raise UserError(f"validation: {name}: the ONNX int4 weights do not decode to a*q + b; the folder was not kept")
     return len(info.int4_tensors), 0.0

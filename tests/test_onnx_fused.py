@@ -117,22 +117,30 @@ def test_packed_int4_initializers_are_the_checkpoint_groups_bit_for_bit(fused, t
     from onnx import numpy_helper
 
     from exporters.onnx import OnnxInfo, kv_shapes, matmul_nbits_parts
-    from exporters.validate import _rows_of, check_onnx_weights
+    from exporters.validate import StoredValues, _rows_of, check_onnx_weights, int4_initializer_names
 
     model, folder = fused["hetero"]
     info = OnnxInfo(folder, "int4", "f32", 3, kv_shapes(model.config),
                     {n: m for n, m in model.named_modules() if isinstance(m, Int4Linear)})
     proto = onnx.load(str(folder / "model.onnx"))
     inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    # stored bytes: scales and offsets as the checkpoint's fp16 (widened by a Cast), zero points
+    # as a ConstantOfShape (no initializer)
+    packed = "model.layers.0.self_attn.qkv_proj"
+    assert inits[f"{packed}.scales"].dtype == inits[f"{packed}.offsets"].dtype == np.float16
+    assert f"{packed}.zero_points" not in inits and not any("zero_points" in n for n in inits)
+    found = int4_initializer_names(proto, packed)
+    stored = StoredValues(proto)
     attn = model.model.layers[0].self_attn
     rows = 0
     for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
-        want = {k: v.numpy() for k, v in matmul_nbits_parts(proj).items()}
-        got = _rows_of({k: inits[f"model.layers.0.self_attn.qkv_proj.{k}"] for k in want}, rows, proj.out_features,
-                       proj.in_features // 32)
+        want = {k: v.numpy() for k, v in matmul_nbits_parts(proj, half=True).items()}
+        got = _rows_of({k: stored(found[k]) for k in want}, rows, proj.out_features, proj.in_features // 32)
         for key in want:
             assert got[key].dtype == want[key].dtype and np.array_equal(got[key].reshape(want[key].shape), want[key])
         rows += proj.out_features
+    assert np.array_equal(_rows_of({k: stored(found[k]) for k in want}, 0, attn.q_proj.out_features, 128 // 32)["scales"],
+                          attn.q_proj.scales.reshape(-1).numpy())  # the fp16 a itself
     assert sum(n.op_type == "MatMulNBits" for n in proto.graph.node) == 4 * 3  # qkv, o, gate_up, down per layer
     info.packed = {}  # without the packing map the projections are not found: the check is not vacuous
     with pytest.raises(UserError, match="lacks the int4 initializers"):
@@ -156,6 +164,18 @@ def test_packed_int4_initializers_are_the_checkpoint_groups_bit_for_bit(fused, t
     info.path, info.packed = bad, packed.packed
     with pytest.raises(UserError, match="model.layers.2.mlp.up_proj.qweight"):
         check_onnx_weights(info)
+    # one bit of a stored fp16 offset changed: the check names it
+    proto = onnx.load(str(folder / "model.onnx"))
+    for t in proto.graph.initializer:
+        if t.name == "model.layers.1.mlp.gate_up_proj.offsets":
+            arr = numpy_helper.to_array(t).copy()
+            arr.reshape(-1).view(np.uint16)[0] ^= 1  # the last mantissa bit of gate_proj's first offset
+            t.CopyFrom(numpy_helper.from_array(arr, t.name))
+    shutil.rmtree(bad)
+    bad.mkdir()
+    onnx.save_model(proto, str(bad / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
+    with pytest.raises(UserError, match="model.layers.1.mlp.gate_proj.offsets"):
+        check_onnx_weights(info)
 
 
 @pytest.mark.parametrize("quant,embed", [("f32", "f32"), ("f16", "f16"), ("int4", "int8")])
@@ -174,8 +194,10 @@ def test_fused_quant_and_embedding_types_match_the_stored_weights(tmp_path, quan
 
         codes, scales = q8_parts(model.model.embed_tokens.weight)
         got_c, got_s = (initializer(tmp_path / "m" / "model.onnx", f"model.embed_tokens.{n}") for n in ("codes", "scales"))
-        assert np.array_equal(got_c, codes.numpy()) and np.array_equal(got_s, scales.numpy())
-        assert torch.equal(q8_decode(torch.from_numpy(got_c.copy()), torch.from_numpy(got_s.copy())), q8_decode(codes, scales))
+        assert got_s.dtype == np.float16  # Q8_0's d, stored as the fp16 it is
+        assert np.array_equal(got_c, codes.numpy()) and np.array_equal(got_s.astype(np.float32), scales.numpy())
+        assert torch.equal(q8_decode(torch.from_numpy(got_c.copy()), torch.from_numpy(got_s.astype(np.float32))),
+                           q8_decode(codes, scales))
 
 
 def test_int8_activations_keep_the_cache_exact_and_the_top_token(tmp_path):
@@ -306,3 +328,35 @@ def test_smollm2_pruned_20_percent_genai_greedy_equals_torch(tmp_path):
     rt = GenaiRuntime(out / "onnx-int4")
     prompt = rt.tokenize("The three most important things about a healthy diet are")
     assert greedy_runtime(rt, prompt, 24) == greedy_torch(model, prompt, 24)
+
+
+@pytest.mark.parametrize("rope", [None, {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+                                  {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 128},
+                                  {"rope_type": "dynamic", "factor": 2.0}])
+def test_rotary_tables_computed_in_the_graph_match_the_model(tmp_path, rope):
+    """A fixed inv_freq (default, llama3, yarn with its attention scaling): cos / sin are computed in
+    the graph, no table on disk; a length-dependent one (dynamic): the torch tables are stored."""
+    import onnx
+
+    from runtime.ort import OrtRuntime
+
+    model = hetero_model(seed=3)
+    if rope:
+        model.config.rope_scaling = rope
+        model = type(model)(model.config)  # rebuilt so the rotary embedding reads the scaling
+        torch.manual_seed(3)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.08) if p.dim() == 2 else p.uniform_(0.8, 1.2)
+        model.eval()
+    quantize_model(model, 32)
+    export_onnx_fused(model, tmp_path / "m", "int4", "f32")
+    inits = {t.name for t in onnx.load(str(tmp_path / "m" / "model.onnx"), load_external_data=False).graph.initializer}
+    dynamic = bool(rope) and rope["rope_type"] == "dynamic"
+    assert ("cos_cache" in inits) == dynamic and ("rotary.inv_freq" in inits) != dynamic
+    ids = (IDS * 4)[:60]
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+    full, _ = OrtRuntime(tmp_path / "m").forward(np.asarray([ids]))
+    assert np.abs(full[0] - ref).max() < ORT_ATOL

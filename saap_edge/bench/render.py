@@ -7,7 +7,7 @@ from pathlib import Path
 
 from saap_edge.report import format_table
 
-HEADERS = ["model", "runtime", "params", "artifact MiB", "peak memory MiB", "prefill tok/s", "decode tok/s",
+HEADERS = ["model", "runtime", "params", "artifact MiB", "weights MiB", "peak memory MiB", "prefill tok/s", "decode tok/s",
            "decode vs dense", "weights read / token MiB", "roofline tok/s", "% of roofline"]
 
 
@@ -28,7 +28,7 @@ def table_rows(data: dict) -> list[list[str]]:
         rows.append([
             r["model"], r["runtime"] + (f" ({r['provider'].replace('ExecutionProvider', '')})" if r.get("provider") else ""),
             f"{r['params'] / 1e6:.2f}M" if r.get("params") else "-",
-            _mib(r.get("artifact_bytes")), f"{r['peak_memory_mib']:,.1f}",
+            _mib(r.get("artifact_bytes")), _mib(r.get("weight_bytes")), f"{r['peak_memory_mib']:,.1f}",
             _speed(r["prefill_tok_s"]), _speed(r["decode_tok_s"]), f"{vs:.2f}x" if vs else "-",
             _mib(r.get("bytes_per_token")), f"{r['roofline_tok_s']:.1f}" if r.get("roofline_tok_s") else "-",
             f"{r['roofline_share']:.0%}" if r.get("roofline_share") else "-",
@@ -50,6 +50,10 @@ def markdown(data: dict) -> str:
         f"Roofline: memory read bandwidth {bw['gbs']:.1f} GB/s ({bw['method']}, {bw.get('threads', '-')} thread(s), "
         f"best of {bw['reps']}); a batch-1 decode step reads every weight once (one embedding row; norms included, "
         "KV cache not), so roofline tok/s = bandwidth / weights read per token.",
+        "",
+        "Artifact MiB: the GGUF file, or an ONNX folder's graph and weight files (tokenizer files aside). Weights "
+        "MiB: the stored tensors alone (a GGUF's tokenizer metadata aside), which the size targets compare with the "
+        "dense model's parameters at two bytes each.",
         "",
         format_table(HEADERS, table_rows(data)),
         "",

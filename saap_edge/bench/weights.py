@@ -1,4 +1,6 @@
-"""What a decode step reads: logical parameters and weight bytes per decoded token.
+"""What a decode step reads: logical parameters and weight bytes per decoded token, and the
+bytes of all stored weights (tensor data: a GGUF's tokenizer metadata and an ONNX folder's
+tokenizer files aside).
 
 A decode step at batch 1 reads every weight matrix once, except the token embedding, of
 which it reads one row; with tied embeddings the output projection reads the whole table.
@@ -43,7 +45,7 @@ def gguf_weights(path: Path) -> dict:
     names = {t.name for t in tensors}
     params = sum(int(t.n_elements) for t in tensors)
     read = sum(int(t.n_bytes) for t in tensors if t.name != "token_embd.weight" or "output.weight" not in names)
-    return {"params": params, "bytes_per_token": read}
+    return {"params": params, "bytes_per_token": read, "weight_bytes": sum(int(t.n_bytes) for t in tensors)}
 
 
 def onnx_weights(folder: Path) -> dict:
@@ -53,13 +55,14 @@ def onnx_weights(folder: Path) -> dict:
 
     folder = Path(folder)
     proto = onnx.load(str(folder / "model.onnx"), load_external_data=False)
-    params, read, embed_bytes, has_head = 0, 0, 0, False
+    params, read, embed_bytes, has_head, stored = 0, 0, 0, False, 0
     for t in proto.graph.initializer:
         n = 1
         for d in t.dims:
             n *= d
         ext = {e.key: e.value for e in t.external_data}
         size = int(ext["length"]) if "length" in ext else len(t.raw_data) or n * 4
+        stored += size
         if t.name.endswith(("scales", "zero_points", "offsets")):  # group parameters, not weights
             read += size
             continue
@@ -72,7 +75,7 @@ def onnx_weights(folder: Path) -> dict:
     cfg = json.loads((folder / "config.json").read_text()) if (folder / "config.json").exists() else {}
     if not has_head or cfg.get("tie_word_embeddings"):
         read += embed_bytes
-    return {"params": params, "bytes_per_token": read}
+    return {"params": params, "bytes_per_token": read, "weight_bytes": stored}
 
 
 def artifact_bytes(path: Path) -> int:
