@@ -39,6 +39,8 @@ class Validation:
     runtime: str = ""
     weights_max_abs_diff: float = 0.0  # decoded artifact weights vs a*q + b (0: bit-exact)
     cache_max_abs_diff: float | None = None  # logits through the KV cache vs one full pass
+    # int8 activations: the same graph and weights with float32 activations vs torch (the strict bound)
+    fp32_graph_max_abs_diff: float | None = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -249,4 +251,31 @@ def validate_onnx(model, info, ids: list[int]) -> Validation:
     if v.top1_agreement < least:
         raise UserError(f"validation: onnxruntime's top token agrees with torch on only {v.top1_agreement:.0%} of "
                         f"positions for {info.quant} (at least {least:.0%} expected); the folder was not kept")
+    if int8:  # the graph itself is held to the strict bound: the same nodes and weights, float32 activations
+        v.fp32_graph_max_abs_diff = float(np.abs(fp32_twin_logits(info.path, ids) - ref).max())
+        if v.fp32_graph_max_abs_diff > bound:
+            raise UserError(f"validation: with float32 activations the ONNX graph's logits differ from torch by "
+                            f"{v.fp32_graph_max_abs_diff:.3g} (bound {bound:.3g}); the folder was not kept")
     return v
+
+
+def fp32_twin_logits(folder: Path, ids: list[int]) -> np.ndarray:
+    """Logits of the folder's graph with every MatMulNBits at accuracy_level 0 (float32
+    activations). The twin graph is written beside model.onnx under a temporary name, reads the
+    same weight file, and is removed after."""
+    import onnx
+    from runtime.ort import OrtRuntime
+
+    proto = onnx.load(str(Path(folder) / "model.onnx"), load_external_data=False)
+    for node in proto.graph.node:
+        if node.op_type == "MatMulNBits":
+            for a in node.attribute:
+                if a.name == "accuracy_level":
+                    a.i = 0
+    twin = Path(folder) / ".fp32-activations-check.onnx"
+    try:
+        onnx.save_model(proto, str(twin))
+        logits, _ = OrtRuntime(twin).forward(np.asarray([ids]))
+    finally:
+        twin.unlink(missing_ok=True)
+    return logits[0].astype(np.float32)
