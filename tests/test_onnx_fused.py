@@ -373,3 +373,25 @@ def test_rotary_tables_computed_in_the_graph_match_the_model(tmp_path, rope):
         ref = model(torch.tensor([ids])).logits[0].numpy()
     full, _ = OrtRuntime(tmp_path / "m").forward(np.asarray([ids]))
     assert np.abs(full[0] - ref).max() < ORT_ATOL
+
+
+def test_bench_counts_the_fused_folder_weights(fused):
+    """Logical parameters as torch counts them; stored bytes = the weight file; a step reads the fp16
+    group parameters widened to float32."""
+    import onnx
+
+    from saap_edge.bench.weights import onnx_weights, torch_weights
+
+    model, folder = fused["hetero"]
+    got = onnx_weights(folder)
+    assert got["params"] == torch_weights(model)["params"]
+    proto = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    inline = sum(len(t.raw_data) for t in proto.graph.initializer if not t.external_data)
+    assert got["weight_bytes"] == (folder / "model.onnx.data").stat().st_size + inline
+    layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    codes = sum(m.in_features * m.out_features // 2 for m in layers)
+    groups = sum(m.scales.numel() for m in layers)
+    emb, head, norms = (model.model.embed_tokens.weight.numel(), model.lm_head.weight.numel(),
+                        sum(p.numel() for n, p in model.named_parameters() if "norm" in n))
+    assert got["bytes_per_token"] == codes + 2 * groups * 4 + head * 4 + norms * 4  # f32 embedding: one row, not counted
+    assert got["weight_bytes"] >= codes + 2 * groups * 2 + (emb + head + norms) * 4

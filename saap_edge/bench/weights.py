@@ -63,8 +63,11 @@ def onnx_weights(folder: Path) -> dict:
         ext = {e.key: e.value for e in t.external_data}
         size = int(ext["length"]) if "length" in ext else len(t.raw_data) or n * 4
         stored += size
+        if t.name.startswith(("const.", "rotary.")):  # graph constants (shapes, inv_freq), not weights
+            continue
         if t.name.endswith(("scales", "zero_points", "offsets")):  # group parameters, not weights
-            read += size
+            # fp16 group parameters are widened to float32 when the session starts: that is what a step reads
+            read += 2 * size if t.data_type == onnx.TensorProto.FLOAT16 else size
             continue
         params += 2 * n if t.name.endswith("qweight") else n
         if "embed_tokens" in t.name:
