@@ -59,6 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=os.environ.get("SAAP_EDGE_DATA_DIR"))
     p.add_argument("--work", type=Path, default=Path("benchmarks/work/export"))
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    p.add_argument("--only", nargs="+", default=None, metavar="LABEL",
+                   help="score only the rows whose runtime label contains one of these, keeping the other rows of an "
+                        "existing results/export_quality.json made on the same model and windows (its torch row included)")
     return p.parse_args(argv)
 
 
@@ -134,15 +137,28 @@ def ppl_ort(folder: Path, w: np.ndarray, threads: int | None) -> float:
     return float(np.exp(total / (w.shape[0] * (w.shape[1] - 1))))
 
 
+def previous_rows(a, data: dict) -> list[dict]:
+    """The rows of an earlier run on the same model and windows, torch first ([] if none matches)."""
+    path = a.out / "export_quality.json"
+    if not path.exists():
+        return []
+    old = json.loads(path.read_text())
+    same = all(old.get(k) == data[k] for k in ("model", "windows", "window", "group_size"))
+    if not same or not old.get("rows") or old["rows"][0]["runtime"] != "torch (float32)":
+        return []
+    data["command"] = old.get("command", "") + "; then " + data["command"]
+    return old["rows"]
+
+
 def export(model_dir: Path, fmt: str, a, embed: str = "f16", accuracy: str = "fp32") -> tuple[Path, dict]:
     suffix = ("" if embed == "f16" else f"-emb{embed}") + ("" if accuracy == "fp32" else f"-act{accuracy}")
     out = model_dir / (f"model-q4_1{suffix}.gguf" if fmt == "gguf" else f"onnx-int4{suffix}")
     log = a.work / f"export-{fmt}{suffix}.log"
     t0 = time.perf_counter()
     # the variants are measured, not gated: their read-back check is left to this table
-    extra = [] if embed == "f16" and accuracy == "fp32" else ["--embed-type", embed, "--no-validate"]
-    if accuracy != "fp32":
-        extra += ["--matmul-accuracy", accuracy]
+    extra = ["--embed-type", embed, "--matmul-accuracy", accuracy] if fmt == "onnx" else ["--embed-type", embed]
+    if embed != "f16" or accuracy != "fp32":
+        extra.append("--no-validate")
     _cli(["export", str(model_dir), "--format", fmt, "--overwrite", "--out", str(out)] + extra, log)
     return out, {"bytes": artifact_bytes(out), "export_s": round(time.perf_counter() - t0, 1), "export_log": log.read_text()[-1500:]}
 
@@ -162,6 +178,28 @@ def embedding_verdict(rows: list[dict]) -> dict:
     return out
 
 
+def activations_verdict(rows: list[dict]) -> dict:
+    """onnxruntime's int8 activations (--matmul-accuracy int8) against float32 activations with the
+    same embedding, and the two 8-bit choices together against the f16 / float32 artifact; the same
+    bar as the embedding (at most +0.5%), llama.cpp's own Q4_1 cost against torch for reference."""
+    by = {r["runtime"]: r["ppl"] for r in rows}
+    out = {}
+    for name, base, variant in (("int8 activations, f16 embedding", "onnxruntime", "onnxruntime, int8 activations"),
+                                ("int8 activations, int8 embedding", "onnxruntime, embedding int8",
+                                 "onnxruntime, embedding int8, int8 activations"),
+                                ("both against f16 / float32", "onnxruntime", "onnxruntime, embedding int8, int8 activations"),
+                                ("int8 activations in the output matrix only, int8 embedding", "onnxruntime, embedding int8",
+                                 "onnxruntime, embedding int8, int8 activations in the output matrix only"),
+                                ("int8 embedding and output-matrix activations against f16 / float32", "onnxruntime",
+                                 "onnxruntime, embedding int8, int8 activations in the output matrix only")):
+        if base in by and variant in by:
+            cost = by[variant] / by[base] - 1
+            out[name] = {"cost": cost, "within_bar": cost <= EMBED_BAR}
+    if "llama.cpp" in by and "torch (float32)" in by:
+        out["llama.cpp Q4_1 against torch (reference)"] = {"cost": by["llama.cpp"] / by["torch (float32)"] - 1}
+    return out
+
+
 def markdown(d: dict) -> str:
     rows = [[r["runtime"], r["artifact"], f"{r['bytes']:,}" if r.get("bytes") else "-", f"{r['ppl']:.3f}",
              f"{r['vs_torch']:+.2%}", ("yes" if abs(r["vs_torch"]) <= BAR else "NO") if r.get("gated", True) else "(not gated)",
@@ -170,7 +208,8 @@ def markdown(d: dict) -> str:
         "# Exported artifacts: perplexity through each runtime",
         "",
         f"Model: `{d['model']}` (SmolLM2-135M pruned 20% by SAAP, int4 groups G={d['group_size']}). WikiText-2 test, "
-        f"first {d['windows']} windows of {d['window']} tokens, each scored alone (no BOS). Bar: within "
+        + (f"all {d['windows']} windows" if d.get("whole_set") else f"first {d['windows']} windows")
+        + f" of {d['window']} tokens, each scored alone (no BOS). Bar: within "
         f"{BAR:.0%} of the torch int4 perplexity. Machine: {d['machine']}.",
         "",
         format_table(["runtime", "artifact", "model bytes", "PPL", "vs torch int4", f"within {BAR:.0%}", "scoring s"], rows),
@@ -178,6 +217,10 @@ def markdown(d: dict) -> str:
         *([f"8-bit embedding / output matrix against f16 in the same runtime (bar: at most +{EMBED_BAR:.1%}): "
            + "; ".join(f"{k} {v['cost']:+.2%} ({'within' if v['within_bar'] else 'over'})" for k, v in d["embedding_default"].items()),
            ""] if d.get("embedding_default") else []),
+        *([f"int8 activations in onnxruntime (bar: at most +{EMBED_BAR:.1%}): "
+           + "; ".join(f"{k} {v['cost']:+.2%}" + (f" ({'within' if v['within_bar'] else 'over'})" if "within_bar" in v else "")
+                       for k, v in d["activations_default"].items()),
+           ""] if d.get("activations_default") else []),
         f"Command: `{d['command']}`",
         "",
     ])
@@ -192,20 +235,29 @@ def main(argv=None) -> int:
         raise SystemExit(f"{model_dir} has no int4 groups; give a recovered (int4) directory")
     w = windows(model_dir, a)
     data = {"model": str(model_dir), "group_size": cfg["quantization"]["group_size"], "windows": int(w.shape[0]),
-            "window": int(w.shape[1]), "machine": machine(), "versions": versions(),
+            "window": int(w.shape[1]), "whole_set": not a.windows, "machine": machine(), "versions": versions(),
             "command": "python benchmarks/export_quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "rows": []}
-    t0 = time.perf_counter()
-    ref = ppl_torch(model_dir, w)
-    data["rows"].append({"runtime": "torch (float32)", "artifact": "checkpoint", "bytes": None, "ppl": ref,
-                         "vs_torch": 0.0, "time_s": time.perf_counter() - t0})
+    kept = previous_rows(a, data) if a.only else []
+    if kept:
+        data["rows"] = kept
+        ref = kept[0]["ppl"]
+    else:
+        t0 = time.perf_counter()
+        ref = ppl_torch(model_dir, w)
+        data["rows"].append({"runtime": "torch (float32)", "artifact": "checkpoint", "bytes": None, "ppl": ref,
+                             "vs_torch": 0.0, "time_s": time.perf_counter() - t0})
     runs = [("gguf", "f16", "fp32", "llama.cpp", ppl_llama_cpp), ("onnx", "f16", "fp32", "onnxruntime", ppl_ort),
             ("gguf", "q8_0", "fp32", "llama.cpp, embedding Q8_0", ppl_llama_cpp),
             ("onnx", "int8", "fp32", "onnxruntime, embedding int8", ppl_ort),
             ("onnx", "f16", "int8", "onnxruntime, int8 activations", ppl_ort),
-            ("onnx", "int8", "int8", "onnxruntime, embedding int8, int8 activations", ppl_ort)]
+            ("onnx", "int8", "int8", "onnxruntime, embedding int8, int8 activations", ppl_ort),
+            ("onnx", "int8", "int8-head", "onnxruntime, embedding int8, int8 activations in the output matrix only", ppl_ort)]
     if a.q4_embedding:
         runs.insert(2, ("gguf", "q4_1", "fp32", "llama.cpp, embedding Q4_1", ppl_llama_cpp))
+    if a.only:
+        runs = [r for r in runs if any(k in r[3] for k in a.only)]
+        data["rows"] = [r for r in data["rows"] if r["runtime"] not in {run[3] for run in runs}]
     for fmt, embed, accuracy, label, score in runs:
         path, info = export(model_dir, fmt, a, embed, accuracy)
         t0 = time.perf_counter()
@@ -214,6 +266,7 @@ def main(argv=None) -> int:
                              "time_s": time.perf_counter() - t0, "gated": embed == "f16" and accuracy == "fp32", **info})
         write_results(a.out, "export_quality", data, markdown(data))
     data["embedding_default"] = embedding_verdict(data["rows"])
+    data["activations_default"] = activations_verdict(data["rows"])
     write_results(a.out, "export_quality", data, markdown(data))
     print(markdown(data))
     return 0 if all(abs(r["vs_torch"]) <= BAR for r in data["rows"] if r.get("gated", True)) else 1

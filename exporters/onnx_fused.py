@@ -74,7 +74,10 @@ GQA_HEAD_MULTIPLE = 8  # GroupQueryAttention's CPU kernel needs head_size % 8 ==
 # --matmul-accuracy: MatMulNBits' accuracy_level. fp32 keeps float32 activations (the graph
 # computes what torch computes on the stored weights); int8 quantizes each activation block to
 # int8 inside the kernel (what llama.cpp does for Q4_1), faster and no longer bit-faithful.
-ACCURACY_LEVELS = {"fp32": 0, "int8": 4}
+ACCURACY_LEVELS = {"fp32": 0, "int8": 4, "int8-head": 0}
+# int8-head: float32 activations in every decoder layer, int8 only where the 8-bit output matrix
+# meets the final hidden state (the largest matrix of a small model, read once per token)
+HEAD_ACCURACY_LEVELS = {"fp32": 0, "int8": 4, "int8-head": 4}
 DYNAMIC_ROPE = ("dynamic", "longrope")  # rope types whose inv_freq changes with the sequence length
 
 
@@ -145,6 +148,7 @@ class _Builder:
     def __init__(self, model: nn.Module, quant: str, embed_type: str, accuracy: str = "fp32"):
         self.m, self.quant, self.embed_type = model, quant, embed_type
         self.accuracy_level = ACCURACY_LEVELS[accuracy]
+        self.head_accuracy_level = HEAD_ACCURACY_LEVELS[accuracy]
         self.cfg = model.config
         self.g = _Graph()
         self._sums: dict[tuple[str, int], str] = {}
@@ -232,11 +236,11 @@ class _Builder:
             codes, scales = (t.numpy() for t in q8_parts(w))
             c, s = g.init(f"{prefix}.codes", codes), g.widened(f"{prefix}.scales", scales.astype(np.float16))
             v, h = w.shape
-            if self.accuracy_level:  # int8 activations: 8-bit MatMulNBits over the stored blocks
+            if self.head_accuracy_level:  # int8 activations: 8-bit MatMulNBits over the stored blocks
                 zp = g.filled(f"{prefix}.zero_points", (v * (h // Q8_BLOCK),), 128)
                 flat = g.op("Reshape", [s, g.const([-1])])
                 return g.op("MatMulNBits", [x, c, flat, zp], domain="com.microsoft", name="lm_head/MatMulNBits", K=h, N=v,
-                            bits=8, block_size=Q8_BLOCK, accuracy_level=self.accuracy_level)
+                            bits=8, block_size=Q8_BLOCK, accuracy_level=self.head_accuracy_level)
             # float32 activations: (q - 128) * d decoded from constants, which onnxruntime folds into one
             # float32 matrix when the session starts (8-bit MatMulNBits has no fast float32 kernel on CPU:
             # ~9x slower than this per decode step, measured on SmolLM2's 49152 x 576 head)

@@ -243,7 +243,7 @@ def validate_onnx(model, info, ids: list[int]) -> Validation:
     bound = LOGITS_ATOL_ONNX * max(1.0, v.logits_scale / 10)
     # int8 activations (--matmul-accuracy int8) differ from torch by design, like llama.cpp's Q4_1
     # path: their logits are bounded loosely (top-1 agreement); the cache must still agree
-    int8 = getattr(info, "accuracy", "fp32") == "int8"
+    int8 = getattr(info, "accuracy", "fp32") != "fp32"  # int8 or int8-head
     if (v.logits_max_abs_diff > bound and not int8) or v.cache_max_abs_diff > bound:
         raise UserError(f"validation: ONNX logits differ from torch by {v.logits_max_abs_diff:.3g} (with the KV cache: "
                         f"{v.cache_max_abs_diff:.3g}; bound {bound:.3g}); the folder was not kept")

@@ -362,16 +362,18 @@ def add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant", default=None, help="projection tensors. GGUF: q4_1 (default), f16, f32; ONNX: int4 (default; "
                                                  "MatMulNBits), f16, f32. int4/q4_1 carry the checkpoint's int4 groups bit for bit; "
                                                  "fp weights are quantized by the same group quantizer first")
-    p.add_argument("--embed-type", default="f16", help="token embedding / output matrix: f16, f32, (GGUF) q4_1, q8_0 or (ONNX) int8: 8-bit blocks of 32 "
-                                                           "(default: %(default)s)")
+    p.add_argument("--embed-type", default=None, help="token embedding / output matrix: f16, f32, (GGUF) q4_1, q8_0 or (ONNX) int8: "
+                                                       "8-bit blocks of 32 (default: q8_0 / int8 with int4 projections, f16 otherwise)")
     p.add_argument("--onnx-graph", default="fused", choices=["fused", "dynamo"],
                    help="ONNX: fused (GroupQueryAttention with rotary inside and a shareable KV buffer, fused "
                         "RMSNorms; runs in onnxruntime-genai, genai_config.json written) or dynamo (the traced Hugging Face "
                         "forward, optimum's layout) (default: %(default)s)")
-    p.add_argument("--matmul-accuracy", default="fp32", choices=["fp32", "int8"],
+    p.add_argument("--matmul-accuracy", default=None, choices=["fp32", "int8-head", "int8"],
                    help="ONNX fused graph: activations of the int4 / 8-bit matmuls. fp32 computes what torch computes on the "
-                        "stored weights; int8 quantizes each activation block to int8 in the kernel (as llama.cpp does for "
-                        "Q4_1): faster, validated loosely (default: %(default)s)")
+                        "stored weights; int8-head keeps fp32 in every layer and quantizes the final hidden state to int8 "
+                        "blocks for the 8-bit output matrix (--embed-type int8); int8 quantizes every activation block in "
+                        "the kernel (as llama.cpp does for Q4_1). int8 modes: logits bounded loosely, the same graph with "
+                        "fp32 activations strictly (default: int8-head with an int8 embedding, fp32 otherwise)")
     p.add_argument("--out", type=Path, default=None, help="output file or folder (default: <model>/model-<quant>.gguf, "
                                                           "<model>/onnx-<quant>/)")
     p.add_argument("--no-validate", action="store_true", help="skip reading the artifact back and comparing it with torch")
@@ -387,6 +389,8 @@ def run_export(a: argparse.Namespace) -> int:
     info = result.info
     rows = [["file", str(result.path)], ["bytes", result.bytes], ["architecture", info["arch"]],
             ["projections", info["quant"]], ["embeddings", info["embed_type"]], ["int4 tensors packed", info["int4_tensors"]]]
+    if info.get("matmul_accuracy"):
+        rows.insert(5, ["matmul activations", info["matmul_accuracy"]])
     v = info.get("validation")
     if v:
         rows += [["int4 weights decode to a*q + b", f"{v['weights_checked']} tensors, max |diff| {v['weights_max_abs_diff']:.2g}"],
@@ -394,6 +398,8 @@ def run_export(a: argparse.Namespace) -> int:
                  ["top-1 agreement", f"{v['top1_agreement']:.0%}"]]
         if v.get("cache_max_abs_diff") is not None:
             rows.append(["logits through the KV cache vs one pass", f"{v['cache_max_abs_diff']:.3g}"])
+        if v.get("fp32_graph_max_abs_diff") is not None:
+            rows.append(["same graph, float32 activations, vs torch", f"{v['fp32_graph_max_abs_diff']:.3g}"])
     print(format_table(["export", ""], rows))
     return 0
 
