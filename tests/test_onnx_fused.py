@@ -253,10 +253,14 @@ def test_cli_exports_fused_by_default_and_run_uses_genai(tmp_path, tiny_tokenize
     assert main(["export", str(src), "--format", "onnx", "--out", str(tmp_path / "onnx")]) == 0, capsys.readouterr().err
     table = capsys.readouterr().out
     assert "fused decoder, GroupQueryAttention" in table and "max |diff| 0" in table
+    # the defaults: 8-bit embedding / output matrix, int8 activations only there, the graph checked
+    # strictly with float32 activations
+    assert "| int8 " in table and "int8-head" in table and "same graph, float32 activations" in table
     folder = tmp_path / "onnx"
     assert {"model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json", "tokenizer_config.json"} <= \
         {p.name for p in folder.iterdir()}
-    assert json.loads((folder / "config.json").read_text())["saap_onnx"]["graph"] == "fused"
+    saap = json.loads((folder / "config.json").read_text())["saap_onnx"]
+    assert (saap["graph"], saap["embed_type"], saap["matmul_accuracy"]) == ("fused", "int8", "int8-head")
     engines = ["genai", "onnxruntime"] if _has_genai() else ["onnxruntime"]
     texts = []
     for engine in engines:  # the same greedy text from both loops, without torch in the process
@@ -305,6 +309,8 @@ def test_bad_inputs_are_one_line_exit_2(fused, tmp_path, capsys, tiny_tokenizer)
         (["export", str(src), "--matmul-accuracy", "int8"], "applies to the fused ONNX graph only"),
         (["export", str(src), "--format", "onnx", "--onnx-graph", "dynamo", "--matmul-accuracy", "int8"],
          "applies to the fused ONNX graph only"),
+        (["export", str(src), "--format", "onnx", "--embed-type", "f16", "--matmul-accuracy", "int8-head"],
+         "--matmul-accuracy int8-head applies to an 8-bit output matrix; add --embed-type int8"),
     ):
         assert main(argv) == 2
         err = capsys.readouterr().err
@@ -326,8 +332,9 @@ def test_head_size_the_kernel_cannot_take_is_refused_naming_the_fallback(tmp_pat
 
 @pytest.mark.slow
 def test_smollm2_pruned_20_percent_genai_greedy_equals_torch(tmp_path):
-    """SmolLM2-135M pruned 20% (int4, no recovery), exported with the defaults: onnxruntime-genai's
-    greedy tokens equal torch's."""
+    """SmolLM2-135M pruned 20% (int4, no recovery), exported with float32 activations and the f16
+    embedding (what computes torch's numbers; the defaults' int8 output-matrix activations move the
+    logits by design): onnxruntime-genai's greedy tokens equal torch's."""
     pytest.importorskip("onnxruntime_genai")
     from transformers import AutoModelForCausalLM
 
@@ -336,7 +343,7 @@ def test_smollm2_pruned_20_percent_genai_greedy_equals_torch(tmp_path):
     out = tmp_path / "s20"
     assert main(["compress", "--model", "smollm2-135m", "--ratio", "0.2", "--recovery", "none", "--out", str(out),
                  "--data-dir", str(DATA_DIR), "--no-progress"]) == 0
-    assert main(["export", str(out), "--format", "onnx"]) == 0
+    assert main(["export", str(out), "--format", "onnx", "--embed-type", "f16", "--matmul-accuracy", "fp32"]) == 0
     model = AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
     rt = GenaiRuntime(out / "onnx-int4")
     prompt = rt.tokenize("The three most important things about a healthy diet are")
@@ -395,3 +402,34 @@ def test_bench_counts_the_fused_folder_weights(fused):
                         sum(p.numel() for n, p in model.named_parameters() if "norm" in n))
     assert got["bytes_per_token"] == codes + 2 * groups * 4 + head * 4 + norms * 4  # f32 embedding: one row, not counted
     assert got["weight_bytes"] >= codes + 2 * groups * 2 + (emb + head + norms) * 4
+
+
+def test_export_defaults_follow_the_projections(tmp_path, tiny_tokenizer, capsys):
+    """Next to int4 projections the embedding / output matrix is 8-bit by default (GGUF Q8_0, ONNX
+    int8 with int8 activations in the output matrix only); next to f16 projections it stays f16,
+    and an explicit f16 embedding keeps float32 activations."""
+    from gguf import GGMLQuantizationType as QT
+    from gguf import GGUFReader
+
+    from conftest import save_tiny32
+
+    src = save_tiny32(tmp_path / "src", tiny_tokenizer)
+
+    def gguf_embedding(*extra):
+        out = tmp_path / f"m{len(list(tmp_path.glob('*.gguf')))}.gguf"
+        assert main(["export", str(src), "--out", str(out), *extra]) == 0, capsys.readouterr().err
+        return {t.name: t.tensor_type for t in GGUFReader(str(out)).tensors}["token_embd.weight"]
+
+    assert gguf_embedding() == QT.Q8_0
+    assert gguf_embedding("--quant", "f16") == QT.F16
+    assert gguf_embedding("--embed-type", "f16") == QT.F16
+
+    def onnx_choice(*extra):
+        out = tmp_path / f"onnx{len(list(tmp_path.glob('onnx*')))}"
+        assert main(["export", str(src), "--format", "onnx", "--out", str(out), *extra]) == 0, capsys.readouterr().err
+        saap = json.loads((out / "config.json").read_text())["saap_onnx"]
+        return saap["embed_type"], saap["matmul_accuracy"]
+
+    assert onnx_choice("--no-validate") == ("int8", "int8-head")
+    assert onnx_choice("--embed-type", "f16") == ("f16", "fp32")
+    assert onnx_choice("--quant", "f16") == ("f16", "fp32")
