@@ -166,35 +166,31 @@ def export(model_dir: Path, fmt: str, a, embed: str = "f16", accuracy: str = "fp
 EMBED_BAR = 0.005  # an 8-bit embedding becomes the default where it costs at most 0.5% against f16, same runtime
 
 
+def _costs(rows: list[dict], pairs) -> dict:
+    """name -> perplexity of `variant` against `base` (both runtime labels), held to EMBED_BAR."""
+    by = {r["runtime"]: r["ppl"] for r in rows}
+    return {name: {"cost": by[variant] / by[base] - 1, "within_bar": by[variant] / by[base] - 1 <= EMBED_BAR}
+            for name, base, variant in pairs if base in by and variant in by}
+
+
 def embedding_verdict(rows: list[dict]) -> dict:
     """Per runtime: the 8-bit embedding's perplexity against the f16-embedding artifact's (float32 activations)."""
-    by = {r["runtime"]: r["ppl"] for r in rows}
-    out = {}
-    for runtime, base, eight in (("llama.cpp", "llama.cpp", "llama.cpp, embedding Q8_0"),
-                                 ("onnxruntime", "onnxruntime", "onnxruntime, embedding int8")):
-        if base in by and eight in by:
-            cost = by[eight] / by[base] - 1
-            out[runtime] = {"cost": cost, "within_bar": cost <= EMBED_BAR}
-    return out
+    return _costs(rows, (("llama.cpp", "llama.cpp", "llama.cpp, embedding Q8_0"),
+                         ("onnxruntime", "onnxruntime", "onnxruntime, embedding int8")))
 
 
 def activations_verdict(rows: list[dict]) -> dict:
     """onnxruntime's int8 activations (--matmul-accuracy int8) against float32 activations with the
     same embedding, and the two 8-bit choices together against the f16 / float32 artifact; the same
     bar as the embedding (at most +0.5%), llama.cpp's own Q4_1 cost against torch for reference."""
+    head8 = "onnxruntime, embedding int8, int8 activations in the output matrix only"
+    out = _costs(rows, (("int8 activations, f16 embedding", "onnxruntime", "onnxruntime, int8 activations"),
+                        ("int8 activations, int8 embedding", "onnxruntime, embedding int8",
+                         "onnxruntime, embedding int8, int8 activations"),
+                        ("both against f16 / float32", "onnxruntime", "onnxruntime, embedding int8, int8 activations"),
+                        ("int8 activations in the output matrix only, int8 embedding", "onnxruntime, embedding int8", head8),
+                        ("int8 embedding and output-matrix activations against f16 / float32", "onnxruntime", head8)))
     by = {r["runtime"]: r["ppl"] for r in rows}
-    out = {}
-    for name, base, variant in (("int8 activations, f16 embedding", "onnxruntime", "onnxruntime, int8 activations"),
-                                ("int8 activations, int8 embedding", "onnxruntime, embedding int8",
-                                 "onnxruntime, embedding int8, int8 activations"),
-                                ("both against f16 / float32", "onnxruntime", "onnxruntime, embedding int8, int8 activations"),
-                                ("int8 activations in the output matrix only, int8 embedding", "onnxruntime, embedding int8",
-                                 "onnxruntime, embedding int8, int8 activations in the output matrix only"),
-                                ("int8 embedding and output-matrix activations against f16 / float32", "onnxruntime",
-                                 "onnxruntime, embedding int8, int8 activations in the output matrix only")):
-        if base in by and variant in by:
-            cost = by[variant] / by[base] - 1
-            out[name] = {"cost": cost, "within_bar": cost <= EMBED_BAR}
     if "llama.cpp" in by and "torch (float32)" in by:
         out["llama.cpp Q4_1 against torch (reference)"] = {"cost": by["llama.cpp"] / by["torch (float32)"] - 1}
     return out

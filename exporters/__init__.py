@@ -42,7 +42,7 @@ class ExportJob:
     overwrite: bool = False
     device: str = "cpu"
     onnx_graph: str = "fused"  # ONNX: fused (exporters.onnx_fused) or dynamo (exporters.onnx)
-    matmul_accuracy: str | None = None  # ONNX fused: MatMulNBits activations, fp32 or int8 (None: DEFAULT_ACCURACY)
+    matmul_accuracy: str | None = None  # ONNX fused: MatMulNBits activations, fp32, int8-head or int8 (None: DEFAULT_ACCURACY)
 
 
 @dataclass

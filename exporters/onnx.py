@@ -339,7 +339,7 @@ class OnnxInfo:
     int4_tensors: dict[str, Int4Linear] = field(default_factory=dict)  # initializer prefix -> source layer
     # fused graph: module -> (prefix of the stacked initializers holding its rows, its first row)
     packed: dict[str, tuple[str, int]] = field(default_factory=dict)
-    accuracy: str = "fp32"  # MatMulNBits activations: fp32, or int8 (accuracy_level 4)
+    accuracy: str = "fp32"  # MatMulNBits activations: fp32, int8-head (output matrix only) or int8 (accuracy_level 4)
 
 
 def export_onnx(model: nn.Module, folder: Path, quant: str = "int4", embed_type: str = "f32",

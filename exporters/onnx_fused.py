@@ -74,10 +74,10 @@ GQA_HEAD_MULTIPLE = 8  # GroupQueryAttention's CPU kernel needs head_size % 8 ==
 # --matmul-accuracy: MatMulNBits' accuracy_level. fp32 keeps float32 activations (the graph
 # computes what torch computes on the stored weights); int8 quantizes each activation block to
 # int8 inside the kernel (what llama.cpp does for Q4_1), faster and no longer bit-faithful.
-ACCURACY_LEVELS = {"fp32": 0, "int8": 4, "int8-head": 0}
 # int8-head: float32 activations in every decoder layer, int8 only where the 8-bit output matrix
-# meets the final hidden state (the largest matrix of a small model, read once per token)
-HEAD_ACCURACY_LEVELS = {"fp32": 0, "int8": 4, "int8-head": 4}
+# meets the final hidden state (the largest matrix of a small model, read once per token).
+# name -> (accuracy_level of the decoder's projections, of the 8-bit output matrix)
+ACCURACY_LEVELS = {"fp32": (0, 0), "int8": (4, 4), "int8-head": (0, 4)}
 DYNAMIC_ROPE = ("dynamic", "longrope")  # rope types whose inv_freq changes with the sequence length
 
 
@@ -86,6 +86,7 @@ class _Graph:
 
     def __init__(self):
         self.nodes, self.inits, self._count = [], {}, 0
+        self._widened: dict[str, str] = {}  # initializer -> its Cast (tied embedding and head share one)
 
     def init(self, name: str, array: np.ndarray) -> str:
         from onnx import numpy_helper
@@ -101,7 +102,11 @@ class _Graph:
         from onnx import TensorProto
 
         stored = self.init(name, array)
-        return self.op("Cast", [stored], to=TensorProto.FLOAT) if array.dtype == np.float16 else stored
+        if array.dtype != np.float16:
+            return stored
+        if stored not in self._widened:
+            self._widened[stored] = self.op("Cast", [stored], to=TensorProto.FLOAT)
+        return self._widened[stored]
 
     def filled(self, name: str, shape: tuple[int, ...], value: int = 0, dtype=np.uint8) -> str:
         """A tensor of one value written as ConstantOfShape of its shape: no bytes on disk, folded
@@ -147,8 +152,7 @@ def fused_supported(config) -> str | None:
 class _Builder:
     def __init__(self, model: nn.Module, quant: str, embed_type: str, accuracy: str = "fp32"):
         self.m, self.quant, self.embed_type = model, quant, embed_type
-        self.accuracy_level = ACCURACY_LEVELS[accuracy]
-        self.head_accuracy_level = HEAD_ACCURACY_LEVELS[accuracy]
+        self.accuracy_level, self.head_accuracy_level = ACCURACY_LEVELS[accuracy]
         self.cfg = model.config
         self.g = _Graph()
         self._sums: dict[tuple[str, int], str] = {}
