@@ -179,6 +179,17 @@ def add_compress(p: argparse.ArgumentParser) -> None:
     e.add_argument("--eval-limit", type=int, default=64, help="windows per dataset for that check, 0 for all (default: %(default)s)")
     _add_recover_args(p, in_compress=True)
     _add_run_args(p)
+    _add_dry_run(p)
+
+
+def _add_dry_run(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dry-run", action="store_true", help="read config.json alone, print each stage's planned peak memory "
+                   "on the card and the host, and exit: 0 if every stage fits, 2 naming the stage and the flags otherwise")
+
+
+def _dry_run_done(stages: list) -> int:
+    print(f"every stage fits ({len(stages)} planned)" if stages else "nothing to plan: the config cannot be read alone")
+    return 0
 
 
 def run_compress(a: argparse.Namespace) -> int:
@@ -202,6 +213,10 @@ def run_compress(a: argparse.Namespace) -> int:
                                             a.pool_cache_mib),
                       hywia=HywiaSettings(blend=a.hywia_blend, fine=a.hywia_fine, loss=a.hywia_loss, steps=a.hywia_steps,
                                           batch=a.hywia_batch, lr=a.hywia_lr))
+    if a.dry_run:
+        from saap_edge.compress import dry_run
+
+        return _dry_run_done(dry_run(job))
     report = compress(job)
     print(before_after_table(report))
     print(f"saved the {_model_kind(report)}, prune_plan.json, report.json and layers.png to {a.out}")
@@ -223,6 +238,7 @@ def add_recover(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-limit", type=int, default=64, help="windows per dataset for that check, 0 for all (default: %(default)s)")
     _add_recover_args(p, in_compress=False)
     _add_run_args(p)
+    _add_dry_run(p)
 
 
 def run_recover(a: argparse.Namespace) -> int:
@@ -233,6 +249,10 @@ def run_recover(a: argparse.Namespace) -> int:
     eval_ppl = [] if a.eval_ppl in ([], ["none"]) else a.eval_ppl
     job = RecoverJob(a.model, out, _recover_settings(a), _run_settings(a), a.overwrite, eval_ppl, a.eval_limit or None,
                      resume=a.resume, save_every=a.save_every, keep_checkpoints=a.keep_checkpoints, **_teacher_args(a))
+    if a.dry_run:
+        from saap_edge.compress import recover_dry_run
+
+        return _dry_run_done(recover_dry_run(job))
     report = recover_dir(job)
     print(before_after_table(report))
     print(f"saved the {_model_kind(report)} and report.json to {out}")

@@ -71,8 +71,8 @@ def _quick_ppl(model, tokenizer, job: CompressJob, device) -> dict:
 
 
 def _prune_stage(job: CompressJob, s: PruneSettings, r: ReconstructSettings) -> tuple:
-    """Load, calibrate, prune, reconstruct and score: (slim model, tokenizer, plan, report, device,
-    the dense model when recovery distils from it and no other --teacher is given, else None)."""
+    """Load, calibrate, prune, reconstruct and score: (slim model, tokenizer, plan, report, device).
+    The dense model is used up by the slicing; a distilling recovery loads its teacher again."""
     t0 = time.perf_counter()
     set_seed(s.seed)  # torch's generator starts differently in every process
     loaded = load_model(job.model, job.run.device, job.run.dtype, job.run.device_map, parse_max_memory(job.run.max_memory))
@@ -100,6 +100,7 @@ def _prune_stage(job: CompressJob, s: PruneSettings, r: ReconstructSettings) -> 
     before = _quick_ppl(model, tokenizer, job, device) if job.eval_ppl else {}
     t1 = time.perf_counter()
     search_info = None
+    streams = not job.run.device_map  # slicing streamed layer by layer into the refit (one device)
     if s.method == "adapruner":
         from saap_edge.prune.adapruner import search_and_prune
 
@@ -109,29 +110,33 @@ def _prune_stage(job: CompressJob, s: PruneSettings, r: ReconstructSettings) -> 
     elif s.method == "hywia":
         from saap_edge.prune.methods import rank_hywia
 
-        result = prune(model, samples, s, progress=job.run.progress, ranker=lambda st, ps: rank_hywia(st, ps, job.hywia))
+        result = prune(model, samples, s, progress=job.run.progress, ranker=lambda st, ps: rank_hywia(st, ps, job.hywia),
+                       slice_now=streams)
     else:
-        result = prune(model, samples, s, progress=job.run.progress)
+        result = prune(model, samples, s, progress=job.run.progress, slice_now=streams)
     timings["prune_s"] = time.perf_counter() - t1
     plan = result.plan
     recon_info = {"method": "none"}
-    if r.active:
+    if streams:
+        result.model = None  # a search's own sliced copy: the stream below slices the dense model itself
+        t2 = time.perf_counter()
+        slim, recon_info = _slice_stage(model, plan, recon_samples, r, device, job.run.progress)
+        timings["slice_s" if not r.active else "reconstruct_s"] = time.perf_counter() - t2
+        result.model = slim
+    elif r.active:
         slim = _reconstruct_stage(model, result.model, plan, recon_samples, r, device, job.run.progress,
-                                  parse_max_memory(job.run.max_memory) if job.run.device_map else None)
+                                  parse_max_memory(job.run.max_memory))
         recon_info = slim.info
         timings["reconstruct_s"] = recon_info["time_s"]
+    if r.active:
         plan.reconstruction = {**r.to_dict(), "source": s.calib, "sha256": recon_hash}
-    keep_dense = job.recover is not None and job.recover.distills and job.teacher is None
-    if job.run.device_map:  # both models spread over the devices again (slicing built the slim one on the CPU)
+    if job.run.device_map:  # spread over the devices again (slicing built the slim model on the CPU)
         from saap_edge.models.load import dispatch
 
-        max_memory = parse_max_memory(job.run.max_memory)
-        result.model = dispatch(result.model, max_memory)
-        model = dispatch(model, max_memory) if keep_dense else model
-    dense = model if keep_dense else None  # the teacher (recover/distill.py sets eval mode, no gradients)
-    if dense is not None:
-        dense.zero_grad(set_to_none=True)  # estimation's gradients are not the teacher's
+        result.model = dispatch(result.model, parse_max_memory(job.run.max_memory))
     del model
+    _free(device)
+    result.model.to(device)  # the dense model has left the card: the slim one takes its place
     after = _quick_ppl(result.model, tokenizer, job, device) if job.eval_ppl else {}
     if calib_hash:
         plan.calibration = {"source": s.calib, "samples": s.calib_samples, "seq_len": s.seq_len, "sha256": calib_hash}
@@ -151,28 +156,48 @@ def _prune_stage(job: CompressJob, s: PruneSettings, r: ReconstructSettings) -> 
     }
     if search_info is not None:
         report["search"] = search_info
-    return result.model, tokenizer, plan, report, device, dense
+    return result.model, tokenizer, plan, report, device
+
+
+def _slice_stage(dense, plan: PrunePlan, samples, r: ReconstructSettings, device, progress: bool):
+    """Slice `dense` into the slim model of `plan`, layer by layer, refitting each layer as it
+    comes when reconstruction is on; the dense model is used up (each of its layers is freed
+    once sliced). On a GPU the slim model is built on the host and each of its layers visits
+    the card for its refit, so dense and slim never share the card. Returns (slim, info)."""
+    from saap_edge.prune.slicing import empty_slim, fill_outer, slice_streamed
+
+    home = torch.device("cpu") if device.type == "cuda" else device
+    dense.to(home)  # on a GPU the dense model waits on the host; its layers visit the card one at a time
+    _free(device)
+    if not r.active:
+        return slice_streamed(dense, plan, home), {"method": "none"}
+    slim = empty_slim(dense, plan, home)
+    fill_outer(dense, slim)
+    out = reconstruct(dense, slim, plan, samples, r, device=device, progress=progress, streamed=True)
+    return out.model, out.info
+
+
+def _free(device) -> None:
+    """Give the memory of freed tensors back (CUDA's cache; the C heap on Linux)."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _reconstruct_stage(dense, slim, plan: PrunePlan, samples, r: ReconstructSettings, device, progress: bool,
                        mapped: dict | None = None):
-    """Refit `slim` in place. On a GPU both models wait on the CPU while the stage moves one
-    decoder layer of each at a time to the device (what lets a LLaMA-7B fit 24 GB). A model
-    spread by --device-map (`mapped`: its budgets) leaves accelerate's hooks first; the caller
-    spreads both again afterwards."""
-    if mapped is not None:
-        from saap_edge.models.load import undispatch
+    """Refit `slim` in place, for models spread by --device-map (`mapped`: its budgets): both
+    leave accelerate's hooks and wait on the CPU while the stage moves one decoder layer of
+    each at a time to the device; the caller spreads the slim one again afterwards."""
+    from saap_edge.models.load import undispatch
 
-        undispatch(dense)
-        undispatch(slim)
-    if device.type == "cuda":
-        dense.to("cpu")
-        slim.to("cpu")
-    try:
-        return reconstruct(dense, slim, plan, samples, r, device=device, progress=progress)
-    finally:
-        if mapped is None:
-            slim.to(device)
+    undispatch(dense)
+    undispatch(slim)
+    dense.to("cpu")
+    slim.to("cpu")
+    return reconstruct(dense, slim, plan, samples, r, device=device, progress=progress)
 
 
 def _save(directory: Path, model, tokenizer, plan: PrunePlan, report: dict, title: str) -> None:
@@ -204,7 +229,34 @@ def _resume_pruned(pruned_dir: Path, job: CompressJob, s: PruneSettings) -> tupl
                         "rerun with its settings or without --resume")
     loaded = load_model(str(pruned_dir), job.run.device, job.run.dtype)
     report = read_json(pruned_dir / REPORT_FILE, "report")
-    return loaded.model, loaded.tokenizer, plan, report, next(loaded.model.parameters()).device, None
+    return loaded.model, loaded.tokenizer, plan, report, next(loaded.model.parameters()).device
+
+
+def _teacher_stage(job, student, tokenizer, r: RecoverSettings, run: RecoverRun, pruned_dir: Path, device, report: dict):
+    """The teacher pass: with a teacher cache, the student leaves (it is on disk in
+    `pruned_dir`), the teacher alone computes every target the run will read, leaves, and the
+    student comes back; the teacher never shares the card with it. Without a cache (--teacher-cache
+    off, several processes) the teacher stays beside the student and computes on the fly.
+    Returns the student (reloaded, or as it was)."""
+    name = job.teacher or job.model
+    if run.teacher_cache is None or r.kd_topk <= 0:
+        run.teacher = load_teacher(name, student, tokenizer, job.run, job.teacher is not None)
+        return student
+    from types import SimpleNamespace
+
+    from saap_edge.recover import teacher_pass
+
+    stand_in = SimpleNamespace(config=student.config)  # what the vocabulary check reads
+    del student
+    _free(device)
+    t0 = time.perf_counter()
+    teacher = load_teacher(name, stand_in, tokenizer, job.run, job.teacher is not None)
+    run.teacher_key = teacher_pass(teacher, tokenizer, r, run)
+    del teacher
+    _free(device)
+    report.setdefault("time_s", {})["teacher_pass_s"] = time.perf_counter() - t0
+    return load_model(str(pruned_dir), job.run.device, job.run.dtype, job.run.device_map,
+                      parse_max_memory(job.run.max_memory)).model
 
 
 def load_teacher(name: str, student, tokenizer, run: RunSettings, flag_given: bool):
@@ -218,8 +270,15 @@ def load_teacher(name: str, student, tokenizer, run: RunSettings, flag_given: bo
     return loaded.model
 
 
-def compress(job: CompressJob) -> dict:
-    """Run the whole stage; returns the report written to <out>/report.json."""
+def dry_run(job: CompressJob) -> list:
+    """`compress --dry-run`: the memory plan of every stage from config.json alone (no weights,
+    no tokenizer); printed, and a UserError naming the stage and the flags when one does not fit."""
+    job, s, r = _validated(job)
+    return check_memory(job, s, r, dry_run=True)
+
+
+def _validated(job: CompressJob) -> tuple:
+    """(job, prune settings, recover settings or None), every setting checked."""
     rc = job.reconstruct.validate()
     s = job.prune.validate(reconstructs=rc.active)
     if s.method == "adapruner" and rc.active and rc.select == "local":
@@ -231,6 +290,13 @@ def compress(job: CompressJob) -> dict:
     r = job.recover.validate() if job.recover is not None else None
     if s.method == "hywia":
         job.hywia.validate(s.calib_samples)
+    return job, s, r
+
+
+def compress(job: CompressJob) -> dict:
+    """Run the whole stage; returns the report written to <out>/report.json."""
+    job, s, r = _validated(job)
+    rc = job.reconstruct
     check_output_dir(job.out, job.overwrite)
     procs = processes()
     job = _per_process(job, procs, s.method)
@@ -242,9 +308,9 @@ def compress(job: CompressJob) -> dict:
     if job.resume:
         if pruned_dir is None:
             raise UserError("--resume continues an interrupted recovery; this run has none (--no-recover / --recovery none)")
-        model, tokenizer, plan, report, device, dense = _resume_pruned(pruned_dir, job, s)
+        model, tokenizer, plan, report, device = _resume_pruned(pruned_dir, job, s)
     else:
-        model, tokenizer, plan, report, device, dense = _prune_stage(job, s, rc)
+        model, tokenizer, plan, report, device = _prune_stage(job, s, rc)
         if pruned_dir is not None and procs.main:  # a fresh run: earlier checkpoints no longer apply
             clear_checkpoints(ckpt)
             ckpt.mkdir(parents=True)
@@ -252,15 +318,16 @@ def compress(job: CompressJob) -> dict:
             tmp.mkdir()
             _save(tmp, model, tokenizer, plan, report, "pruned")
             tmp.rename(pruned_dir)
+        procs.barrier()  # the pruned model is on disk for every process
     title = f"{s.method} {plan.params['removed_share']:.1%} of {job.model}"
     if r is not None:
-        if r.distills and dense is None:
-            dense = load_teacher(job.teacher or job.model, model, tokenizer, job.run, job.teacher is not None)
         run = RecoverRun(ckpt_dir=ckpt, save_every=job.save_every, resume=job.resume, progress=job.run.progress,
-                         data_dir=job.run.data_dir, teacher=dense, teacher_cache=job.teacher_cache,
+                         data_dir=job.run.data_dir, teacher_cache=job.teacher_cache,
                          teacher_cache_mib=job.teacher_cache_mib, curve_every=job.curve_every)
+        if r.distills:
+            model = _teacher_stage(job, model, tokenizer, r, run, pruned_dir, device, report)
         recovered = recover_model(model, tokenizer, r, run)
-        del dense, run
+        del run
         model = recovered.model
         report["recovery"] = recovered.info
         if job.eval_ppl:
@@ -269,7 +336,7 @@ def compress(job: CompressJob) -> dict:
     report["time_s"]["total_s"] = time.perf_counter() - t0
     report["peak_memory_mib"] = peak_memory_mib(device)
     report["processes"] = procs.world
-    report["memory_estimate"] = {st.stage: {**st.parts, "total": st.total} for st in memory}
+    report["memory_estimate"] = {st.stage: st.as_dict() for st in memory}
     procs.barrier()  # every process is done with the checkpoints before they go
     if procs.main:
         with atomic_dir(job.out, job.overwrite) as tmp:
@@ -279,67 +346,99 @@ def compress(job: CompressJob) -> dict:
     return report
 
 
-def check_memory(job: "CompressJob", s: PruneSettings, r: RecoverSettings | None) -> list:
-    """Count each stage's memory from the model's config (saap_edge/memory.py), print it, and
-    refuse before loading a stage the devices cannot hold. Returns the stages counted."""
-    from saap_edge.memory import Shape, estimation_memory, recovery_memory
-    from saap_edge.models.load import model_config
+def planned_device(run: RunSettings, dry_run: bool = False) -> str:
+    """The device a run computes on, without touching it: --device, or for auto CUDA when
+    torch sees a GPU (a dry run also when --max-memory names one)."""
+    if run.device != "auto":
+        return run.device
+    import torch
 
-    config = model_config(job.model)
-    if config is None:
-        return []
+    if torch.cuda.is_available():
+        return "cuda"
+    gpus = [k for k in (parse_max_memory(run.max_memory) or {}) if isinstance(k, int)]
+    return "cuda" if dry_run and gpus else "cpu"
+
+
+def _weight_bytes(run: RunSettings, device: str) -> int:
+    """Bytes per weight of the run's --dtype on `device`."""
+    from saap_edge.models.load import resolve_dtype
+
+    return resolve_dtype(run.dtype, torch.device(device)).itemsize
+
+
+def _shape_of(name: str, dry_run: bool):
+    """The sizes of --model `name` from its config alone; None when it cannot be read that way
+    (a run then loads and reports the reason; a dry run refuses it)."""
+    from saap_edge.memory import Shape
+    from saap_edge.models.load import SUPPORTED_MODEL_TYPES, SUPPORTED_TEXT, model_config
+
+    config = model_config(name)
+    if config is None or getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+        if not dry_run:
+            return None
+        what = "cannot be read" if config is None else f"is {getattr(config, 'model_type', None)!r}"
+        raise UserError(f"{name}: its config {what}; --dry-run plans {SUPPORTED_TEXT} from their config.json")
     try:
-        shape = Shape.of(config)
-    except (AttributeError, TypeError):  # not a LLaMA config: loading refuses it with the reason
+        return Shape.of(config)
+    except (AttributeError, TypeError, ValueError) as exc:  # not a LLaMA config: loading refuses it with the reason
+        if dry_run:
+            raise UserError(f"{name}: its config is not a LLaMA-block model ({exc})") from exc
+        return None
+
+
+def check_memory(job: "CompressJob", s: PruneSettings, r: RecoverSettings | None, dry_run: bool = False) -> list:
+    """Plan each stage's memory on the card and the host from the model's config
+    (saap_edge/memory.py), and refuse before loading a stage the devices cannot hold. Returns
+    the stages planned."""
+    from saap_edge.memory import compress_stages
+
+    shape = _shape_of(job.model, dry_run)
+    if shape is None:
         return []
-    b = _weight_bytes(job)
-    stages = [estimation_memory(shape, b, s.seq_len, s.calib_samples)]
-    if r is not None and r.recovery != "none":
-        stages.append(recovery_memory(shape, b, s.ratio, r.batch_size, r.seq_len, r.distills, r.rank,
-                                      "lora" in r.trained, r.group_size or 32))
-    return _gate(job, stages)
+    device = planned_device(job.run, dry_run)
+    teacher = _shape_of(job.teacher, dry_run) if job.teacher and r is not None and r.distills else None
+    cache = job.teacher_cache_mib if job.teacher_cache is not None else None
+    stages = compress_stages(shape, _weight_bytes(job.run, device), s, job.reconstruct, r, device.split(":")[0], cache,
+                             teacher)
+    return _gate(job, stages, device, dry_run)
 
 
-def _weight_bytes(job) -> int:
-    """Bytes per weight of the run's --dtype on its --device."""
-    from saap_edge.models.load import resolve_device, resolve_dtype
+def _gate(job, stages: list, device: str, dry_run: bool) -> list:
+    """Refuse stages the devices cannot hold; keep their description to print once loading passed
+    (a dry run prints it at once)."""
+    from saap_edge.memory import check_fits, describe, devices_for
 
-    return resolve_dtype(job.run.dtype, resolve_device(job.run.device)).itemsize
+    devices = devices_for(device, parse_max_memory(job.run.max_memory), job.run.device_map, probe=not dry_run)
+    text = describe(stages, devices)
+    if dry_run:
+        import sys
 
-
-def _gate(job, stages: list) -> list:
-    """Refuse stages the devices cannot hold; keep their description to print once loading passed."""
-    from saap_edge.memory import available_bytes, check_fits, describe
-    from saap_edge.models.load import resolve_device
-
-    available = available_bytes(str(resolve_device(job.run.device)), parse_max_memory(job.run.max_memory))
-    check_fits(stages, available, job.run.device_map)
-    job.memory_text = describe(stages, available) if job.run.progress and processes().main else None
+        print(text, file=sys.stderr if not job.run.progress else sys.stdout, flush=True)
+    check_fits(stages, devices, job.run.device_map)
+    job.memory_text = text if job.run.progress and processes().main and not dry_run else None
     return stages
 
 
-def _check_recover_memory(job: "RecoverJob", r: RecoverSettings) -> list:
+def _check_recover_memory(job: "RecoverJob", r: RecoverSettings, dry_run: bool = False) -> list:
     """check_memory for `saap-edge recover`: the student is the input itself, the teacher the
     dense model it will load (--teacher, else the source its report records, else the input)."""
-    from saap_edge.memory import Shape, recovery_memory
-    from saap_edge.models.load import model_config
+    from saap_edge.memory import recovery_stages
 
-    config = model_config(job.source)
-    if config is None or r.recovery == "none":
+    if r.recovery == "none":
         return []
-    try:
-        shape = Shape.of(config)
-        teacher = None
-        if r.distills:
-            report = Path(job.source) / REPORT_FILE
-            recorded = (read_json(report, "report").get("model") or {}) if report.exists() else {}
-            name = job.teacher or recorded.get("path") or recorded.get("model") or job.source
-            teacher_config = model_config(name)
-            teacher = Shape.of(teacher_config) if teacher_config is not None else None
-    except (AttributeError, TypeError):  # not a LLaMA config: loading refuses it with the reason
+    shape = _shape_of(job.source, dry_run)
+    if shape is None:
         return []
-    return _gate(job, [recovery_memory(shape, _weight_bytes(job), 0.0, r.batch_size, r.seq_len, r.distills, r.rank,
-                                       "lora" in r.trained, r.group_size or 32, teacher)])
+    teacher = None
+    if r.distills:
+        report = Path(job.source) / REPORT_FILE
+        recorded = (read_json(report, "report").get("model") or {}) if report.exists() else {}
+        name = job.teacher or recorded.get("path") or recorded.get("model") or job.source
+        teacher = _shape_of(name, False)
+    device = planned_device(job.run, dry_run)
+    cache = job.teacher_cache_mib if job.teacher_cache is not None else None
+    stages = recovery_stages(shape, teacher, _weight_bytes(job.run, device), 0.0, r, device.split(":")[0], cache)
+    return _gate(job, stages, device, dry_run)
 
 
 def _print_memory(job) -> None:
@@ -395,6 +494,11 @@ def _recorded_source(report: dict, source: str) -> str:
     if not given:
         raise UserError(f"{source} records no source model (report.json); give the dense teacher with --teacher PATH")
     return given
+
+
+def recover_dry_run(job: RecoverJob) -> list:
+    """`recover --dry-run`: the memory plan of the recovery stages from config.json alone."""
+    return _check_recover_memory(job, job.recover.validate(), dry_run=True)
 
 
 def recover_dir(job: RecoverJob) -> dict:
@@ -456,7 +560,7 @@ def recover_dir(job: RecoverJob) -> dict:
     report["time_s"]["recover_total_s"] = time.perf_counter() - t0
     report["peak_memory_mib"] = peak_memory_mib(device)
     report["processes"] = procs.world
-    report["memory_estimate"] = {st.stage: {**st.parts, "total": st.total} for st in memory}
+    report["memory_estimate"] = {st.stage: st.as_dict() for st in memory}
     procs.barrier()
     if procs.main:
         with atomic_dir(job.out, job.overwrite) as tmp:

@@ -47,7 +47,7 @@ from saap_edge.errors import UserError
 from saap_edge.models.onednn import onednn_linears
 from saap_edge.prune.groups import ATTN, MLP, MEMBERS, OUTPUT_PROJ, LayerShape, decoder_layers, discover, member_index, submodule
 from saap_edge.prune.plan import LayerPlan, PrunePlan
-from saap_edge.prune.slicing import kept_index, take_lines
+from saap_edge.prune.slicing import fill_layer, kept_index, release_layer, take_lines
 from saap_edge.report import PeakRSS
 
 
@@ -380,9 +380,13 @@ def reconstruct(
     r: ReconstructSettings,
     device: torch.device | str | None = None,
     progress: bool = True,
+    streamed: bool = False,
 ) -> ReconstructResult:
     """Refit `slim` (sliced from `dense` by `plan`) layer by layer on the calibration windows
     `samples` [N, T]; `slim` is changed in place and `plan` too under local selection.
+    `streamed`: `slim` comes from `slicing.empty_slim` + `fill_outer` and each of its layers is
+    sliced here just before its refit, after which the dense layer is freed (`dense` is used up:
+    the two models together never hold much more than the dense one).
     Returns the model, the plan and what the stage did (per-layer errors, time, peak memory)."""
     if not r.active:
         return ReconstructResult(slim, plan, {"method": "none"})
@@ -399,8 +403,12 @@ def reconstruct(
         stage = _Stage(dense, slim, plan, samples[procs.share(samples.shape[0])], r, device)
         pairs = list(zip(decoder_layers(dense), decoder_layers(slim)))
         for i, (dl, sl) in enumerate(tqdm(pairs, desc="reconstruct", disable=not progress or not procs.main)):
+            if streamed:
+                fill_layer(dense, slim, plan, i)
             with _on(dl, device), _on(sl, device):
                 stage.layer(i, dl, sl)
+            if streamed:
+                release_layer(dense, i)
     info = {
         **r.to_dict(),
         "tokens": int(samples.numel()),

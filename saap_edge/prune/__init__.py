@@ -55,19 +55,22 @@ def statistics(model: nn.Module, samples: torch.Tensor | None, s: PruneSettings,
 
 def prune(
     model: nn.Module, samples: torch.Tensor | None, s: PruneSettings, progress: bool = True, stats: Statistics | None = None,
-    ranker=None,
+    ranker=None, slice_now: bool = True,
 ) -> PruneResult:
     """Rank units with `s.method` on the calibration samples [D, T], search, slice.
     `stats` lets several calls on the same model and samples share one estimation; `ranker`
-    (stats, settings) -> Ranking replaces the method's default one (a method with settings of its own)."""
+    (stats, settings) -> Ranking replaces the method's default one (a method with settings of its own).
+    `slice_now` False leaves the slicing to the caller (result.model None; the counts come from
+    the slim model's sizes on the meta device): compress streams it layer by layer."""
     stats = stats or statistics(model, samples, s, progress)
     stats.use_heads("heads" in s.unit_set)
     ranking = (ranker or RANKERS[s.method])(stats, s)
     before = total_params(model)
     plan = search(ranking.keep, stats.shapes, stats.costs, before, s.ratio, ranking.allocation, s.align, ranking.cap,
                   modules="modules" in s.unit_set)
-    slim = apply_plan(model, plan)
+    slim = apply_plan(model, plan, device=None if slice_now else "meta")
     after = total_params(slim)
+    slim = slim if slice_now else None
     plan.method, plan.ratio, plan.settings, plan.seed = s.method, s.ratio, s.to_dict(), s.seed
     plan.importance = ranking.record
     plan.params = {"before": before, "after": after, "removed_share": (before - after) / before}

@@ -64,26 +64,96 @@ def take_lines(tensor: torch.Tensor, axis: str, index: torch.Tensor) -> torch.Te
     return tensor.index_select(0 if axis == "out" else 1, index.to(tensor.device))
 
 
-def apply_plan(model: nn.Module, plan: PrunePlan) -> SlimLlamaForCausalLM:
-    """A new slim model holding exactly the kept units of `model` (which is left unchanged)."""
+def apply_plan(model: nn.Module, plan: PrunePlan, device=None) -> SlimLlamaForCausalLM:
+    """A new slim model holding exactly the kept units of `model` (which is left unchanged), on
+    `device` (default: where `model` is; "meta": sizes only, no memory)."""
     plan.check_matches(discover(model))
     config = slim_config(model.config, plan)
-    state = sliced_state_dict(model, plan)
     weight = next(model.parameters())
-    with no_init_weights():
-        slim = SlimLlamaForCausalLM(config)
+    if device is not None and torch.device(device).type == "meta":
+        with torch.device("meta"):
+            return SlimLlamaForCausalLM(config).to(weight.dtype)
     # a model spread over several devices (--device-map) may not fit one: its slim copy is built
     # on the CPU and spread again by the caller
     spread = len({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}) > 1
-    slim.to(dtype=weight.dtype, device="cpu" if spread else weight.device)
-    missing, unexpected = slim.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
-    if missing or unexpected:
-        raise RuntimeError(f"slicing left missing keys {missing} / unexpected keys {unexpected}")
-    slim.tie_weights()
+    home = device if device is not None else ("cpu" if spread else weight.device)
+    slim = empty_slim(model, plan, home)
+    fill_outer(model, slim)
+    for i in range(len(plan.layers)):
+        fill_layer(model, slim, plan, i)
+    return slim
+
+
+def empty_slim(model: nn.Module, plan: PrunePlan, device) -> SlimLlamaForCausalLM:
+    """The slim model of `plan` with uninitialised weights on `device`, in `model`'s dtype.
+
+    Built on the meta device and then given memory with `to_empty`: on the CPU the pages of an
+    untouched tensor are not resident, so the slim model costs RAM only as `fill_layer` writes
+    it (the dense model shrinking meanwhile under `release_layer`)."""
+    config = slim_config(model.config, plan)
+    with torch.device("meta"):
+        slim = SlimLlamaForCausalLM(config)
+    slim.to(next(model.parameters()).dtype)
+    slim.to_empty(device=device)
+    inner = slim.model
+    inner.rotary_emb = type(inner.rotary_emb)(config=slim.config, device=device)  # its buffers are computed, not loaded
     slim.eval()
     if getattr(model, "generation_config", None) is not None:
         slim.generation_config = model.generation_config
+    return slim
+
+
+@torch.no_grad()
+def fill_outer(model: nn.Module, slim: SlimLlamaForCausalLM) -> None:
+    """Copy what slicing never changes: the embedding, the final norm, the output matrix."""
+    src, dst = getattr(model, "model", model), slim.model
+    dst.embed_tokens.weight.copy_(src.embed_tokens.weight)
+    dst.norm.weight.copy_(src.norm.weight)
+    if slim.config.tie_word_embeddings:
+        slim.tie_weights()
+    else:
+        slim.lm_head.weight.copy_(model.lm_head.weight)
+
+
+@torch.no_grad()
+def fill_layer(model: nn.Module, slim: SlimLlamaForCausalLM, plan: PrunePlan, i: int) -> None:
+    """Write slim decoder layer i from the dense layer i: the kept rows / columns of every
+    member, the rest (norms) whole; one tensor at a time, so only one sliced copy is in flight."""
+    dense_layer, slim_layer = decoder_layers(model)[i], slim.model.layers[i]
+    shape, lp = discover(model)[i], plan.layers[i]
+    members = {f"{path}.{kind_end}": (axis, part) for kind in MEMBERS for path, axis, part in MEMBERS[kind]
+               for kind_end in ("weight", "bias")}
+    source = dict(dense_layer.named_parameters())
+    for name, target in list(slim_layer.named_parameters()) + list(slim_layer.named_buffers()):
+        if name not in source:
+            raise RuntimeError(f"slicing layer {i}: the dense layer has no {name}")
+        value = source[name]
+        if name in members:
+            axis, part = members[name]
+            if name.endswith("bias") and axis == "in":
+                target.copy_(value)
+                continue
+            value = take_lines(value, axis, kept_index(lp, shape, part))
+        target.copy_(value)
+
+
+def release_layer(model: nn.Module, i: int) -> None:
+    """Free dense decoder layer i (its tensors move to the meta device): slicing is done with it."""
+    layer = decoder_layers(model)[i]
+    for p in layer.parameters():
+        p.grad = None
+    layer.to("meta")
+
+
+def slice_streamed(model: nn.Module, plan: PrunePlan, device) -> SlimLlamaForCausalLM:
+    """`apply_plan` that consumes `model`: each dense layer is freed once its slim layer is
+    written, so the two together never hold much more than the dense model (plus one layer)."""
+    plan.check_matches(discover(model))
+    slim = empty_slim(model, plan, device)
+    fill_outer(model, slim)
+    for i in range(len(plan.layers)):
+        fill_layer(model, slim, plan, i)
+        release_layer(model, i)
     return slim
 
 

@@ -61,7 +61,8 @@ class RecoverRun:
     progress: bool = True
     data_dir: str | None = None
     stop_after: int | None = None
-    teacher: nn.Module | None = None  # the dense model, for --recover-loss kd / kd+lm
+    teacher: nn.Module | None = None  # the dense model, for --recover-loss kd / kd+lm (on the fly)
+    teacher_key: str | None = None  # or: the teacher cache entry its teacher pass filled (no teacher in memory)
     teacher_cache: Path | None = field(default_factory=default_cache_dir)  # None: no cache (targets on the fly)
     teacher_cache_mib: int = 4096
     curve_every: int = 0  # score the held-out windows every N steps (report: recovery.heldout_curve)
@@ -100,13 +101,8 @@ def recover_model(model: nn.Module, tokenizer, s: RecoverSettings, run: RecoverR
     info["trained"] = list(s.trained)
     info["trainable_params"] = trainable_parameters(trainee)
     teacher = None  # train() refuses a distilling run without one
-    if s.distills and run.teacher is not None:
-        n_train = len(data.train)
-        teacher = Teacher(
-            run.teacher, data.train, lambda start, count: window_indices(start, count, s.seed, n_train),
-            s.kd_temperature, s.kd_topk, {"data_sha256": data.sha256, "heldout": s.heldout, "seed": s.seed},
-            run.teacher_cache, run.teacher_cache_mib, s.batch_size,
-        )
+    if s.distills and (run.teacher is not None or run.teacher_key is not None):
+        teacher = _teacher(run.teacher, data, s, run)
     save_every = run.save_every or max(1, n_steps // 10)
     if run.progress:
         device_note = "the paper's 2 epochs" if s.epochs else f"{n_steps} steps"
@@ -134,10 +130,32 @@ def recover_model(model: nn.Module, tokenizer, s: RecoverSettings, run: RecoverR
     return Recovered(merged, info)
 
 
+def _teacher(model: nn.Module | None, data, s: RecoverSettings, run: RecoverRun) -> Teacher:
+    n_train = len(data.train)
+    return Teacher(
+        model, data.train, lambda start, count: window_indices(start, count, s.seed, n_train),
+        s.kd_temperature, s.kd_topk, {"data_sha256": data.sha256, "heldout": s.heldout, "seed": s.seed},
+        run.teacher_cache, run.teacher_cache_mib, s.batch_size, key=run.teacher_key if model is None else None,
+    )
+
+
+def teacher_pass(teacher: nn.Module, tokenizer, s: RecoverSettings, run: RecoverRun) -> str:
+    """The teacher alone computes the top-k targets of every micro-batch the run will train on
+    and stores them in the teacher cache; returns the cache entry's key (RecoverRun.teacher_key).
+    The student is not in memory meanwhile, so the two never share a device."""
+    device = next(teacher.parameters()).device
+    s = s.validate().resolved(device.type)
+    data = recovery_windows(tokenizer, s.data, s.seq_len, s.heldout, s.seed, run.data_dir, s.max_tokens)
+    positions = total_steps(s, len(data.train)) * s.batch_size * s.grad_accum
+    cached = _teacher(teacher, data, s, run)
+    cached.precompute(positions, run.progress)
+    return cached.key
+
+
 def clear_checkpoints(ckpt_dir: Path | None) -> None:
     if ckpt_dir is not None and ckpt_dir.exists():
         shutil.rmtree(ckpt_dir, ignore_errors=True)
 
 
-__all__ = ["RecoverRun", "Recovered", "recover_model", "checkpoint_dir", "as_slim", "clear_checkpoints",
+__all__ = ["RecoverRun", "Recovered", "recover_model", "teacher_pass", "checkpoint_dir", "as_slim", "clear_checkpoints",
            "latest_checkpoint"]

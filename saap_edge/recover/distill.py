@@ -97,27 +97,65 @@ class Teacher:
     """The teacher's targets for positions of the run's window shuffle (optionally cached).
 
     `windows_at(start, count)` gives the window indices of those positions (the trainer's
-    shuffle); `train` is the training windows [n, S].
+    shuffle); `train` is the training windows [n, S]. With `model` None the targets come from
+    the cache folder `key` alone, filled beforehand by `precompute` (the teacher pass): the
+    student then trains with no teacher in memory.
     """
 
-    def __init__(self, model: nn.Module, train: torch.Tensor, windows_at, temperature: float, topk: int,
-                 key_parts: dict, cache_dir: Path | None = None, cache_mib: int = 4096, batch_size: int = 8):
-        self.model = model.eval().requires_grad_(False)
-        self.device = next(model.parameters()).device
+    def __init__(self, model: nn.Module | None, train: torch.Tensor, windows_at, temperature: float, topk: int,
+                 key_parts: dict, cache_dir: Path | None = None, cache_mib: int = 4096, batch_size: int = 8,
+                 key: str | None = None):
+        self.model = model.eval().requires_grad_(False) if model is not None else None
+        self.device = next(model.parameters()).device if model is not None else torch.device("cpu")
         self.train, self.windows_at = train, windows_at
         self.temperature, self.topk, self.batch_size = temperature, topk, batch_size
         self.cache_mib = cache_mib
         self.cache: Path | None = None
         self.hits = self.computed = 0
         self._recent: dict[int, Targets] = {}  # chunks in memory (a micro-batch reads 1-2 of them)
-        if cache_dir is not None and topk > 0:
+        if model is None:
+            if cache_dir is None or key is None or not (Path(cache_dir) / key / "meta.json").exists():
+                raise UserError(f"the teacher cache {cache_dir}/{key} is gone; rerun the teacher pass (run again, or "
+                                "--teacher-cache off)")
+            self.cache, self.key = Path(cache_dir) / key, key
+            os.utime(self.cache / "meta.json")  # recently used
+        elif cache_dir is not None and topk > 0:
             meta = {**key_parts, "teacher_sha256": weights_sha256(model), "topk": topk, "temperature": temperature,
                     "format": 1}
             key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:24]
             self.cache = Path(cache_dir) / key
             self.cache.mkdir(parents=True, exist_ok=True)
-            (self.cache / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")  # also marks it recently used
+            tmp = self.cache / f".meta.json.{os.getpid()}.tmp"
+            tmp.write_text(json.dumps(meta, indent=1) + "\n")
+            tmp.replace(self.cache / "meta.json")  # also marks it recently used
             self.key = key
+
+    def chunk_bytes(self) -> int:
+        """Bytes of one cached chunk: CHUNK windows x positions x k x (float32 + int32)."""
+        return CHUNK * self.train.shape[1] * self.topk * 8
+
+    def _path(self, index: int) -> Path:
+        return self.cache / f"positions-{index * CHUNK:09d}-{(index + 1) * CHUNK:09d}.safetensors"
+
+    @torch.no_grad()
+    def precompute(self, positions: int, progress: bool = True) -> None:
+        """The teacher pass: compute and store the targets of window positions 0 .. positions
+        (every micro-batch of the run), chunks already cached skipped. Refuses, before any
+        forward, a run whose targets would pass the cache's size limit."""
+        chunks = -(-positions // CHUNK)
+        need = chunks * self.chunk_bytes()
+        if need > self.cache_mib * 2**20:
+            raise UserError(f"the teacher's targets for this run take {need / 2**20:.0f} MiB and --teacher-cache-mib is "
+                            f"{self.cache_mib}; raise it to {-(-need // 2**20)} (or --teacher-cache off: the teacher then "
+                            "stays on the device beside the student)")
+        from tqdm.auto import tqdm
+
+        self._evict(self.cache_mib * 2**20 - need)
+        todo = [i for i in range(chunks) if not self._path(i).exists()]
+        for index in tqdm(todo, desc="teacher pass", disable=not progress):
+            self._recent = {}
+            self._load_or_compute(index)
+        self._recent = {}
 
     @torch.no_grad()
     def _compute(self, windows: torch.Tensor) -> Targets:
@@ -135,7 +173,7 @@ class Teacher:
         return self._recent[index]
 
     def _load_or_compute(self, index: int) -> Targets:
-        path = self.cache / f"positions-{index * CHUNK:09d}-{(index + 1) * CHUNK:09d}.safetensors"
+        path = self._path(index)
         if path.exists():
             try:
                 data = load_file(path)
@@ -143,6 +181,9 @@ class Teacher:
                 return Targets(data["logp"], data["ids"])
             except (SafetensorError, KeyError, OSError):
                 path.unlink(missing_ok=True)  # a damaged chunk is recomputed, never trusted
+        if self.model is None:
+            raise UserError(f"{path} is missing or damaged and the teacher has left; rerun the command to repeat the "
+                            "teacher pass")
         windows = self.train[self.windows_at(index * CHUNK, CHUNK)]
         t = self._compute(windows)
         self.computed += 1
