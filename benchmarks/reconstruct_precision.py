@@ -77,7 +77,7 @@ def capture_inputs(model, samples: torch.Tensor, layers: list[int]) -> dict:
         layer = model.model.layers[i]
         for name, path in PROJECTIONS.items():
             module = layer.get_submodule(path)
-            hook = lambda m, args, key=(i, name): store[key].append(args[0].reshape(-1, args[0].shape[-1]).float().clone())  # noqa: E731
+            hook = lambda m, args, key=(i, name): store[key].append(flat(args[0]))  # noqa: E731
             handles.append(module.register_forward_pre_hook(hook))
     try:
         for s in range(0, len(samples), BATCH):
@@ -86,6 +86,11 @@ def capture_inputs(model, samples: torch.Tensor, layers: list[int]) -> dict:
         for h in handles:
             h.remove()
     return store
+
+
+def flat(x: torch.Tensor) -> torch.Tensor:
+    """A captured input as a float32 [tokens, in] copy."""
+    return x.reshape(-1, x.shape[-1]).float().clone()
 
 
 def gram_fp64(batches):
@@ -243,7 +248,8 @@ def main_table(rows: list[dict]) -> str:
     head = ["layer", "proj", "removed", "rel_err fp64", "rel_err fp32 refit", "abs diff", "rel diff", "overlap fp32 sel",
             "rel_err fp32 sel", "refit ms fp64/fp32", "select ms fp64/fp32"]
     body = [[r["layer"], r["proj"], f"{r['share']:.0%} ({r['removed']}/{r['units']} {r['unit']}s)", r["rel_err_fp64"],
-             r["rel_err_fp32"], f"{r['abs_diff']:.1e}", f"{r['rel_diff']:.1e}", f"{r['jaccard']:.3f} ({r['differ_fp32_sel']} differ)", r["rel_err_select32"],
+             r["rel_err_fp32"], f"{r['abs_diff']:.1e}", f"{r['rel_diff']:.1e}",
+             f"{r['jaccard']:.3f} ({r['differ_fp32_sel']} differ)", r["rel_err_select32"],
              f"{ms(r['time_refit_fp64_s'])}/{ms(r['time_refit_fp32_s'])}",
              f"{ms(r['time_select_fp64_s'])}/{ms(r['time_select_fp32_s'])}"] for r in rows]
     return format_table(head, body)
@@ -267,9 +273,10 @@ def gram_table(data: dict) -> str:
 
 
 def numerics_table(rows: list[dict]) -> str:
-    head = ["layer", "proj", "removed", "cond(G_KK + lambda I)", "rel_err sliced", "W rel diff fp32", "fp32 Cholesky ok (refit, select)",
-            "fp32 non-finite", "overlap all fp32", "rel_err all fp32"]
-    body = [[r["layer"], r["proj"], f"{r['share']:.0%}", f"{r['cond']:.2e}", r["rel_err_sliced"], f"{r['weight_rel_diff']:.1e}",
+    head = ["layer", "proj", "removed", "cond(G_KK + lambda I)", "rel_err sliced", "W rel diff fp32",
+            "fp32 Cholesky ok (refit, select)", "fp32 non-finite", "overlap all fp32", "rel_err all fp32"]
+    body = [[r["layer"], r["proj"], f"{r['share']:.0%}", f"{r['cond']:.2e}", r["rel_err_sliced"],
+             f"{r['weight_rel_diff']:.1e}",
              f"{r['chol_ok_fp32']}, {r['select_chol_ok_fp32']}", str(r["nonfinite_fp32"]), f"{r['jaccard_all32']:.3f}",
              r["rel_err_all32"]] for r in rows]
     return format_table(head, body)

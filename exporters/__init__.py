@@ -136,7 +136,27 @@ def _check_job(job: ExportJob) -> ExportJob:
     return job
 
 
+def plan_export(job: ExportJob) -> list:
+    """`export --dry-run`: the host memory of the export from config.json alone (the artifact,
+    one dense layer in float32, 2 GiB for writers and readers), refused when it does not fit."""
+    from saap_edge.memory import Devices, Shape, artifact_bytes, check_fits, describe, export_memory, host_available
+    from saap_edge.models.load import SUPPORTED_MODEL_TYPES, model_config
+
+    job = _check_job(copy.copy(job))
+    config = model_config(job.model)
+    if config is None or getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+        raise UserError(f"{job.model}: no LLaMA-family config.json to plan from; give a saap-edge or LLaMA directory")
+    shape = Shape.of(config)
+    group = (getattr(config, "quantization", None) or {}).get("group_size")
+    stages = [export_memory(shape, artifact_bytes(shape, job.quant, job.embed_type, group or 32), group)]
+    devices = Devices(None, host_available())
+    print(describe(stages, devices))
+    check_fits(stages, devices, None)
+    return stages
+
+
 def export(job: ExportJob) -> ExportResult:
+    from saap_edge.models.int4_linear import weight_cache
     from saap_edge.models.load import load_model
     from saap_edge.recover import as_slim
 
@@ -154,10 +174,13 @@ def export(job: ExportJob) -> ExportResult:
     remove_stale(out.resolve())
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:
-        if job.format == "onnx":
-            result = _export_onnx(job, model, loaded, directory, tmp)
-        else:
-            result = _export_gguf(job, model, loaded, directory, source, tmp)
+        # int4 layers dequantize tensor by tensor and keep nothing: the host holds the checkpoint,
+        # the artifact and one float layer, not a float copy of the model
+        with weight_cache(model, False):
+            if job.format == "onnx":
+                result = _export_onnx(job, model, loaded, directory, tmp)
+            else:
+                result = _export_gguf(job, model, loaded, directory, source, tmp)
         result["write_s"] = time.perf_counter() - t0 - result.get("validate_s", 0.0)
         replace_path(tmp, out)
     finally:

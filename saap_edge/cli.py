@@ -398,14 +398,18 @@ def add_export(p: argparse.ArgumentParser) -> None:
                                                           "<model>/onnx-<quant>/)")
     p.add_argument("--no-validate", action="store_true", help="skip reading the artifact back and comparing it with torch")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    _add_dry_run(p)
 
 
 def run_export(a: argparse.Namespace) -> int:
-    from exporters import ExportJob, export
+    from exporters import ExportJob, export, plan_export
     from saap_edge.report import format_table
 
-    result = export(ExportJob(a.model, a.format, a.quant, a.embed_type, a.out, not a.no_validate, a.overwrite,
-                              onnx_graph=a.onnx_graph, matmul_accuracy=a.matmul_accuracy))
+    job = ExportJob(a.model, a.format, a.quant, a.embed_type, a.out, not a.no_validate, a.overwrite,
+                    onnx_graph=a.onnx_graph, matmul_accuracy=a.matmul_accuracy)
+    if a.dry_run:
+        return _dry_run_done(plan_export(job))
+    result = export(job)
     info = result.info
     rows = [["file", str(result.path)], ["bytes", result.bytes], ["architecture", info["arch"]],
             ["projections", info["quant"]], ["embeddings", info["embed_type"]], ["int4 tensors packed", info["int4_tensors"]]]

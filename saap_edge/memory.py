@@ -11,8 +11,8 @@ decoder layer x b; T / Tr = --seq-len / --recover-seq-len; B = --batch-size; V v
 H hidden; F the widest MLP.
 
 - estimation (card): W + saved activations of one window, T x (4H + 4q + 3kv + 4F) x b per
-  layer + heads x T^2 x b (attention scores) + logits and their gradient 2 x T x V x 4 + one
-  gradient in flight (largest projection x (b + 12)) + per-sample unit statistics.
+  layer + heads x T^2 x b (attention scores) + logits and their gradient 2 x T x V x 4 + two
+  gradients in flight (2 x largest projection x (b + 12)) + per-sample unit statistics.
   Host: W while the weights load (transformers reads them there first).
 - slice + reconstruct (streamed layer by layer, prune/slicing.py, reconstruct.py): the dense
   layer i is sliced into the slim layer i, refit, and then freed, so the dense model shrinks
@@ -173,16 +173,18 @@ class Devices:
 # --------------------------------------------------------------------------------------------
 # The stages.
 
-def estimation_memory(shape: Shape, b: int, seq_len: int, samples: int) -> StageMemory:
+def estimation_memory(shape: Shape, b: int, seq_len: int, samples: int, on_cpu: bool = False) -> StageMemory:
     largest = max(i * o for i, o in shape.projections())
     weights = shape.params() * b
     return StageMemory("estimation", {
         "weights": weights,
         "activations": shape.activations(seq_len, b),
         "logits": 2 * seq_len * shape.vocab * 4,
-        "gradient in flight": largest * (b + 3 * 4),
+        # measured: two at once (gate and up finish their backward together)
+        "gradients in flight": 2 * largest * (b + 3 * 4),
         "unit statistics": samples * shape.units() * 3 * 4,
-    }, {"weights while loading": weights}, "--seq-len (activations grow with it, attention scores with its square)")
+    }, {} if on_cpu else {"weights while loading": weights},
+        "lower --seq-len (activations grow with it, attention scores with its square)")
 
 
 def reconstruct_memory(shape: Shape, b: int, ratio: float, samples: int, seq_len: int, batch: int,
@@ -196,7 +198,7 @@ def reconstruct_memory(shape: Shape, b: int, ratio: float, samples: int, seq_len
     batch_acts = batch * seq_len * (3 * shape.hidden + widest) * 4
     # the moments, then OBS's damped copy, identity, Cholesky factor, inverse and one rank-|B| update
     work = (moments + 5) * n * n * precision_bytes if refits else 0
-    fixes = "--recon-samples (calibration streams), --reconstruct none (no refit work)"
+    fixes = "lower --recon-samples (calibration streams) or use --reconstruct none (no refit work)"
     dense_and_slim = {"dense and slim weights, streamed": weights + layer}
     if on_cpu:
         return StageMemory("slice + reconstruct", {**dense_and_slim, "refit work": work, "streams": streams + batch_acts},
@@ -213,12 +215,12 @@ def teacher_memory(teacher: Shape, b: int, batch: int, seq_len: int) -> StageMem
         "teacher weights": teacher.params() * b,
         "one layer's activations": batch * seq_len * (2 * teacher.hidden + 2 * max(f for _, _, f in teacher.layers)) * b,
         "logits": 3 * batch * seq_len * teacher.vocab * 4,
-    }, {}, "--batch-size (the teacher's batch), --kd-topk")
+    }, {}, "lower --batch-size (the teacher's batch)")
 
 
 def quantize_memory(shape: Shape, b: int, ratio: float) -> StageMemory:
     return StageMemory("quantize", {"pruned fp weights": int(round((1 - ratio) * shape.params() * b))}, {},
-                       "--dtype bfloat16 (the pruned weights before int4)")
+                       "use --dtype bfloat16 (the pruned weights before int4)")
 
 
 def recovery_memory(shape: Shape, b: int, ratio: float, batch: int, seq_len: int, distils: bool, rank: int,
@@ -239,22 +241,26 @@ def recovery_memory(shape: Shape, b: int, ratio: float, batch: int, seq_len: int
         "logits": 3 * batch * seq_len * shape.vocab * 4,
         "trained parameters and AdamW": int(round(keep * trained)) * 4 * 4,
     })
-    fixes = "--batch-size / --recover-seq-len (activations)"
+    fixes = "lower --batch-size / --recover-seq-len (activations)"
     if live_teacher:
-        fixes += ", a --teacher-cache folder (the teacher leaves the card before training)"
+        fixes += ", or give a --teacher-cache folder (the teacher then leaves the card before training)"
     return StageMemory("recovery", parts, {}, fixes)
 
 
-def export_memory(shape: Shape, artifact: int) -> StageMemory:
-    return StageMemory("export", {}, {"artifact": artifact, "one dense layer (float32)": max(shape.layer_params) * 4,
-                                      "writers and readers": EXPORT_SLACK}, "--no-validate (no read-back)")
+def export_memory(shape: Shape, artifact: int, group_size: int | None) -> StageMemory:
+    """The export on the host: the checkpoint as it loads (float32; an int4 checkpoint keeps its
+    groups), the artifact, one dense layer in float32, and the writers' and readers' slack."""
+    loaded = shape.int4_bytes(group_size, 4) if group_size else shape.params() * 4
+    return StageMemory("export", {}, {"checkpoint (float32 outside int4 groups)": loaded, "artifact": artifact,
+                                      "one dense layer (float32)": max(shape.layer_params) * 4,
+                                      "writers and readers": EXPORT_SLACK}, "export an int4 checkpoint (saap-edge compress writes one), or use a machine with more RAM")
 
 
 def eval_memory(shape: Shape, weights: int, batch: int, seq_len: int, b: int) -> StageMemory:
     widest = max(f for _, _, f in shape.layers)
     return StageMemory("eval", {"weights": weights,
                                 "one batch": batch * seq_len * (3 * shape.hidden + 2 * widest) * b,
-                                "logits": 2 * batch * seq_len * shape.vocab * 4}, {}, "--batch-size")
+                                "logits": 2 * batch * seq_len * shape.vocab * 4}, {}, "lower --batch-size")
 
 
 def artifact_bytes(shape: Shape, quant: str, embed: str | None, group_size: int = 32) -> int:
@@ -383,15 +389,18 @@ def check_fits(stages: list[StageMemory], devices: Devices, device_map: str | No
             continue
         need = st.total if devices.card is None else (st.card_total if where == "card" else st.host_total)
         budget = devices.host if where == "host" else devices.card
-        holder = "the devices hold" if devices.card is None else f"the {where} holds"
-        more = ("--max-memory with a cpu= budget to offload layers to RAM" if device_map else
-                "--device-map auto to spread the layers over every GPU (and --max-memory cpu=... to offload)")
+        holder = "the host holds" if devices.card is None else f"the {where} holds"
+        more = ""
+        if st.card:
+            more = (", or use --max-memory with a cpu= budget to offload layers to RAM" if device_map else
+                    ", or use --device-map auto to spread the layers over every GPU (and --max-memory cpu=... to "
+                    "offload), or more devices")
         parts = st.card if where == "card" or devices.card is None else st.host
         weights = sum(v for k, v in {**parts, **(st.host if devices.card is None else {})}.items() if "weights" in k)
         room = (f" (its weights, {format_bytes(weights)}, fit but leave no room for activations)"
                 if 0 < weights <= budget else "")
         raise UserError(f"{st.stage} needs about {format_bytes(need)} and {holder} {format_bytes(budget)}{room}; "
-                        f"lower {st.fixes}, or use {more}, or more devices")
+                        f"{st.fixes}{more}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -449,7 +458,7 @@ def compress_stages(shape: Shape, b: int, s, rc, r, device_type: str, cache_mib:
     """Every stage of `saap-edge compress` with PruneSettings `s`, ReconstructSettings `rc` and
     RecoverSettings `r` (None: --no-recover)."""
     on_cpu = device_type != "cuda"
-    stages = [estimation_memory(shape, b, s.seq_len, s.calib_samples),
+    stages = [estimation_memory(shape, b, s.seq_len, s.calib_samples, on_cpu),
               reconstruct_memory(shape, b, s.ratio, rc.samples if rc.active else 0, rc.seq_len, rc.batch_size, on_cpu,
                                  refits=rc.active, moments=3 if rc.target == "dense" else 1)]
     if r is not None:

@@ -13,9 +13,19 @@ which is also what GGUF Q4_1 and ONNX MatMulNBits decode to.
 Recovery may train a and b themselves (`train_groups`): they become float32 parameters
 whose forward value is rounded to fp16 (straight-through), so the trained layer computes
 exactly what `freeze_groups` stores; the codes never change.
+
+Memory: with gradients on, the weight is dequantized in the forward pass and again in the
+backward pass (`_Int4MatMul`) instead of being kept for it, so training holds the int4
+storage plus one projection's float weight at a time, not a float copy of the model (the
+QLoRA recipe). Without gradients the forward keeps its dequantized weight (`cache_weights`,
+what makes an int4 model evaluate as fast as its float twin); `weight_cache(model, False)`
+turns that off where memory matters more (export, large models). Reading `.weight` or
+`dequantized()` never caches.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -48,8 +58,41 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
     return w.reshape(out, n_in).to(dtype)
 
 
+class _Int4MatMul(torch.autograd.Function):
+    """y = x w^T with w = a q + b dequantized in the forward pass and again in the backward
+    pass, never saved; gradients for x and, when trained, for the scales a and offsets b:
+    dL/db[o, g] = sum over the group's inputs j of dL/dw[o, j], dL/da[o, g] = the same sum
+    weighted by q[o, j]. (torch has no int4 matmul with trainable group parameters on every
+    device; bitsandbytes' 4-bit layers train neither their scales nor their offsets.)"""
+
+    @staticmethod
+    def forward(ctx, x, qweight, scales, offsets):
+        ctx.save_for_backward(x, qweight, scales, offsets)
+        w = dequantize(unpack_nibbles(qweight), scales, offsets, x.dtype)
+        return x @ w.T
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, qweight, scales, offsets = ctx.saved_tensors
+        codes = unpack_nibbles(qweight)
+        gx = gs = go = None
+        if ctx.needs_input_grad[0]:
+            gx = (grad @ dequantize(codes, scales, offsets, grad.dtype)).to(x.dtype)
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            out, n_in = codes.shape
+            groups = scales.shape[-1]
+            gw = (grad.reshape(-1, out).T @ x.reshape(-1, n_in).to(grad.dtype)).float().reshape(out, groups, -1)
+            if ctx.needs_input_grad[3]:
+                go = gw.sum(-1).to(offsets.dtype)
+            if ctx.needs_input_grad[2]:
+                gs = (gw * codes.reshape(out, groups, -1)).sum(-1).to(scales.dtype)
+        return gx, None, gs, go
+
+
 class Int4Linear(nn.Module):
     """A bias-free Linear whose weight is group-wise int4; see the module docstring."""
+
+    cache_weights = True  # keep the dequantized weight between no-gradient forwards
 
     def __init__(self, in_features: int, out_features: int, group_size: int, device=None):
         super().__init__()
@@ -107,25 +150,36 @@ class Int4Linear(nn.Module):
         return t + (t.detach().half().float() - t.detach())
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weight a * q + b in `dtype`, cached until a buffer changes (in place or replaced)."""
-        if torch.is_grad_enabled() and (self.scales.requires_grad or self.offsets.requires_grad):
-            # trained groups: a fresh graph every forward (a cached one is freed by the first backward)
-            return dequantize(self.codes, self._stored("scales"), self._stored("offsets"), dtype)
+        """The weight a * q + b in `dtype` (a fresh tensor; part of the graph of trained groups)."""
+        return dequantize(self.codes, self._stored("scales"), self._stored("offsets"), dtype)
+
+    def _cached(self, dtype: torch.dtype) -> torch.Tensor:
+        """`dequantized(dtype)` kept until a buffer changes (in place or replaced)."""
         # (a weight made under inference_mode cannot enter autograd: the mode is part of the key)
         key = tuple((id(t), t._version, t.device) for t in (self.qweight, self.scales, self.offsets))
         key += (dtype, torch.is_inference_mode_enabled())
         if self._cache is None or self._cache[0] != key:
+            self._cache = None
             with torch.no_grad():
-                self._cache = (key, dequantize(self.codes, self._stored("scales"), self._stored("offsets"), dtype))
+                self._cache = (key, self.dequantized(dtype))
         return self._cache[1]
 
     @property
     def weight(self) -> torch.Tensor:
-        """Dequantized weight (float32), for code that reads `.weight` of a projection."""
-        return self.dequantized(torch.float32)
+        """Dequantized weight (float32), for code that reads `.weight` of a projection (not cached:
+        peft and others read it for its dtype and device)."""
+        with torch.no_grad():
+            return self.dequantized(torch.float32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantized(x.dtype))
+        trained = self.scales.requires_grad or self.offsets.requires_grad
+        if torch.is_grad_enabled() and (trained or x.requires_grad):
+            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            return _Int4MatMul.apply(x.to(dtype), self.qweight, self._stored("scales"), self._stored("offsets"))
+        if not self.cache_weights:
+            self._cache = None
+            return F.linear(x, self.dequantized(x.dtype))
+        return F.linear(x, self._cached(x.dtype))
 
     def _apply(self, fn, recurse=True):
         # Scales and offsets are the stored fp16 values the devices run; a model-wide cast
@@ -143,6 +197,23 @@ class Int4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits=4, group_size={self.group_size}"
+
+
+@contextmanager
+def weight_cache(model: nn.Module, enabled: bool):
+    """Within the block, the Int4Linear layers of `model` keep (or do not keep) their
+    dequantized weights between forwards; dropped caches free their memory at once."""
+    layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    before = [m.cache_weights for m in layers]
+    for m in layers:
+        m.cache_weights = enabled
+        if not enabled:
+            m._cache = None
+    try:
+        yield model
+    finally:
+        for m, on in zip(layers, before):
+            m.cache_weights = on
 
 
 def replace_linears(model: nn.Module, group_size: int, modules=QUANT_MODULES) -> None:

@@ -8,12 +8,17 @@
 
 The direct parts are trained as float32 masters whose forward value is already the fp16
 the device stores (Int4Linear.train_groups); `freeze` rounds them to those buffers, so the
-model after training computes exactly what it computed in its last training step.
+model after training computes exactly what it computed in its last training step. Norms of
+a bfloat16 / float16 model train the same way: a float32 master (`parametrizations.weight.
+original`) whose forward value is the model's dtype (AdamW's steps of ~1e-3 are below
+bfloat16's resolution near 1.0 and would be lost in place); `freeze` leaves that value.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from saap_edge.models.int4_linear import Int4Linear
 
@@ -34,9 +39,34 @@ def enable_direct(model: nn.Module, parts: tuple[str, ...]) -> int:
                 p.requires_grad_(True)
                 n += p.numel()
         elif "norms" in parts and _is_norm(name, module):
-            module.weight.requires_grad_(True)
-            n += module.weight.numel()
+            n += _train_norm(module).numel()
     return n
+
+
+class _InDtype(nn.Module):
+    """Parametrization: a float32 master seen by the forward in the model's dtype."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def forward(self, master: torch.Tensor) -> torch.Tensor:
+        return master.to(self.dtype)
+
+
+def _train_norm(module: nn.Module) -> nn.Parameter:
+    """Make a norm's weight trainable with a float32 master; returns the parameter trained."""
+    if parametrize.is_parametrized(module, "weight"):
+        master = module.parametrizations.weight.original
+    elif module.weight.dtype == torch.float32:
+        master = module.weight
+    else:
+        dtype = module.weight.dtype
+        module.weight = nn.Parameter(module.weight.detach().float())
+        parametrize.register_parametrization(module, "weight", _InDtype(dtype))
+        master = module.parametrizations.weight.original
+    master.requires_grad_(True)
+    return master
 
 
 def direct_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -49,4 +79,6 @@ def freeze(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, Int4Linear):
             module.freeze_groups()
+        elif parametrize.is_parametrized(module, "weight"):
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
     model.requires_grad_(False)
