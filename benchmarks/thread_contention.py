@@ -393,7 +393,7 @@ def parallel_info() -> dict:
     import torch
 
     return {"parallel_info": torch.__config__.parallel_info(), "torch": torch.__version__,
-            "openmp_runtime": [p.name for p in (Path(torch.__file__).parent / "lib").glob("lib*omp*")]}
+            "openmp_runtime": [p.name for p in sorted((Path(torch.__file__).parent / "lib").glob("lib*")) if p.name.startswith(("libgomp", "libiomp", "libomp"))]}
 
 
 def markdown(data: dict) -> str:

@@ -31,7 +31,7 @@ from saap_edge.reconstruct import reconstruct
 from saap_edge.recover import RecoverRun, checkpoint_dir, clear_checkpoints, recover_model
 from saap_edge.recover.distill import check_teacher, default_cache_dir
 from saap_edge.quant.int4 import check_prunable_to_int4
-from saap_edge.report import peak_memory_mib, plot_layers
+from saap_edge.report import peak_memory_mib, plot_layers, stage_peak
 
 
 @dataclass
@@ -77,6 +77,7 @@ def _prune_stage(job: CompressJob, s: PruneSettings, r: ReconstructSettings) -> 
     set_seed(s.seed)  # torch's generator starts differently in every process
     loaded = load_model(job.model, job.run.device, job.run.dtype, job.run.device_map, parse_max_memory(job.run.max_memory))
     model, tokenizer = loaded.model, loaded.tokenizer
+    loaded.model = None  # the slicing frees the dense model layer by layer: nothing else may hold it
     device = next(model.parameters()).device
     lengths = {"--seq-len": s.seq_len, **({"--recon-seq-len": r.seq_len} if r.active else {})}
     if job.recover is not None:
@@ -101,26 +102,17 @@ def _prune_stage(job: CompressJob, s: PruneSettings, r: ReconstructSettings) -> 
     t1 = time.perf_counter()
     search_info = None
     streams = not job.run.device_map  # slicing streamed layer by layer into the refit (one device)
-    if s.method == "adapruner":
-        from saap_edge.prune.adapruner import search_and_prune
-
-        storage = job.out.with_name(job.out.name + ".search.db")
-        result, search_info = search_and_prune(model, tokenizer, s, job.search, r if r.active else None, recon_samples,
-                                               storage, job.run.data_dir, job.run.progress)
-    elif s.method == "hywia":
-        from saap_edge.prune.methods import rank_hywia
-
-        result = prune(model, samples, s, progress=job.run.progress, ranker=lambda st, ps: rank_hywia(st, ps, job.hywia),
-                       slice_now=streams)
-    else:
-        result = prune(model, samples, s, progress=job.run.progress, slice_now=streams)
+    measured: dict = {}
+    with stage_peak(measured, "estimation", device):
+        result, search_info = _rank(job, model, tokenizer, samples, s, r, recon_samples, streams)
     timings["prune_s"] = time.perf_counter() - t1
     plan = result.plan
     recon_info = {"method": "none"}
     if streams:
         result.model = None  # a search's own sliced copy: the stream below slices the dense model itself
         t2 = time.perf_counter()
-        slim, recon_info = _slice_stage(model, plan, recon_samples, r, device, job.run.progress)
+        with stage_peak(measured, "slice + reconstruct", device):
+            slim, recon_info = _slice_stage(model, plan, recon_samples, r, device, job.run.progress)
         timings["slice_s"] = time.perf_counter() - t2  # with the refit when it runs (the two are one stream)
         if r.active:
             timings["reconstruct_s"] = recon_info["time_s"]
@@ -138,7 +130,8 @@ def _prune_stage(job: CompressJob, s: PruneSettings, r: ReconstructSettings) -> 
         result.model = dispatch(result.model, parse_max_memory(job.run.max_memory))
     del model
     _free(device)
-    result.model.to(device)  # the dense model has left the card: the slim one takes its place
+    if not job.run.device_map:
+        result.model.to(device)  # the dense model has left the card: the slim one takes its place
     after = _quick_ppl(result.model, tokenizer, job, device) if job.eval_ppl else {}
     if calib_hash:
         plan.calibration = {"source": s.calib, "samples": s.calib_samples, "seq_len": s.seq_len, "sha256": calib_hash}
@@ -153,12 +146,30 @@ def _prune_stage(job: CompressJob, s: PruneSettings, r: ReconstructSettings) -> 
         "time_s": {**timings, "prune_total_s": time.perf_counter() - t0},
         "peak_memory_mib": peak_memory_mib(device),
         "device": str(device),
+        "memory_measured": measured,
         "details": result.details,
         "versions": plan.versions,
     }
     if search_info is not None:
         report["search"] = search_info
     return result.model, tokenizer, plan, report, device
+
+
+def _rank(job, model, tokenizer, samples, s: PruneSettings, r: ReconstructSettings, recon_samples, streams: bool):
+    """Estimation, ranking and search by `s.method`: (PruneResult, the search's record or None).
+    With `streams` the slicing is left to the slice stage (result.model None)."""
+    if s.method == "adapruner":
+        from saap_edge.prune.adapruner import search_and_prune
+
+        storage = job.out.with_name(job.out.name + ".search.db")
+        return search_and_prune(model, tokenizer, s, job.search, r if r.active else None, recon_samples,
+                                storage, job.run.data_dir, job.run.progress)
+    ranker = None
+    if s.method == "hywia":
+        from saap_edge.prune.methods import rank_hywia
+
+        ranker = lambda st, ps: rank_hywia(st, ps, job.hywia)  # noqa: E731
+    return prune(model, samples, s, progress=job.run.progress, ranker=ranker, slice_now=not streams), None
 
 
 def _slice_stage(dense, plan: PrunePlan, samples, r: ReconstructSettings, device, progress: bool):
@@ -326,9 +337,12 @@ def compress(job: CompressJob) -> dict:
         run = RecoverRun(ckpt_dir=ckpt, save_every=job.save_every, resume=job.resume, progress=job.run.progress,
                          data_dir=job.run.data_dir, teacher_cache=job.teacher_cache,
                          teacher_cache_mib=job.teacher_cache_mib, curve_every=job.curve_every)
+        measured = report.setdefault("memory_measured", {})
         if r.distills:
-            model = _teacher_stage(job, model, tokenizer, r, run, pruned_dir, device, report)
-        recovered = recover_model(model, tokenizer, r, run)
+            with stage_peak(measured, "teacher pass", device):
+                model = _teacher_stage(job, model, tokenizer, r, run, pruned_dir, device, report)
+        with stage_peak(measured, "recovery", device):
+            recovered = recover_model(model, tokenizer, r, run)
         del run
         model = recovered.model
         report["recovery"] = recovered.info

@@ -17,9 +17,10 @@ H hidden; F the widest MLP.
 - slice + reconstruct (streamed layer by layer, prune/slicing.py, reconstruct.py): the dense
   layer i is sliced into the slim layer i, refit, and then freed, so the dense model shrinks
   as the slim one grows: W + L together, never W + Ws. On a GPU both wait on the host and each
-  layer pair visits the card: card 2L + the refit's Gram / OBS work ((m + 5) x n^2 x 8 for the
-  widest refit input n; m = 1 moment for the "prefix" target, 3 for "dense") + one batch of
-  streams; host W + L + the calibration streams N x T x (3H + F) x b.
+  layer pair visits the card: card 2L + the refit's Gram / OBS work ((8m + 5p) x n^2 for the
+  widest refit input n; m = 1 float64 moment for the "prefix" target, 3 for "dense"; p = 4
+  bytes, the float32 solves of a GPU, 8 on the CPU) + one batch of streams; host W + L + the
+  calibration streams N x T x (3H + F) x b.
 - teacher pass (kd, recover/distill.py): the teacher alone computes the top-k targets of every
   window position the run will train and writes them to the teacher cache; the student waits
   on disk. Card: W + logits of one batch B x T x V x 4 x 3 (logits, log-softmax, top-k).
@@ -197,7 +198,7 @@ def reconstruct_memory(shape: Shape, b: int, ratio: float, samples: int, seq_len
     streams = samples * seq_len * (3 * shape.hidden + widest) * b
     batch_acts = batch * seq_len * (3 * shape.hidden + widest) * 4
     # the moments, then OBS's damped copy, identity, Cholesky factor, inverse and one rank-|B| update
-    work = (moments + 5) * n * n * precision_bytes if refits else 0
+    work = (moments * 8 + 5 * precision_bytes) * n * n if refits else 0
     fixes = "lower --recon-samples (calibration streams) or use --reconstruct none (no refit work)"
     dense_and_slim = {"dense and slim weights, streamed": weights + layer}
     if on_cpu:
@@ -460,7 +461,8 @@ def compress_stages(shape: Shape, b: int, s, rc, r, device_type: str, cache_mib:
     on_cpu = device_type != "cuda"
     stages = [estimation_memory(shape, b, s.seq_len, s.calib_samples, on_cpu),
               reconstruct_memory(shape, b, s.ratio, rc.samples if rc.active else 0, rc.seq_len, rc.batch_size, on_cpu,
-                                 refits=rc.active, moments=3 if rc.target == "dense" else 1)]
+                                 refits=rc.active, precision_bytes=8 if on_cpu else 4,
+                                 moments=3 if rc.target == "dense" else 1)]
     if r is not None:
         stages += recovery_stages(shape, teacher, b, s.ratio, r, device_type, cache_mib)
     return stages

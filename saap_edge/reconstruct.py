@@ -9,7 +9,7 @@ reproduces the dense layer's output on calibration activations:
     minimise ||W_K' X_K - Y||^2 + lambda ||W_K' - W_K||^2
     =>  W_K' = (Y X_K^T + lambda W_K) (X_K X_K^T + lambda I)^-1      (solved in float64)
 
-with lambda = damp x mean diag(X_K X_K^T). The ridge pulls toward the sliced weights rather
+with lambda = damp x mean diag(X_K X_K^T) (solved in float32 on a GPU: `work_dtype`). The ridge pulls toward the sliced weights rather
 than toward zero, so a layer that loses nothing keeps its weights. X are the projection's
 inputs on the *already pruned and refit* prefix (Týr-the-Pruner: statistics from the dense
 prefix cost an order of magnitude in perplexity at 50%). Y (`target`) is either
@@ -62,6 +62,17 @@ def ridge_lambda(gram_kk: torch.Tensor, damp: float) -> float:
     return damp * mean_diag if mean_diag > 0 else 1e-8
 
 
+def _spd_inverse(a: torch.Tensor) -> torch.Tensor:
+    """a^-1 for a symmetric positive definite `a` (Cholesky inverse: half the work of solving
+    against the identity; more damping if the factorisation fails)."""
+    for attempt in range(4):
+        chol, info = torch.linalg.cholesky_ex(a)
+        if int(info) == 0:
+            return torch.cholesky_inverse(chol)
+        a = a + a.diagonal().mean() * 10.0 ** (attempt - 3) * torch.eye(len(a), dtype=a.dtype, device=a.device)
+    return torch.linalg.pinv(a, hermitian=True)
+
+
 def _spd_solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a^-1 b for a symmetric positive definite `a` (Cholesky; more damping if it fails)."""
     for attempt in range(4):
@@ -112,7 +123,8 @@ def obs_select(w: torch.Tensor, gram: torch.Tensor, width: int, n_remove: int, d
     n_units = n_in // width
     lam = ridge_lambda(gram, damp)
     h = gram + lam * torch.eye(n_in, dtype=gram.dtype, device=gram.device)
-    hinv = _spd_solve(h, torch.eye(n_in, dtype=gram.dtype, device=gram.device))
+    hinv = _spd_inverse(h)
+    del h
     w = w.clone()
     alive = torch.ones(n_units, dtype=torch.bool, device=gram.device)
     offsets = torch.arange(width, device=gram.device)
@@ -213,6 +225,7 @@ class _Stage:
 
     def __init__(self, dense, slim, plan, samples, r: ReconstructSettings, device):
         self.plan, self.r, self.device = plan, r, device
+        self.work = work_dtype(torch.device(device))
         self.shapes = discover(dense)
         self.dtype = next(slim.parameters()).dtype
         n, t = samples.shape
@@ -314,22 +327,34 @@ class _Stage:
         if not all(torch.isfinite(m).all() for m in (moments.gram, cross, gram_t)):
             raise UserError(f"layer {i} {path}: NaN or inf in the calibration activations the refit reads; "
                             "check the model's weights, or use --reconstruct none")
-        w = submodule(dl, path).weight.detach().to(self.device, torch.float64)
+        gram = moments.gram.to(self.work)
+        cross, gram_t = (gram, gram) if cross is moments.gram else (cross.to(self.work), gram_t.to(self.work))
+        del moments
+        w = submodule(dl, path).weight.detach().to(self.device, self.work)
         n_remove = _removed(lp, shape, kind)
         if self.r.select == "local" and n_remove > 0:
-            _select_local(lp, shape, kind, w, moments.gram, self.r.damp)
+            _select_local(lp, shape, kind, w, gram, self.r.damp)
             _reslice(dl, sl, shape, kind, lp)
         keep = kept_index(lp, shape, part).to(self.device)
-        w_new = refit(w, cross, moments.gram, keep, self.r.damp)
+        w_new = refit(w, cross, gram, keep, self.r.damp)
         if not torch.isfinite(w_new).all():
             raise UserError(f"layer {i} {path}: the refit is not finite; raise --recon-damp or use --reconstruct none")
         entry[kind] = {"removed_units": shape.n_units(kind) - len(lp.kv_groups if kind == ATTN else lp.channels),
-                       "rel_err_sliced": output_error(w[:, keep], w, cross, moments.gram, gram_t, keep),
-                       "rel_err_refit": output_error(w_new, w, cross, moments.gram, gram_t, keep)}
+                       "rel_err_sliced": output_error(w[:, keep], w, cross, gram, gram_t, keep),
+                       "rel_err_refit": output_error(w_new, w, cross, gram, gram_t, keep)}
         if kind == ATTN and lp.kept_heads < len(lp.kv_groups) * shape.n_rep:
             entry[kind]["removed_heads"] = shape.n_heads - lp.kept_heads
         proj = submodule(sl, path)
         proj.weight.copy_(w_new.to(proj.weight.dtype))
+
+
+def work_dtype(device: torch.device) -> torch.dtype:
+    """The refit's solves and OBS selection: float32 on a GPU (consumer cards run float64 at 1/64
+    of float32; benchmarks/results/reconstruct_precision.md measured float32 changing SmolLM2's
+    refit errors by <= 2.4e-7 relative and OBS picking the same units), float64 on the CPU
+    (only half the speed there, and the CPU results stay what they were). Gram matrices are
+    always summed in float64 from float32 products."""
+    return torch.float32 if device.type == "cuda" else torch.float64
 
 
 def _removed(lp: LayerPlan, shape: LayerShape, kind: str) -> int:

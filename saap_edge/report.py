@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import resource
+from contextlib import contextmanager
 import threading
 import time
 from pathlib import Path
@@ -51,6 +52,20 @@ class PeakRSS:
     @property
     def peak_mib(self) -> float:
         return self.peak / 2**20
+
+
+@contextmanager
+def stage_peak(record: dict, stage: str, device: torch.device):
+    """Measure one stage into `record[stage]`: the process's peak RSS during it (MiB) and, on a
+    GPU, the CUDA allocator's peak (the stage's counter starts at zero)."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    with PeakRSS(interval=0.05) as rss:
+        yield
+    record[stage] = {"host_peak_mib": round(rss.peak_mib, 1)}
+    if cuda:
+        record[stage]["card_peak_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
 
 
 def format_table(headers: list[str], rows: list[list]) -> str:

@@ -121,8 +121,10 @@ def recovered(setup, pruned):
 
 
 def test_two_process_recovery_equals_one_process_recovery(recovered):
-    est = json.loads((recovered[1] / "report.json").read_text())["memory_estimate"]["recovery"]
-    assert est["teacher weights"] > est["student weights"] > 0  # the teacher is the dense model the report records
+    est = json.loads((recovered[1] / "report.json").read_text())["memory_estimate"]["recovery"]["card"]
+    # processes compute the teacher's targets on the fly: the teacher (the dense model the report
+    # records) stays beside the student, and the plan counts it
+    assert est["teacher weights"] > est["student weights"] > 0
     a, b = (json.loads((recovered[n] / "report.json").read_text())["recovery"] for n in (1, 2))
     assert a["steps"] == b["steps"] == 4
     assert max(abs(x - y) for x, y in zip(a["losses"], b["losses"])) < 1e-6

@@ -28,7 +28,7 @@ from saap_edge.quant.int4 import quantize_model
 from saap_edge.seeding import set_seed
 from saap_edge.recover.adapters import attach, lora_config, merge, trainable_parameters
 from saap_edge.recover.data import recovery_windows
-from saap_edge.recover.distill import Teacher, default_cache_dir
+from saap_edge.recover.distill import CHUNK, Teacher, default_cache_dir
 from saap_edge.recover.params import enable_direct, freeze
 from saap_edge.recover.train import latest_checkpoint, total_steps, train, window_indices
 from saap_edge.report import peak_memory_mib
@@ -63,6 +63,7 @@ class RecoverRun:
     stop_after: int | None = None
     teacher: nn.Module | None = None  # the dense model, for --recover-loss kd / kd+lm (on the fly)
     teacher_key: str | None = None  # or: the teacher cache entry its teacher pass filled (no teacher in memory)
+    teacher_pass: dict = field(default_factory=dict)  # what that pass did (report: recovery.teacher)
     teacher_cache: Path | None = field(default_factory=default_cache_dir)  # None: no cache (targets on the fly)
     teacher_cache_mib: int = 4096
     curve_every: int = 0  # score the held-out windows every N steps (report: recovery.heldout_curve)
@@ -118,7 +119,7 @@ def recover_model(model: nn.Module, tokenizer, s: RecoverSettings, run: RecoverR
     merged.eval()
     heldout_after = window_perplexity(merged, data.heldout, progress=False)["ppl"]
     if teacher is not None:
-        info["teacher"] = teacher.describe()
+        info["teacher"] = {**teacher.describe(), **run.teacher_pass}
     info.update(
         steps=n_steps, resumed_from=result.resumed_from, tokens_trained=result.tokens, train_s=result.train_s,
         tokens_per_s=result.tokens / max(result.train_s, 1e-9),
@@ -130,12 +131,13 @@ def recover_model(model: nn.Module, tokenizer, s: RecoverSettings, run: RecoverR
     return Recovered(merged, info)
 
 
-def _teacher(model: nn.Module | None, data, s: RecoverSettings, run: RecoverRun) -> Teacher:
+def _teacher(model: nn.Module | None, data, s: RecoverSettings, run: RecoverRun, chunk: int = CHUNK) -> Teacher:
     n_train = len(data.train)
     return Teacher(
         model, data.train, lambda start, count: window_indices(start, count, s.seed, n_train),
         s.kd_temperature, s.kd_topk, {"data_sha256": data.sha256, "heldout": s.heldout, "seed": s.seed},
         run.teacher_cache, run.teacher_cache_mib, s.batch_size, key=run.teacher_key if model is None else None,
+        chunk=chunk,
     )
 
 
@@ -147,8 +149,11 @@ def teacher_pass(teacher: nn.Module, tokenizer, s: RecoverSettings, run: Recover
     s = s.validate().resolved(device.type)
     data = recovery_windows(tokenizer, s.data, s.seq_len, s.heldout, s.seed, run.data_dir, s.max_tokens)
     positions = total_steps(s, len(data.train)) * s.batch_size * s.grad_accum
-    cached = _teacher(teacher, data, s, run)
+    cached = _teacher(teacher, data, s, run, chunk=min(CHUNK, positions))
+    t0 = time.perf_counter()
     cached.precompute(positions, run.progress)
+    run.teacher_pass = {"pass": "before training (the student trains alone)", "positions": positions,
+                        "cache_chunks_written": cached.computed, "pass_s": time.perf_counter() - t0}
     return cached.key
 
 

@@ -104,7 +104,8 @@ class Teacher:
 
     def __init__(self, model: nn.Module | None, train: torch.Tensor, windows_at, temperature: float, topk: int,
                  key_parts: dict, cache_dir: Path | None = None, cache_mib: int = 4096, batch_size: int = 8,
-                 key: str | None = None):
+                 key: str | None = None, chunk: int = CHUNK):
+        self.chunk = chunk  # window positions per cache file (a short run computes only the positions it reads)
         self.model = model.eval().requires_grad_(False) if model is not None else None
         self.device = next(model.parameters()).device if model is not None else torch.device("cpu")
         self.train, self.windows_at = train, windows_at
@@ -118,10 +119,11 @@ class Teacher:
                 raise UserError(f"the teacher cache {cache_dir}/{key} is gone; rerun the teacher pass (run again, or "
                                 "--teacher-cache off)")
             self.cache, self.key = Path(cache_dir) / key, key
+            self.chunk = json.loads((self.cache / "meta.json").read_text()).get("chunk", CHUNK)
             os.utime(self.cache / "meta.json")  # recently used
         elif cache_dir is not None and topk > 0:
             meta = {**key_parts, "teacher_sha256": weights_sha256(model), "topk": topk, "temperature": temperature,
-                    "format": 1}
+                    "format": 1, **({"chunk": chunk} if chunk != CHUNK else {})}
             key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:24]
             self.cache = Path(cache_dir) / key
             self.cache.mkdir(parents=True, exist_ok=True)
@@ -132,17 +134,17 @@ class Teacher:
 
     def chunk_bytes(self) -> int:
         """Bytes of one cached chunk: CHUNK windows x positions x k x (float32 + int32)."""
-        return CHUNK * self.train.shape[1] * self.topk * 8
+        return self.chunk * self.train.shape[1] * self.topk * 8
 
     def _path(self, index: int) -> Path:
-        return self.cache / f"positions-{index * CHUNK:09d}-{(index + 1) * CHUNK:09d}.safetensors"
+        return self.cache / f"positions-{index * self.chunk:09d}-{(index + 1) * self.chunk:09d}.safetensors"
 
     @torch.no_grad()
     def precompute(self, positions: int, progress: bool = True) -> None:
         """The teacher pass: compute and store the targets of window positions 0 .. positions
         (every micro-batch of the run), chunks already cached skipped. Refuses, before any
         forward, a run whose targets would pass the cache's size limit."""
-        chunks = -(-positions // CHUNK)
+        chunks = -(-positions // self.chunk)
         need = chunks * self.chunk_bytes()
         if need > self.cache_mib * 2**20:
             raise UserError(f"the teacher's targets for this run take {need / 2**20:.0f} MiB and --teacher-cache-mib is "
@@ -184,7 +186,7 @@ class Teacher:
         if self.model is None:
             raise UserError(f"{path} is missing or damaged and the teacher has left; rerun the command to repeat the "
                             "teacher pass")
-        windows = self.train[self.windows_at(index * CHUNK, CHUNK)]
+        windows = self.train[self.windows_at(index * self.chunk, self.chunk)]
         t = self._compute(windows)
         self.computed += 1
         if self._room_for(t):
@@ -209,11 +211,11 @@ class Teacher:
         """Targets of window positions start .. start + count (the windows of one micro-batch)."""
         if self.cache is None:
             return self._compute(self.train[self.windows_at(start, count)])
-        first, last = start // CHUNK, (start + count - 1) // CHUNK
+        first, last = start // self.chunk, (start + count - 1) // self.chunk
         chunks = [self._chunk(i) for i in range(first, last + 1)]
         logp = torch.cat([c.logp for c in chunks])
         ids = torch.cat([c.ids for c in chunks])
-        lo = start - first * CHUNK
+        lo = start - first * self.chunk
         return Targets(logp[lo: lo + count], ids[lo: lo + count])
 
     def _evict(self, limit: int) -> None:

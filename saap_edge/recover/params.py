@@ -63,7 +63,7 @@ def _train_norm(module: nn.Module) -> nn.Parameter:
     else:
         dtype = module.weight.dtype
         module.weight = nn.Parameter(module.weight.detach().float())
-        parametrize.register_parametrization(module, "weight", _InDtype(dtype))
+        parametrize.register_parametrization(module, "weight", _InDtype(dtype), unsafe=True)  # the dtype changes on purpose
         master = module.parametrizations.weight.original
     master.requires_grad_(True)
     return master
@@ -80,5 +80,7 @@ def freeze(model: nn.Module) -> None:
         if isinstance(module, Int4Linear):
             module.freeze_groups()
         elif parametrize.is_parametrized(module, "weight"):
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+            value = module.weight.detach()  # the master in the model's dtype: what training computed with
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+            module.weight = nn.Parameter(value, requires_grad=False)
     model.requires_grad_(False)
