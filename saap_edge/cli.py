@@ -464,15 +464,18 @@ def add_bench(p: argparse.ArgumentParser) -> None:
                                                                      "artifacts/ (default: %(default)s)")
     p.add_argument("--artifacts", type=Path, default=None, help="where exported artifacts and row logs go (default: <out>/artifacts)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_dry_run(p)
 
 
 def run_bench(a: argparse.Namespace) -> int:
-    from saap_edge.bench import default_models, run_bench as bench
+    from saap_edge.bench import default_models, plan_bench, run_bench as bench
     from saap_edge.bench.render import markdown
     from saap_edge.config import BenchSettings
 
     settings = BenchSettings(tuple(a.runtimes), a.prompt_tokens, a.new_tokens, a.reps, a.warmup, a.threads, a.device,
                              not a.no_validate, a.provider).validate()
+    if a.dry_run:
+        return _dry_run_done(plan_bench(default_models(a.models, a.dense), settings))
     data = bench(default_models(a.models, a.dense), settings, a.out, progress=not a.no_progress, artifacts=a.artifacts)
     print(markdown(data))
     print(f"written: {a.out / 'bench.json'}, {a.out / 'bench.md'}, {a.out / 'bench_memory.png'}, {a.out / 'bench_speed.png'}")

@@ -245,15 +245,20 @@ def _resume_pruned(pruned_dir: Path, job: CompressJob, s: PruneSettings) -> tupl
     return loaded.model, loaded.tokenizer, plan, report, next(loaded.model.parameters()).device
 
 
-def _teacher_stage(job, student, tokenizer, r: RecoverSettings, run: RecoverRun, pruned_dir: Path, device, report: dict):
+def _teacher_stage(name: str, flag_given: bool, rs: RunSettings, student, tokenizer, r: RecoverSettings,
+                   run: RecoverRun, student_dir: Path, device, report: dict):
     """The teacher pass: with a teacher cache, the student leaves (it is on disk in
-    `pruned_dir`), the teacher alone computes every target the run will read, leaves, and the
-    student comes back; the teacher never shares the card with it. Without a cache (--teacher-cache
-    off, several processes) the teacher stays beside the student and computes on the fly.
-    Returns the student (reloaded, or as it was)."""
-    name = job.teacher or job.model
+    `student_dir`), the teacher `name` alone computes every target the run will read, leaves, and
+    the student comes back; the teacher never shares the card with it. Without a cache
+    (--teacher-cache off, several processes) the teacher stays beside the student and computes
+    on the fly. Returns the student (reloaded, or as it was)."""
+    if r.recovery == "qalora":  # a group size the student cannot take fails before the teacher's long pass
+        from saap_edge.quant.int4 import check_group_size, choose_group_size, quantized_in_features
+
+        widths = quantized_in_features(student)
+        check_group_size(r.group_size or choose_group_size(widths), widths)
     if run.teacher_cache is None or r.kd_topk <= 0:
-        run.teacher = load_teacher(name, student, tokenizer, job.run, job.teacher is not None)
+        run.teacher = load_teacher(name, student, tokenizer, rs, flag_given)
         return student
     from types import SimpleNamespace
 
@@ -263,13 +268,12 @@ def _teacher_stage(job, student, tokenizer, r: RecoverSettings, run: RecoverRun,
     del student
     _free(device)
     t0 = time.perf_counter()
-    teacher = load_teacher(name, stand_in, tokenizer, job.run, job.teacher is not None)
+    teacher = load_teacher(name, stand_in, tokenizer, rs, flag_given)
     run.teacher_key = teacher_pass(teacher, tokenizer, r, run)
     del teacher
     _free(device)
     report.setdefault("time_s", {})["teacher_pass_s"] = time.perf_counter() - t0
-    return load_model(str(pruned_dir), job.run.device, job.run.dtype, job.run.device_map,
-                      parse_max_memory(job.run.max_memory)).model
+    return load_model(str(student_dir), rs.device, rs.dtype, rs.device_map, parse_max_memory(rs.max_memory)).model
 
 
 def load_teacher(name: str, student, tokenizer, run: RunSettings, flag_given: bool):
@@ -340,7 +344,8 @@ def compress(job: CompressJob) -> dict:
         measured = report.setdefault("memory_measured", {})
         if r.distills:
             with stage_peak(measured, "teacher pass", device):
-                model = _teacher_stage(job, model, tokenizer, r, run, pruned_dir, device, report)
+                model = _teacher_stage(job.teacher or job.model, job.teacher is not None, job.run, model, tokenizer, r, run,
+                                       pruned_dir, device, report)
         with stage_peak(measured, "recovery", device):
             recovered = recover_model(model, tokenizer, r, run)
         del run
@@ -556,17 +561,20 @@ def recover_dir(job: RecoverJob) -> dict:
     ckpt = checkpoint_dir(job.out) if r.recovery != "none" else None
     if ckpt is not None and not job.resume and procs.main:
         clear_checkpoints(ckpt)
-    teacher = None
+    run = RecoverRun(ckpt_dir=ckpt, save_every=job.save_every, resume=job.resume, progress=job.run.progress,
+                     data_dir=job.run.data_dir, teacher_cache=job.teacher_cache,
+                     teacher_cache_mib=job.teacher_cache_mib, curve_every=job.curve_every)
+    measured = report.setdefault("memory_measured", {})
     if r.distills:
         # a pruned directory learns from the model it was pruned from; any other model from
         # its own fp weights (int4 recovery of an unpruned model)
         name = job.teacher or (_recorded_source(source_report, job.source) if pruned_input else job.source)
-        teacher = load_teacher(name, model, tokenizer, job.run, job.teacher is not None)
-    run = RecoverRun(ckpt_dir=ckpt, save_every=job.save_every, resume=job.resume, progress=job.run.progress,
-                     data_dir=job.run.data_dir, teacher=teacher, teacher_cache=job.teacher_cache,
-                     teacher_cache_mib=job.teacher_cache_mib, curve_every=job.curve_every)
-    recovered = recover_model(model, tokenizer, r, run)
-    del teacher, run
+        loaded.model = None
+        with stage_peak(measured, "teacher pass", device):
+            model = _teacher_stage(name, job.teacher is not None, job.run, model, tokenizer, r, run, source, device, report)
+    with stage_peak(measured, "recovery", device):
+        recovered = recover_model(model, tokenizer, r, run)
+    del run
     report["recovery"] = recovered.info
     for name, result in (_quick_ppl(recovered.model, tokenizer, job, device) if job.eval_ppl else {}).items():
         # "before" (the dense model) is kept from the pruning report only if scored the same way

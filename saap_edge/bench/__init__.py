@@ -111,9 +111,63 @@ def file_weights(runtime: str, artifact) -> dict:
     return {**info, "artifact_bytes": artifact_bytes(Path(artifact))}
 
 
+def row_memory(model: BenchModel, runtime: str, s: BenchSettings):
+    """The planned peak of one row (saap_edge/memory.py): for torch, the model as the worker loads
+    it (float32 on the CPU, float16 on a GPU; int4 groups stay int4, with the float32 copy their
+    evaluation keeps) and one pass of the prompt; for an artifact row, its export and then the
+    artifact in the runtime. None when the model's config cannot be read alone."""
+    from saap_edge.memory import GIB, Shape, StageMemory, artifact_bytes, eval_memory, export_memory
+    from saap_edge.models.load import SUPPORTED_MODEL_TYPES, model_config
+
+    config = model_config(model.source)
+    if config is None or getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+        return None
+    shape = Shape.of(config)
+    group = (getattr(config, "quantization", None) or {}).get("group_size")
+    _, fmt, quant, embed, *_ = ARTIFACTS[runtime]
+    if fmt is None:
+        cuda = s.device.startswith("cuda")
+        b = 2 if cuda else 4
+        weights = shape.int4_bytes(group, b) + shape.params() * b if group else shape.params() * b
+        st = eval_memory(shape, weights, 1, s.prompt_tokens + s.new_tokens, b)
+        st.stage = f"{model.label} {runtime}"
+        if not cuda:
+            return StageMemory(st.stage, {}, st.card, "skip the row (--runtimes) or use a machine with more RAM")
+        return StageMemory(st.stage, st.card, {"loading": weights}, "lower --prompt-tokens")
+    art = artifact_bytes(shape, quant, embed, group or 32)
+    export = export_memory(shape, art, group)
+    return StageMemory(f"{model.label} {runtime}", {}, {"export (its peak)": export.host_total + GIB},
+                       "skip the row (--runtimes), export it on a larger machine, or use a machine with more RAM")
+
+
+def _skip_reason(model: BenchModel, runtime: str, s: BenchSettings) -> str | None:
+    """Why a row cannot fit this machine, in one line (None: it fits, or it cannot be planned)."""
+    from saap_edge.memory import Devices, check_fits, devices_for
+
+    st = row_memory(model, runtime, s)
+    if st is None:
+        return None
+    devices = devices_for(s.device, None) if s.device.startswith("cuda") else Devices(None, _host())
+    try:
+        check_fits([st], devices, None)
+    except UserError as exc:
+        return f"skipped before loading: {exc}"
+    return None
+
+
+def _host() -> int:
+    from saap_edge.memory import host_available
+
+    return host_available()
+
+
 def bench_row(model: BenchModel, runtime: str, work: Path, s: BenchSettings) -> dict:
     row = {"model": model.label, "source": model.source, "runtime": runtime, "status": "ok"}
     t0 = time.perf_counter()
+    skip = _skip_reason(model, runtime, s)
+    if skip:
+        print(f"bench: {model.label} {runtime}: {skip}", file=sys.stderr, flush=True)
+        return {**row, "status": "skipped", "reason": skip, "row_s": 0.0}
     try:
         artifact = artifact_for(model, runtime, work, s)
         row["artifact"] = str(artifact)
@@ -230,6 +284,21 @@ def _label(path: str) -> str:
     plan = p / "prune_plan.json"
     ratio = read_json(plan, "prune plan").get("ratio") if plan.exists() else None
     return f"{p.name} ({ratio:.0%} pruned)" if ratio is not None else p.name
+
+
+def plan_bench(models: list[BenchModel], s: BenchSettings) -> list:
+    """`bench --dry-run`: every row's planned peak from the configs alone; a UserError naming the
+    rows that would be skipped."""
+    from saap_edge.memory import Devices, describe
+
+    s.validate()
+    stages = [st for m in models for r in s.runtimes if (st := row_memory(m, r, s)) is not None]
+    print(describe(stages, Devices(None, _host())))
+    skipped = [f"{m.label} {r}" for m in models for r in s.runtimes if _skip_reason(m, r, s)]
+    if skipped:
+        raise UserError(f"rows that do not fit this machine and would be skipped: {', '.join(skipped)}; drop them from "
+                        "--runtimes or run on a machine with more memory")
+    return stages
 
 
 def run_bench(models: list[BenchModel], s: BenchSettings, out: Path, progress: bool = True,

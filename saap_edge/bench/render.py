@@ -60,7 +60,7 @@ def markdown(data: dict) -> str:
     ]
     failed = [r for r in data["rows"] if r["status"] != "ok"]
     if failed:
-        lines += ["Rows that failed:", ""] + [f"- {r['model']} / {r['runtime']}: {r['reason']}" for r in failed] + [""]
+        lines += ["Rows that failed or were skipped:", ""] + [f"- {r['model']} / {r['runtime']}: {r['reason']}" for r in failed] + [""]
     ideal = [r for r in data["rows"] if r["status"] == "ok" and r["model"] != "dense"
              and (r.get("vs_dense") or {}).get("ideal_decode")]
     if ideal:
