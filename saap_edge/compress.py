@@ -432,9 +432,7 @@ def _gate(job, stages: list, device: str, dry_run: bool) -> list:
     devices = devices_for(device, parse_max_memory(job.run.max_memory), job.run.device_map, probe=not dry_run)
     text = describe(stages, devices)
     if dry_run:
-        import sys
-
-        print(text, file=sys.stderr if not job.run.progress else sys.stdout, flush=True)
+        print(text, flush=True)
     check_fits(stages, devices, job.run.device_map)
     job.memory_text = text if job.run.progress and processes().main and not dry_run else None
     return stages

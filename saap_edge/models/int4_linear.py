@@ -78,14 +78,17 @@ class _Int4MatMul(torch.autograd.Function):
         gx = gs = go = None
         if ctx.needs_input_grad[0]:
             gx = (grad @ dequantize(codes, scales, offsets, grad.dtype)).to(x.dtype)
-        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-            out, n_in = codes.shape
-            groups = scales.shape[-1]
-            gw = (grad.reshape(-1, out).T @ x.reshape(-1, n_in).to(grad.dtype)).float().reshape(out, groups, -1)
+        out, n_in = codes.shape
+        groups = scales.shape[-1]
+        g2, x2 = grad.reshape(-1, out), x.reshape(-1, n_in).to(grad.dtype)
+        if ctx.needs_input_grad[2]:  # scales: the weight gradient itself, weighted by the codes
+            gw = (g2.T @ x2).float().reshape(out, groups, -1)
+            gs = (gw * codes.reshape(out, groups, -1)).sum(-1).to(scales.dtype)
             if ctx.needs_input_grad[3]:
                 go = gw.sum(-1).to(offsets.dtype)
-            if ctx.needs_input_grad[2]:
-                gs = (gw * codes.reshape(out, groups, -1)).sum(-1).to(scales.dtype)
+        elif ctx.needs_input_grad[3]:  # offsets alone: sum_j dL/dw[o, j] = grad^T (x summed over each group),
+            # a matmul G times smaller than the weight gradient's
+            go = (g2.T.float() @ x2.float().reshape(-1, groups, n_in // groups).sum(-1)).to(offsets.dtype)
         return gx, None, gs, go
 
 
