@@ -24,3 +24,12 @@ done
   -d .whl "${SPECS[@]}"
 du -sh .whl
 ls .whl
+# the text the large-model run calibrates, recovers and evaluates on (books, WikiText-2: ~8 MiB) and
+# the 32000-token tokenizer of its random-weight LLaMA-7B (benchmarks/large_model.py builds it)
+DATA=${SAAP_EDGE_DATA_DIR:-../shared/data}
+mkdir -p .whl/data/text
+cp -r "$DATA/text/books" "$DATA/text/wikitext2" .whl/data/text/
+TOK=benchmarks/work/large_model/tokenizer-32000
+[ -d "$TOK" ] || "$PY" -c "import sys; sys.path.insert(0, 'benchmarks'); import large_model, pathlib; large_model.build_tokenizer(pathlib.Path('$TOK'), pathlib.Path('$DATA'))"
+cp -r "$TOK" .whl/data/
+du -sh .whl

@@ -465,7 +465,9 @@ ASSUMED = {
     "disk_gbs": 2.0,  # safetensors reads and writes (NVMe)
 }
 LLAMA_7B = dict(hidden=4096, ffn=11008, heads=32, layers=32, vocab=32000, head_dim=128)
-INT4_BYTES_PER_WEIGHT_STEP = (31, 43)  # bytes moved per projection weight and micro-batch: forward, backward
+# bytes moved per projection weight and micro-batch: forward, backward (the dequantize again; the
+# offsets' gradient comes from group sums of the input, no weight-sized tensor: int4_linear.py)
+INT4_BYTES_PER_WEIGHT_STEP = (31, 31)
 HOOK_BYTES_PER_WEIGHT = 85  # fp32 elementwise traffic of the estimation's gradient hook, per weight and sample
 
 
@@ -570,8 +572,10 @@ def estimate(ratio: float = 0.2, share: dict | None = None) -> dict:
     # recovery
     item("recovery", "reload the student, quantize", "slim bf16 from disk to the card; round to int4 (~30 B a weight)",
          disk=w_slim, pcie=w_slim, nbytes=30 * proj_slim)
-    item("recovery", "forward + backward", f"6 x {n_slim / 1e9:.2f}B x {t_k / 1e6:.2f}M tokens (2 epochs)",
-         6 * n_slim * t_k)
+    # forward 2, input gradient 2, and for the projections the offsets' gradient from group sums
+    # (2 / G); the frozen embedding and output matrix take no weight gradient
+    item("recovery", "forward + backward", f"(4 + 2 / {group}) x {n_slim / 1e9:.2f}B x {t_k / 1e6:.2f}M tokens (2 epochs)",
+         (4 + 2 / group) * n_slim * t_k)
     item("recovery", "attention scores", f"3 x 4 x {r.seq_len} x {H} x {L} per token", 12 * r.seq_len * H * L * t_k)
     fwd, bwd = INT4_BYTES_PER_WEIGHT_STEP
     item("recovery", "int4 dequantize (forward, again in backward) and offset gradients",
@@ -616,15 +620,10 @@ def estimate_summary(ratio: float = 0.2) -> dict:
             lo, hi = (mid, hi) if estimate(ratio, {"bf16_share": mid})["total_s"] > 7200 else (lo, mid)
         breakeven = hi
     rec = {it["item"]: it["seconds"] for it in base["items"] if it["stage"] == "recovery"}
-    gemm = rec["forward + backward"]
     dequant = rec["int4 dequantize (forward, again in backward) and offset gradients"]
     fused = dequant * (2 * 2.625) / sum(INT4_BYTES_PER_WEIGHT_STEP)  # read 0.625 + write 2 bytes, each pass
     base["breakeven_bf16_share"] = breakeven
-    base["what_if"] = {
-        "fused_dequantize_s": base["total_s"] - dequant + fused,
-        "offsets_grad_from_group_sums_s": base["total_s"] - gemm / 3,
-        "both_s": base["total_s"] - dequant + fused - gemm / 3,
-    }
+    base["what_if"] = {"fused_dequantize_s": base["total_s"] - dequant + fused}
     return base
 
 
@@ -786,12 +785,10 @@ def estimate_markdown(e: dict) -> list[str]:
         out += ["", "Where the time goes: the teacher pass and recovery are 2 epochs of 4M tokens through a 6.7B / "
                 f"{m['slim_params'] / 1e9:.1f}B model. In recovery, models/int4_linear.py dequantizes each projection "
                 f"in unfused torch ops (unpack, widen to fp32, scale, offset, narrow: {INT4_BYTES_PER_WEIGHT_STEP[0]} B "
-                f"a weight forward, {INT4_BYTES_PER_WEIGHT_STEP[1]} B backward with the fp32 weight gradient that the "
-                "offset gradients are summed from), so it is not negligible: a fused dequantize (0.625 B read, 2 B "
-                f"written per pass) would make the total {w['fused_dequantize_s'] / 3600:.2f} h; offset gradients from "
-                "group sums of the input (grad^T x_g, 1/G of the weight-gradient GEMM) instead of the full fp32 weight "
-                f"gradient would make it {w['offsets_grad_from_group_sums_s'] / 3600:.2f} h; both "
-                f"{w['both_s'] / 3600:.2f} h. The attention terms are under 1% of the GEMMs; the estimation's "
+                f"a weight forward, {INT4_BYTES_PER_WEIGHT_STEP[1]} B again in the backward pass; the offsets' gradient "
+                "comes from group sums of the input, grad^T x_g, 1/G of a weight-gradient GEMM), so it is not "
+                "negligible: a fused dequantize (0.625 B read, 2 B written per pass) would make the total "
+                f"{w['fused_dequantize_s'] / 3600:.2f} h. The attention terms are under 1% of the GEMMs; the estimation's "
                 "6 x params counts weight gradients for every layer (only the prunable layers' are taken), an upper "
                 "bound. In float64 (the CPU's work dtype) the refit solves alone would take "
                 f"{sum(it['flops'] for it in e['items'] if it['precision'] == 'fp32' and 'Gram' not in it['item']) / rate['fp64']:,.0f} s."]

@@ -245,35 +245,38 @@ def _resume_pruned(pruned_dir: Path, job: CompressJob, s: PruneSettings) -> tupl
     return loaded.model, loaded.tokenizer, plan, report, next(loaded.model.parameters()).device
 
 
-def _teacher_stage(name: str, flag_given: bool, rs: RunSettings, student, tokenizer, r: RecoverSettings,
-                   run: RecoverRun, student_dir: Path, device, report: dict):
-    """The teacher pass: with a teacher cache, the student leaves (it is on disk in
-    `student_dir`), the teacher `name` alone computes every target the run will read, leaves, and
-    the student comes back; the teacher never shares the card with it. Without a cache
-    (--teacher-cache off, several processes) the teacher stays beside the student and computes
-    on the fly. Returns the student (reloaded, or as it was)."""
-    if r.recovery == "qalora":  # a group size the student cannot take fails before the teacher's long pass
+def _check_student_groups(student, r: RecoverSettings) -> None:
+    """A group size the student cannot take fails before the teacher's long pass."""
+    if r.recovery == "qalora":
         from saap_edge.quant.int4 import check_group_size, choose_group_size, quantized_in_features
 
         widths = quantized_in_features(student)
         check_group_size(r.group_size or choose_group_size(widths), widths)
-    if run.teacher_cache is None or r.kd_topk <= 0:
-        run.teacher = load_teacher(name, student, tokenizer, rs, flag_given)
-        return student
+
+
+def _teacher_pass_stage(name: str, flag_given: bool, rs: RunSettings, student_config, tokenizer, r: RecoverSettings,
+                        run: RecoverRun, student_dir: Path, device, report: dict):
+    """The teacher pass, for a student that has left memory (it is on disk in `student_dir`):
+    the teacher `name` alone computes every target the run will read into the teacher cache
+    (RecoverRun.teacher_key), leaves, and the student is loaded again; the two never share the
+    card (nor, on a CPU run, the host). Returns the student."""
     from types import SimpleNamespace
 
     from saap_edge.recover import teacher_pass
 
-    stand_in = SimpleNamespace(config=student.config)  # what the vocabulary check reads
-    del student
-    _free(device)
     t0 = time.perf_counter()
-    teacher = load_teacher(name, stand_in, tokenizer, rs, flag_given)
+    teacher = load_teacher(name, SimpleNamespace(config=student_config), tokenizer, rs, flag_given)
     run.teacher_key = teacher_pass(teacher, tokenizer, r, run)
     del teacher
     _free(device)
     report.setdefault("time_s", {})["teacher_pass_s"] = time.perf_counter() - t0
     return load_model(str(student_dir), rs.device, rs.dtype, rs.device_map, parse_max_memory(rs.max_memory)).model
+
+
+def _uses_teacher_pass(run: RecoverRun, r: RecoverSettings) -> bool:
+    """Whether the teacher's targets are computed before training (a cache to hold them), or on
+    the fly by a teacher beside the student (--teacher-cache off, several processes, --kd-topk 0)."""
+    return r.distills and run.teacher_cache is not None and r.kd_topk > 0
 
 
 def load_teacher(name: str, student, tokenizer, run: RunSettings, flag_given: bool):
@@ -342,10 +345,17 @@ def compress(job: CompressJob) -> dict:
                          data_dir=job.run.data_dir, teacher_cache=job.teacher_cache,
                          teacher_cache_mib=job.teacher_cache_mib, curve_every=job.curve_every)
         measured = report.setdefault("memory_measured", {})
+        name, given = job.teacher or job.model, job.teacher is not None
         if r.distills:
+            _check_student_groups(model, r)
+        if _uses_teacher_pass(run, r):
+            config = model.config
+            del model  # the student waits on disk (pruned_dir) while the teacher has the device
+            _free(device)
             with stage_peak(measured, "teacher pass", device):
-                model = _teacher_stage(job.teacher or job.model, job.teacher is not None, job.run, model, tokenizer, r, run,
-                                       pruned_dir, device, report)
+                model = _teacher_pass_stage(name, given, job.run, config, tokenizer, r, run, pruned_dir, device, report)
+        elif r.distills:
+            run.teacher = load_teacher(name, model, tokenizer, job.run, given)
         with stage_peak(measured, "recovery", device):
             recovered = recover_model(model, tokenizer, r, run)
         del run
@@ -567,9 +577,17 @@ def recover_dir(job: RecoverJob) -> dict:
         # a pruned directory learns from the model it was pruned from; any other model from
         # its own fp weights (int4 recovery of an unpruned model)
         name = job.teacher or (_recorded_source(source_report, job.source) if pruned_input else job.source)
-        loaded.model = None
-        with stage_peak(measured, "teacher pass", device):
-            model = _teacher_stage(name, job.teacher is not None, job.run, model, tokenizer, r, run, source, device, report)
+        _check_student_groups(model, r)
+        if _uses_teacher_pass(run, r):
+            config = model.config
+            loaded.model = None
+            del model  # the student is the input directory on disk: it comes back after the pass
+            _free(device)
+            with stage_peak(measured, "teacher pass", device):
+                model = _teacher_pass_stage(name, job.teacher is not None, job.run, config, tokenizer, r, run, source,
+                                            device, report)
+        else:
+            run.teacher = load_teacher(name, model, tokenizer, job.run, job.teacher is not None)
     with stage_peak(measured, "recovery", device):
         recovered = recover_model(model, tokenizer, r, run)
     del run

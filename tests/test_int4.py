@@ -57,3 +57,46 @@ def test_group_size_choice_and_errors():
         check_group_size(64, {"x": 96})
     with pytest.raises(UserError, match="multiple of 32"):
         check_group_size(48, {"x": 96})
+
+
+@pytest.mark.parametrize("parts", [("offsets",), ("scales",), ("scales", "offsets"), ()])
+def test_int4_matmul_gradients_equal_autograd_through_the_dequantized_weight(parts):
+    """The training forward (dequantize, matmul, dequantize again in the backward, nothing kept)
+    gives the gradients plain autograd gives through w = a q + b; with offsets alone they come
+    from group sums of the input."""
+    import torch
+
+    from saap_edge.models.int4_linear import Int4Linear, dequantize
+    from saap_edge.quant.int4 import quantize_groups
+
+    torch.manual_seed(0)
+    g = quantize_groups(torch.randn(48, 128), 32)
+    layers = [Int4Linear.from_parts(g.codes, g.scales, g.offsets) for _ in range(2)]
+    trained = [m.train_groups(scales="scales" in parts, offsets="offsets" in parts) for m in layers]
+    x = [torch.randn(3, 5, 128, generator=torch.Generator().manual_seed(1)).requires_grad_(True) for _ in range(2)]
+    y = layers[0](x[0])
+    ref = torch.nn.functional.linear(x[1], dequantize(layers[1].codes, layers[1]._stored("scales"), layers[1]._stored("offsets")))
+    (y.square().sum()).backward()
+    (ref.square().sum()).backward()
+    assert torch.equal(y, ref) and torch.allclose(x[0].grad, x[1].grad, rtol=1e-5, atol=1e-5)
+    for p, q in zip(*trained):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-4)
+    assert layers[0]._cache is None  # training kept no float copy of the weight
+
+
+def test_reading_weight_never_caches_a_float_copy():
+    import torch
+
+    from saap_edge.models.int4_linear import Int4Linear, weight_cache
+    from saap_edge.quant.int4 import quantize_groups
+
+    g = quantize_groups(torch.randn(16, 64), 32)
+    layer = Int4Linear.from_parts(g.codes, g.scales, g.offsets)
+    assert layer.weight.dtype == torch.float32 and layer._cache is None
+    with torch.no_grad():
+        layer(torch.randn(2, 64))
+        assert layer._cache is not None  # evaluation keeps its dequantized weight (speed)
+        with weight_cache(layer, False):
+            assert layer._cache is None
+            layer(torch.randn(2, 64))
+            assert layer._cache is None

@@ -177,6 +177,7 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         trained = self.scales.requires_grad or self.offsets.requires_grad
         if torch.is_grad_enabled() and (trained or x.requires_grad):
+            self._cache = None  # training holds no float copy (an evaluation before it may have left one)
             dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
             return _Int4MatMul.apply(x.to(dtype), self.qweight, self._stored("scales"), self._stored("offsets"))
         if not self.cache_weights:
