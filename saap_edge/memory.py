@@ -86,11 +86,11 @@ class Shape:
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(config)
         inner = model.model
-        self.layer_params = [sum(p.numel() for p in layer.parameters()) for layer in inner.layers]
+        self.layer_params = [_weights(layer) for layer in inner.layers]
         self.embed_params = inner.embed_tokens.weight.numel()
         head = model.get_output_embeddings()
         self.head_params = 0 if self.tied or head is None else head.weight.numel()
-        total = sum(p.numel() for p in model.parameters())  # tied weights appear once
+        total = _weights(model)  # tied weights appear once
         self.other_params = total - sum(self.layer_params) - self.embed_params - self.head_params
 
     def projections(self) -> list[tuple[int, int]]:
@@ -127,6 +127,23 @@ class Shape:
         proj = sum(i * o for i, o in self.projections())
         rest = self.params() - proj
         return int(keep * proj * (0.5 + 4 / group_size)) + rest * b
+
+
+def _weights(module) -> int:
+    """Weights of a module tree: its parameters, and in*out for each int4 projection (whose
+    codes, scales and offsets are buffers), so an int4 checkpoint counts like its float twin."""
+    from saap_edge.models.int4_linear import Int4Linear
+
+    n, seen = 0, set()
+    for m in module.modules():
+        if isinstance(m, Int4Linear):
+            n += m.in_features * m.out_features
+            continue
+        for p in m.parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                n += p.numel()
+    return n
 
 
 @dataclass
@@ -252,9 +269,11 @@ def export_memory(shape: Shape, artifact: int, group_size: int | None) -> StageM
     """The export on the host: the checkpoint as it loads (float32; an int4 checkpoint keeps its
     groups), the artifact, one dense layer in float32, and the writers' and readers' slack."""
     loaded = shape.int4_bytes(group_size, 4) if group_size else shape.params() * 4
+    fix = ("free memory or use a machine with more RAM" if group_size else
+           "export an int4 checkpoint (saap-edge compress writes one), or use a machine with more RAM")
     return StageMemory("export", {}, {"checkpoint (float32 outside int4 groups)": loaded, "artifact": artifact,
                                       "one dense layer (float32)": max(shape.layer_params) * 4,
-                                      "writers and readers": EXPORT_SLACK}, "export an int4 checkpoint (saap-edge compress writes one), or use a machine with more RAM")
+                                      "writers and readers": EXPORT_SLACK}, fix)
 
 
 def eval_memory(shape: Shape, weights: int, batch: int, seq_len: int, b: int) -> StageMemory:

@@ -228,3 +228,20 @@ def test_streamed_slicing_holds_the_dense_model_plus_one_layer_not_two_models(we
     assert 0.8 * planned <= measured <= 1.2 * planned, (measured / 2**20, planned / 2**20)
     both = shape.params() * 4 * (1 + 0.7)
     assert measured < 0.8 * both
+
+
+def test_an_int4_checkpoint_counts_like_its_float_twin():
+    """Int4 projections hold their weights as buffers (codes, scales, offsets): the plan counts
+    in x out for each, so an int4 config's export and bench plans see the model's real size."""
+    from saap_edge.memory import artifact_bytes, export_memory
+    from saap_edge.models.slim import SlimLlamaConfig
+
+    fields = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, tie_word_embeddings=False)
+    fp, q = SlimLlamaConfig(**fields), SlimLlamaConfig(**fields, quantization={
+        "scheme": "saap-int4-group", "bits": 4, "group_size": 32,
+        "modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]})
+    a, b = Shape.of(fp), Shape.of(q)
+    assert a.params() == b.params() and a.layer_params == b.layer_params
+    dense, int4 = export_memory(a, artifact_bytes(a, "q4_1", "q8_0"), None), export_memory(b, artifact_bytes(b, "q4_1", "q8_0"), 32)
+    assert 0 < int4.host_total < dense.host_total
