@@ -133,7 +133,10 @@ def obs_select(w: torch.Tensor, gram: torch.Tensor, width: int, n_remove: int, d
     while len(removed) < n_remove:
         units = alive.nonzero().squeeze(1)
         cols = units[:, None] * width + offsets[None, :]  # [u, width]
-        blocks = torch.linalg.inv(hinv[cols[:, :, None], cols[:, None, :]])  # [u, width, width]
+        if width == 1:  # MLP channels: the 1 x 1 blocks' inverses are reciprocals (no batched LAPACK calls)
+            blocks = (1.0 / hinv.diagonal()[units])[:, None, None]
+        else:
+            blocks = torch.linalg.inv(hinv[cols[:, :, None], cols[:, None, :]])  # [u, width, width]
         wb = w[:, cols]  # [out, u, width]
         err = torch.einsum("oui,uij,ouj->u", wb, blocks, wb)
         want = min(per_step, n_remove - len(removed))
