@@ -374,8 +374,8 @@ def trial(a, role: str, setting: str, contended: bool, compare: bool = False) ->
 def source_info(a) -> dict:
     """Point the children at the code to measure: the working tree, or `git archive` of a revision
     (another engineer may be editing the working tree while this runs)."""
-    git = lambda *args: subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True).stdout.strip()  # noqa: E731
-    dirty = git("status", "--short", "--", "saap_edge").splitlines()
+    git = lambda *args: subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True).stdout.rstrip()  # noqa: E731
+    dirty = [line.strip() for line in git("status", "--short", "--", "saap_edge").splitlines()]
     if a.source == "worktree":
         return {"source": "working tree", "head": git("rev-parse", "HEAD"), "dirty_saap_edge": dirty}
     rev = git("rev-parse", a.source)

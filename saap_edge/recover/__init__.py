@@ -23,6 +23,7 @@ from torch import nn
 
 from saap_edge.config import RecoverSettings
 from saap_edge.eval.ppl import window_perplexity
+from saap_edge.models.int4_linear import weight_cache
 from saap_edge.models.slim import SlimLlamaForCausalLM
 from saap_edge.quant.int4 import quantize_model
 from saap_edge.seeding import set_seed
@@ -87,6 +88,13 @@ def recover_model(model: nn.Module, tokenizer, s: RecoverSettings, run: RecoverR
     if s.recovery == "none":
         info.update(trainable_params=0, time_s=time.perf_counter() - t0)
         return Recovered(model.eval(), info)
+    # the held-out scores read each weight once or twice: no dequantized copies kept beside training
+    with weight_cache(model, False):
+        return _train_stage(model, tokenizer, s, run, info, device, t0)
+
+
+def _train_stage(model: nn.Module, tokenizer, s: RecoverSettings, run: RecoverRun, info: dict, device, t0: float) -> Recovered:
+    """The training part of `recover_model`: data, adapters / direct parts, train, merge, score."""
     data = recovery_windows(tokenizer, s.data, s.seq_len, s.heldout, s.seed, run.data_dir, s.max_tokens)
     info["data"] = {"source": s.data, **data.describe()}
     n_steps = total_steps(s, len(data.train))
