@@ -109,10 +109,13 @@ SMALL_BUDGETS = ["--calib-samples", "4", "--recon-samples", "16", "--recover-ste
 # lower only the activation terms (well under 1 GiB at the defaults); the weights and the refit's
 # Gram / OBS work, which set the peaks, are the defaults' own
 FULL_7B_BUDGETS = ["--calib-samples", "2", "--seq-len", "32", "--recon-samples", "8", "--recon-seq-len", "64",
-                   "--recover-steps", "1", "--batch-size", "1", "--recover-seq-len", "16", "--eval-ppl", "none"]
+                   "--recover-steps", "1", "--batch-size", "1", "--recover-seq-len", "16", "--eval-ppl", "none",
+                   "--solve-dtype", "float32"]
 FULL_7B_NOTE = ("the 32-layer model: calibration 2 windows of 32 tokens, refit 8 windows of 64, recovery 1 step of 1 "
                 "window of 16 tokens (its 16 held-out windows are 16 tokens long too); these lower only time and the "
-                "activation terms, not the weights or the refit work that set the peaks")
+                "activation terms, not the weights or the refit work that set the peaks. Its refit solves run in "
+                "float32 (--solve-dtype float32, the GPU default; float64 took 4-5 min a layer on these 2 cores), so "
+                "its refit work is the GPU plan's")
 BUDGETS = {"7b-32l": FULL_7B_BUDGETS}
 BUDGET_NOTE = ("calibration windows 50 -> 4 (--calib-samples), refit windows 128 -> 16 (--recon-samples), recovery "
                "2 optimizer steps (--recover-steps; default 2 epochs on a GPU, 60 steps on a CPU) of 2 windows "

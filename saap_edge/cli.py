@@ -27,11 +27,16 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    "GPU (and CPU RAM where --max-memory allows) with accelerate, for models larger than one GPU (default: one device)")
     p.add_argument("--max-memory", default=None, help="budgets for --device-map and the memory check, e.g. 0=20GiB,1=20GiB,cpu=64GiB "
                    "(default: what the devices have free)")
+    p.add_argument("--solve-dtype", default="auto", choices=["auto", "float32", "float64"],
+                   help="the refit's solves and OBS selection: auto = float32 on CUDA, float64 on the CPU (float32 moved "
+                        "SmolLM2's refit errors by < 1e-6 relative: benchmarks/results/reconstruct_precision.md) "
+                        "(default: %(default)s)")
 
 
 def _run_settings(a: argparse.Namespace) -> RunSettings:
     return RunSettings(device=a.device, dtype=a.dtype, data_dir=a.data_dir, progress=not a.no_progress,
-                       device_map=getattr(a, "device_map", None), max_memory=getattr(a, "max_memory", None))
+                       device_map=getattr(a, "device_map", None), max_memory=getattr(a, "max_memory", None),
+                       solve_dtype=getattr(a, "solve_dtype", "auto"))
 
 
 def _add_recover_args(p: argparse.ArgumentParser, in_compress: bool) -> None:

@@ -112,7 +112,7 @@ def _prune_stage(job: CompressJob, s: PruneSettings, r: ReconstructSettings) -> 
         result.model = None  # a search's own sliced copy: the stream below slices the dense model itself
         t2 = time.perf_counter()
         with stage_peak(measured, "slice + reconstruct", device):
-            slim, recon_info = _slice_stage(model, plan, recon_samples, r, device, job.run.progress)
+            slim, recon_info = _slice_stage(model, plan, recon_samples, r, device, job.run)
         timings["slice_s"] = time.perf_counter() - t2  # with the refit when it runs (the two are one stream)
         if r.active:
             timings["reconstruct_s"] = recon_info["time_s"]
@@ -172,7 +172,7 @@ def _rank(job, model, tokenizer, samples, s: PruneSettings, r: ReconstructSettin
     return prune(model, samples, s, progress=job.run.progress, ranker=ranker, slice_now=not streams), None
 
 
-def _slice_stage(dense, plan: PrunePlan, samples, r: ReconstructSettings, device, progress: bool):
+def _slice_stage(dense, plan: PrunePlan, samples, r: ReconstructSettings, device, run: RunSettings):
     """Slice `dense` into the slim model of `plan`, layer by layer, refitting each layer as it
     comes when reconstruction is on; the dense model is used up (each of its layers is freed
     once sliced). On a GPU the slim model is built on the host and each of its layers visits
@@ -186,7 +186,8 @@ def _slice_stage(dense, plan: PrunePlan, samples, r: ReconstructSettings, device
         return slice_streamed(dense, plan, home), {"method": "none"}
     slim = empty_slim(dense, plan, home)
     fill_outer(dense, slim)
-    out = reconstruct(dense, slim, plan, samples, r, device=device, progress=progress, streamed=True)
+    out = reconstruct(dense, slim, plan, samples, r, device=device, progress=run.progress, streamed=True,
+                      solve_dtype=run.solve_dtype)
     return out.model, out.info
 
 
@@ -390,6 +391,12 @@ def planned_device(run: RunSettings, dry_run: bool = False) -> str:
     return "cuda" if dry_run and gpus else "cpu"
 
 
+def _solve_bytes(run: RunSettings, device: str) -> int:
+    from saap_edge.reconstruct import work_dtype
+
+    return work_dtype(torch.device(device.split(":")[0]), run.solve_dtype).itemsize
+
+
 def _weight_bytes(run: RunSettings, device: str) -> int:
     """Bytes per weight of the run's --dtype on `device`."""
     from saap_edge.models.load import resolve_dtype
@@ -430,7 +437,7 @@ def check_memory(job: "CompressJob", s: PruneSettings, r: RecoverSettings | None
     teacher = _shape_of(job.teacher, dry_run) if job.teacher and r is not None and r.distills else None
     cache = job.teacher_cache_mib if job.teacher_cache is not None else None
     stages = compress_stages(shape, _weight_bytes(job.run, device), s, job.reconstruct, r, device.split(":")[0], cache,
-                             teacher)
+                             teacher, solve_bytes=_solve_bytes(job.run, device))
     return _gate(job, stages, device, dry_run)
 
 

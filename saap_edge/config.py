@@ -228,6 +228,7 @@ class RunSettings:
     progress: bool = True
     device_map: str | None = None  # "auto": the decoder layers spread over the visible GPUs (accelerate)
     max_memory: str | None = None  # per-device budgets for the map, "0=20GiB,cpu=64GiB"
+    solve_dtype: str = "auto"  # the refit's solves and OBS selection: auto (float32 on CUDA, float64 on CPU), float32, float64
 
 
 RECOVERIES = ("qalora", "lora", "none")

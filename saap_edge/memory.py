@@ -474,13 +474,13 @@ def recovery_stages(student: Shape, teacher: Shape | None, b: int, ratio: float,
 
 
 def compress_stages(shape: Shape, b: int, s, rc, r, device_type: str, cache_mib: int | None,
-                    teacher: Shape | None = None) -> list[StageMemory]:
+                    teacher: Shape | None = None, solve_bytes: int | None = None) -> list[StageMemory]:
     """Every stage of `saap-edge compress` with PruneSettings `s`, ReconstructSettings `rc` and
     RecoverSettings `r` (None: --no-recover)."""
     on_cpu = device_type != "cuda"
     stages = [estimation_memory(shape, b, s.seq_len, s.calib_samples, on_cpu),
               reconstruct_memory(shape, b, s.ratio, rc.samples if rc.active else 0, rc.seq_len, rc.batch_size, on_cpu,
-                                 refits=rc.active, precision_bytes=8 if on_cpu else 4,
+                                 refits=rc.active, precision_bytes=solve_bytes or (8 if on_cpu else 4),
                                  moments=3 if rc.target == "dense" else 1)]
     if r is not None:
         stages += recovery_stages(shape, teacher, b, s.ratio, r, device_type, cache_mib)

@@ -226,9 +226,9 @@ def _attention_mask(config, seq_len: int, dtype, device) -> torch.Tensor | None:
 class _Stage:
     """State of one reconstruction pass: streams, settings, device, per-layer log."""
 
-    def __init__(self, dense, slim, plan, samples, r: ReconstructSettings, device):
+    def __init__(self, dense, slim, plan, samples, r: ReconstructSettings, device, solve_dtype: str = "auto"):
         self.plan, self.r, self.device = plan, r, device
-        self.work = work_dtype(torch.device(device))
+        self.work = work_dtype(torch.device(device), solve_dtype)
         self.shapes = discover(dense)
         self.dtype = next(slim.parameters()).dtype
         n, t = samples.shape
@@ -351,13 +351,18 @@ class _Stage:
         proj.weight.copy_(w_new.to(proj.weight.dtype))
 
 
-def work_dtype(device: torch.device) -> torch.dtype:
-    """The refit's solves and OBS selection: float32 on a GPU (consumer cards run float64 at 1/64
-    of float32; benchmarks/results/reconstruct_precision.md measured float32 changing SmolLM2's
-    refit errors by <= 2.4e-7 relative and OBS picking the same units), float64 on the CPU
-    (only half the speed there, and the CPU results stay what they were). Gram matrices are
-    always summed in float64 from float32 products."""
-    return torch.float32 if device.type == "cuda" else torch.float64
+def work_dtype(device: torch.device, choice: str = "auto") -> torch.dtype:
+    """The refit's solves and OBS selection (--solve-dtype): auto is float32 on a GPU (consumer
+    cards run float64 at 1/64 of float32; benchmarks/results/reconstruct_precision.md measured
+    float32 changing SmolLM2's refit errors by <= 2.4e-7 relative and OBS picking the same
+    units), float64 on the CPU (only half the speed there, and the CPU results stay what they
+    were). Gram matrices are always summed in float64 from float32 products."""
+    if choice == "auto":
+        return torch.float32 if device.type == "cuda" else torch.float64
+    table = {"float32": torch.float32, "float64": torch.float64}
+    if choice not in table:
+        raise UserError(f"--solve-dtype {choice!r} is not one of auto, float32, float64")
+    return table[choice]
 
 
 def _removed(lp: LayerPlan, shape: LayerShape, kind: str) -> int:
@@ -409,6 +414,7 @@ def reconstruct(
     device: torch.device | str | None = None,
     progress: bool = True,
     streamed: bool = False,
+    solve_dtype: str = "auto",
 ) -> ReconstructResult:
     """Refit `slim` (sliced from `dense` by `plan`) layer by layer on the calibration windows
     `samples` [N, T]; `slim` is changed in place and `plan` too under local selection.
@@ -428,7 +434,7 @@ def reconstruct(
             raise UserError(f"{samples.shape[0]} reconstruction samples for {procs.world} processes: each process needs "
                             "at least one; raise --recon-samples or launch fewer processes")
         # several processes: each streams its share of the windows through the layers
-        stage = _Stage(dense, slim, plan, samples[procs.share(samples.shape[0])], r, device)
+        stage = _Stage(dense, slim, plan, samples[procs.share(samples.shape[0])], r, device, solve_dtype)
         pairs = list(zip(decoder_layers(dense), decoder_layers(slim)))
         for i, (dl, sl) in enumerate(tqdm(pairs, desc="reconstruct", disable=not progress or not procs.main)):
             if streamed:
@@ -442,6 +448,7 @@ def reconstruct(
         "tokens": int(samples.numel()),
         "time_s": time.perf_counter() - t0,
         "processes": procs.world,
+        "solve_dtype": str(stage.work).replace("torch.", ""),
         "peak_rss_mib": rss.peak_mib,
         "device": str(device),
         "layers": stage.log,

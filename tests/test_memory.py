@@ -180,12 +180,12 @@ MEASURE = textwrap.dedent('''
             prune(model, torch.randint(0, 1000, (2, 32)), s, progress=False, slice_now=False)
         elif stage == "slice":
             from saap_edge.compress import _slice_stage
-            from saap_edge.config import PruneSettings, ReconstructSettings
+            from saap_edge.config import PruneSettings, ReconstructSettings, RunSettings
             from saap_edge.prune import prune
             s = PruneSettings(method="magnitude", ratio=0.3, keep_first=1, keep_last=0)
             plan = prune(model, None, s, progress=False, slice_now=False).plan
             slim, _ = _slice_stage(model, plan, None, ReconstructSettings(method="none", select="global"),
-                                   torch.device("cpu"), False)
+                                   torch.device("cpu"), RunSettings(progress=False))
     print(json.dumps({"start": rss.start_mib, "peak": rss.peak_mib}))
 ''')
 
