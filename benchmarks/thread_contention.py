@@ -450,6 +450,9 @@ def markdown(data: dict) -> str:
     lines += ["Foreign CPU share per trial (other users' processes, both cores = 1.0): "
               + ", ".join(f"{r['role']}/{r['setting']}/{'c' if r['contended'] else 'a'} {r['foreign_cpu']:.2f}"
                           for r in data["trials"]), ""]
+    if data.get("skipped_for_budget"):
+        lines += ["Not run (the --budget was spent): " + ", ".join(
+            f"{r['role']}/{r['setting']}/{'contended' if r['contended'] else 'alone'}" for r in data["skipped_for_budget"]), ""]
     lines += ["Recon time by phase (seconds over the completed layers; dense_pass includes moments_add):", "",
               "| setting | contended | layers | dense_pass | moments_add | obs_select | refit | output_error | advance |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -503,15 +506,19 @@ def _run(a, t_all: float, machine) -> dict:
     settings = [s for s in SETTINGS if s in a.settings]
     trials, skipped = [], []
     partial = a.out / "thread_contention.partial.json"
-    compare = trial(a, "ppl", "default", False, compare=True)
-    for s in settings:
-        for contended in (False, True):
-            for role in ("recon", "ppl"):
-                if time.perf_counter() - t_all > a.budget:
-                    skipped.append({"role": role, "setting": s, "contended": contended})
-                    continue
-                trials.append(trial(a, role, s, contended))
-                partial.write_text(json.dumps({"compare": compare, "trials": trials}, indent=1, default=str))
+    compare = None
+    # by priority: every setting's reconstruction, then every setting's perplexity, then the
+    # int4 / fp32 comparison, so a run cut short by --budget (a loaded machine) keeps what matters
+    plan = [(role, s, contended) for role in ("recon", "ppl") for s in settings for contended in (False, True)]
+    for role, s, contended in plan + [("compare", "default", False)]:
+        if time.perf_counter() - t_all > a.budget:
+            skipped.append({"role": role, "setting": s, "contended": contended})
+            continue
+        if role == "compare":
+            compare = trial(a, "ppl", "default", False, compare=True)
+        else:
+            trials.append(trial(a, role, s, contended))
+        partial.write_text(json.dumps({"compare": compare, "trials": trials}, indent=1, default=str))
     partial.unlink(missing_ok=True)
     return {
         "name": "thread_contention",

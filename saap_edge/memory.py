@@ -73,8 +73,19 @@ class Shape:
         kv = getattr(config, "num_key_value_heads_per_layer", None) or [config.num_key_value_heads or config.num_attention_heads] * n
         ffn = getattr(config, "intermediate_size_per_layer", None) or [config.intermediate_size] * n
         shape = cls(config.hidden_size, config.vocab_size, list(zip(heads, kv, ffn)), hd, bool(config.tie_word_embeddings))
-        shape._count(config)
+        try:
+            shape._count(config)
+        except Exception:  # noqa: BLE001 - a config transformers will not build empty (e.g. a pad id past the
+            shape._count_by_formula()  # vocabulary): the LLaMA block's own sizes
         return shape
+
+    def _count_by_formula(self) -> None:
+        h = self.hidden
+        self.layer_params = [sum(i * o for i, o in Shape(h, self.vocab, [layer], self.head_dim, self.tied).projections())
+                             + (2 if kv else 1) * h for layer in self.layers for kv in [layer[1]]]
+        self.embed_params = self.vocab * h
+        self.head_params = 0 if self.tied else self.vocab * h
+        self.other_params = h
 
     def _count(self, config) -> None:
         """Parameter counts from the model transformers builds for `config`, on the meta device."""

@@ -245,3 +245,12 @@ def test_an_int4_checkpoint_counts_like_its_float_twin():
     assert a.params() == b.params() and a.layer_params == b.layer_params
     dense, int4 = export_memory(a, artifact_bytes(a, "q4_1", "q8_0"), None), export_memory(b, artifact_bytes(b, "q4_1", "q8_0"), 32)
     assert 0 < int4.host_total < dense.host_total
+
+
+def test_a_config_transformers_will_not_build_empty_is_counted_by_the_block_formula():
+    from transformers import LlamaConfig
+
+    kwargs = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, tie_word_embeddings=False)
+    good, odd = Shape.of(LlamaConfig(**kwargs)), Shape.of(LlamaConfig(**kwargs, pad_token_id=4096))
+    assert odd.params() == good.params() and odd.layer_params == good.layer_params

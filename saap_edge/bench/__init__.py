@@ -122,7 +122,10 @@ def row_memory(model: BenchModel, runtime: str, s: BenchSettings):
     config = model_config(model.source)
     if config is None or getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
         return None
-    shape = Shape.of(config)
+    try:
+        shape = Shape.of(config)
+    except (AttributeError, TypeError, ValueError):  # not a config the plan reads: the row runs unplanned
+        return None
     group = (getattr(config, "quantization", None) or {}).get("group_size")
     _, fmt, quant, embed, *_ = ARTIFACTS[runtime]
     if fmt is None:
