@@ -97,11 +97,16 @@ def refit(w: torch.Tensor, cross: torch.Tensor, gram: torch.Tensor, keep: torch.
     return _spd_solve(g_kk + lam * eye, rhs.T).T
 
 
+def target_energy(w: torch.Tensor, gram_target: torch.Tensor) -> float:
+    """sum ||W z||^2 over the calibration tokens (the denominator of `output_error`)."""
+    return float(torch.einsum("oi,ij,oj->", w, gram_target, w))
+
+
 def output_error(w_k: torch.Tensor, w: torch.Tensor, cross: torch.Tensor, gram: torch.Tensor,
-                 gram_target: torch.Tensor, keep: torch.Tensor) -> float:
+                 gram_target: torch.Tensor, keep: torch.Tensor, yy: float | None = None) -> float:
     """Relative squared error sum ||w_k x_K - W z||^2 / sum ||W z||^2 over the calibration tokens,
-    from the accumulated second moments (no activations needed)."""
-    yy = float(torch.einsum("oi,ij,oj->", w, gram_target, w))
+    from the accumulated second moments (no activations needed; `yy`: target_energy, when known)."""
+    yy = target_energy(w, gram_target) if yy is None else yy
     fit = float(torch.einsum("ok,kl,ol->", w_k, gram[keep][:, keep], w_k))
     mixed = float(torch.einsum("ok,ik,oi->", w_k, cross[:, keep], w))
     return max(fit - 2 * mixed + yy, 0.0) / max(yy, 1e-30)
@@ -340,11 +345,12 @@ class _Stage:
             _reslice(dl, sl, shape, kind, lp)
         keep = kept_index(lp, shape, part).to(self.device)
         w_new = refit(w, cross, gram, keep, self.r.damp)
+        yy = target_energy(w, gram_t)  # shared by both errors below
         if not torch.isfinite(w_new).all():
             raise UserError(f"layer {i} {path}: the refit is not finite; raise --recon-damp or use --reconstruct none")
         entry[kind] = {"removed_units": shape.n_units(kind) - len(lp.kv_groups if kind == ATTN else lp.channels),
-                       "rel_err_sliced": output_error(w[:, keep], w, cross, gram, gram_t, keep),
-                       "rel_err_refit": output_error(w_new, w, cross, gram, gram_t, keep)}
+                       "rel_err_sliced": output_error(w[:, keep], w, cross, gram, gram_t, keep, yy),
+                       "rel_err_refit": output_error(w_new, w, cross, gram, gram_t, keep, yy)}
         if kind == ATTN and lp.kept_heads < len(lp.kv_groups) * shape.n_rep:
             entry[kind]["removed_heads"] = shape.n_heads - lp.kept_heads
         proj = submodule(sl, path)
