@@ -117,6 +117,7 @@ FULL_7B_NOTE = ("the 32-layer model: calibration 2 windows of 32 tokens, refit 8
                 "float32 (--solve-dtype float32, the GPU default; float64 took 4-5 min a layer on these 2 cores), so "
                 "its refit work is the GPU plan's")
 BUDGETS = {"7b-32l": FULL_7B_BUDGETS}
+NO_REFIT = ["--reconstruct", "none", "--select", "global"]  # --no-refit
 BUDGET_NOTE = ("calibration windows 50 -> 4 (--calib-samples), refit windows 128 -> 16 (--recon-samples), recovery "
                "2 optimizer steps (--recover-steps; default 2 epochs on a GPU, 60 steps on a CPU) of 2 windows "
                "(--batch-size, default 8), quick perplexity checks off (--eval-ppl none, default WikiText-2 64 "
@@ -417,7 +418,7 @@ def run_shape(shape: str, a: argparse.Namespace, env: dict, tokenizer_dir: Path)
     run_flags = ["--device", "cpu", "--dtype", "bfloat16", "--no-progress"]
     compress = cli() + ["compress", "--model", rel(dense), "--out", rel(out), "--ratio", f"{spec.ratio:g}",
                         "--keep-first", str(spec.keep_first), "--keep-last", str(spec.keep_last),
-                        *BUDGETS.get(shape, SMALL_BUDGETS),
+                        *BUDGETS.get(shape, SMALL_BUDGETS), *(NO_REFIT if a.no_refit else []),
                         "--teacher-cache", rel(cache), "--data-dir", str(a.data_dir), *run_flags]
     section["compress_flags"] = compress[len(cli()) + 1:]
     dry = stage("compress --dry-run", compress + ["--dry-run"], keep_stdout=True)
@@ -868,6 +869,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the offline data folder (default: $SAAP_EDGE_DATA_DIR, else ../shared/data)")
     p.add_argument("--stage-timeout", type=float, default=0, help="seconds before a stage is stopped (default: none)")
     p.add_argument("--rebuild", action="store_true", help="rebuild the model directories even if built already")
+    p.add_argument("--no-refit", action="store_true",
+                   help="compress with --reconstruct none --select global (slicing still streamed): the whole pipeline of "
+                        "the 32-layer model in the time 2 cores have; the refit's own peak is then measured separately")
     # internal: the builders, run as measured subprocesses of this script
     p.add_argument("--build-model", default=None, help=argparse.SUPPRESS)
     p.add_argument("--build-tokenizer", type=Path, default=None, help=argparse.SUPPRESS)

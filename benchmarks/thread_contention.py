@@ -504,23 +504,7 @@ def _run(a, t_all: float, machine) -> dict:
         raise SystemExit("prepare failed:\n" + prep.stderr[-3000:])
     print(f"prepared in {time.perf_counter() - t:.0f} s", flush=True)
     settings = [s for s in SETTINGS if s in a.settings]
-    trials, skipped = [], []
-    partial = a.out / "thread_contention.partial.json"
-    compare = None
-    # by priority: every setting's reconstruction, then every setting's perplexity, then the
-    # int4 / fp32 comparison, so a run cut short by --budget (a loaded machine) keeps what matters
-    plan = [(role, s, contended) for role in ("recon", "ppl") for s in settings for contended in (False, True)]
-    for role, s, contended in plan + [("compare", "default", False)]:
-        if time.perf_counter() - t_all > a.budget:
-            skipped.append({"role": role, "setting": s, "contended": contended})
-            continue
-        if role == "compare":
-            compare = trial(a, "ppl", "default", False, compare=True)
-        else:
-            trials.append(trial(a, role, s, contended))
-        partial.write_text(json.dumps({"compare": compare, "trials": trials}, indent=1, default=str))
-    partial.unlink(missing_ok=True)
-    return {
+    meta = {
         "name": "thread_contention",
         "machine": machine(),
         "torch": parallel_info(),
@@ -530,12 +514,49 @@ def _run(a, t_all: float, machine) -> dict:
                      "reconstruct": "ReconstructSettings defaults except samples",
                      "ppl": "window_perplexity(fast=True, batch_size=8), window 128, WikiText-2 test"},
         "settings": settings,
+        "roles": a.roles,
         "source": source,
-        "compare": compare,
-        "trials": trials,
-        "skipped_for_budget": skipped,
-        "total_s": time.perf_counter() - t_all,
     }
+    trials, skipped = [], []
+    partial = a.out / "thread_contention.partial.json"
+    compare = None
+    # by priority: every setting's reconstruction, then every setting's perplexity, then the
+    # int4 / fp32 comparison, so a run cut short by --budget (a loaded machine) keeps what matters
+    plan = [(role, s, contended) for role in ("recon", "ppl") if role in a.roles for s in settings for contended in (False, True)]
+    for role, s, contended in plan + ([("compare", "default", False)] if "compare" in a.roles else []):
+        if time.perf_counter() - t_all > a.budget:
+            skipped.append({"role": role, "setting": s, "contended": contended})
+            continue
+        if role == "compare":
+            compare = trial(a, "ppl", "default", False, compare=True)
+        else:
+            trials.append(trial(a, role, s, contended))
+        partial.write_text(json.dumps({"run": {**meta, "total_s": time.perf_counter() - t_all}, "compare": compare,
+                                       "trials": trials}, indent=1, default=str))
+    partial.unlink(missing_ok=True)
+    return {**meta, "compare": compare, "trials": trials, "skipped_for_budget": skipped, "total_s": time.perf_counter() - t_all}
+
+
+def merge(paths: list[Path]) -> dict:
+    """One result from several runs' files (full results or `.partial.json` of a run that was cut
+    short, with a `run` entry naming its protocol); each row records which run it came from."""
+    data, rows, compare = None, {}, None
+    for i, path in enumerate(paths):
+        part = json.loads(path.read_text())
+        meta = part if "protocol" in part else part.get("run", {})
+        if data is None and "protocol" in meta:
+            data = {k: v for k, v in meta.items() if k not in ("trials", "compare", "skipped_for_budget")}
+        for r in part.get("trials", []):
+            rows[(r["role"], r["setting"], r["contended"])] = {**r, "run": i, "run_file": path.name,
+                                                               "commit": meta.get("source", {}).get("commit")}
+        if part.get("compare"):
+            compare = {**part["compare"], "run": i, "commit": meta.get("source", {}).get("commit")}
+    if data is None:
+        raise SystemExit("--merge: no file carries the protocol (a full result or a partial file with 'run')")
+    data.update({"trials": list(rows.values()), "compare": compare, "merged_from": [str(p) for p in paths],
+                 "settings": [s for s in SETTINGS if any(k[1] == s for k in rows)], "skipped_for_budget": [],
+                 "total_s": sum(json.loads(p.read_text()).get("total_s", 0) for p in paths)})
+    return data
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -550,6 +571,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     p.add_argument("--source", default="worktree",
                    help="code to measure: worktree (default) or a git revision, e.g. HEAD, exported to a temporary folder")
+    p.add_argument("--roles", nargs="+", default=["recon", "ppl", "compare"], choices=["recon", "ppl", "compare"],
+                   help="which trials: reconstruction, perplexity, the int4 / fp32 comparison")
+    p.add_argument("--merge", nargs="+", type=Path, default=None,
+                   help="measure nothing: combine the trials of earlier runs' JSON files (a run cut short writes "
+                        "results/thread_contention.partial.json) into one table; a later file's row replaces an earlier one's")
     p.add_argument("--out", type=Path, default=HERE / "results")
     # child roles
     p.add_argument("--role", default="main", choices=["main", "prepare", "recon", "ppl", "compete"], help=argparse.SUPPRESS)
@@ -578,7 +604,7 @@ def main(argv=None) -> None:
     sys.path.insert(0, str(HERE))
     from harness import write_results
 
-    data = run(a)
+    data = merge(a.merge) if a.merge else run(a)
     paths = write_results(a.out, "thread_contention", data, markdown(data))
     print(markdown(data))
     print("wrote", *paths)
