@@ -440,6 +440,13 @@ def markdown(data: dict) -> str:
         slow_r = f"{spl(rc) / spl(ra):.1f}x" if ok(ra, rc) else "-"
         slow_p = f"{tps(pa) / tps(pc):.1f}x" if ok(pa, pc) else "-"
         lines.append(f"| {s} | {cell(ra, spl)} | {cell(rc, spl)} | {slow_r} | {cell(pa, tps)} | {cell(pc, tps)} | {slow_p} |")
+    alone = [r for r in data["trials"] if not r["contended"] and r.get("rc") == 0]
+    busy = [r for r in alone if r["foreign_cpu"] > 0.10]
+    if busy:
+        share = sum(r["foreign_cpu"] for r in busy) / len(busy)
+        lines += ["", f"**Caution: {len(busy)} of {len(alone)} 'alone' trials were not alone**: other users' processes held "
+                  f"{share:.0%} of the two cores on average during them (about {2 * share:.1f} cores), so 'alone' there "
+                  "means beside that load, and 'contended' beside that load plus the competitor. No row measures idle cores."]
     lines += ["", "`*`: stopped at the cap before the last layer / batch (rate over what completed). "
               "`!`: other users' processes took > 10% of the cores during the trial.", ""]
     chosen = [(r["role"], r["contended"], r.get("threads_chosen") or r.get("int4", {}).get("threads_chosen"))
@@ -464,8 +471,10 @@ def markdown(data: dict) -> str:
                                                                        "output_error", "_advance")) + " |")
     cmp_ = data.get("compare")
     if cmp_ and cmp_.get("rc") == 0:
+        origin = (f" From {cmp_['run_file']} (commit {str(cmp_.get('commit'))[:10]}, {cmp_['protocol']['windows']} windows)"
+                  if "run_file" in cmp_ else "")
         lines += ["", "int4 vs fp32 perplexity on the same windows (alone, default threads; tok/s over the batches, "
-                  "and including the set-up before the first batch):", "",
+                  f"and including the set-up before the first batch; foreign {cmp_['foreign_cpu']:.2f}).{origin}", "",
                   "| run | tok/s | tok/s incl. setup | setup s | dequantize calls | ppl |", "|---|---|---|---|---|---|"]
         for k in ("int4", "int4_again", "fp32", "int4_plain", "fp32_plain"):
             v = cmp_.get(k)
@@ -476,7 +485,17 @@ def markdown(data: dict) -> str:
         lines += ["", f"After the runs {c['cached']} of {c['layers']} Int4Linear layers hold a cached fp32 weight "
                       f"({c['cached_mib']:.0f} MiB). int4 = fast path, first call; int4_again = second call on the same model; "
                       "*_plain = fast=False (torch's F.linear / MKL sgemm)."]
-    lines += ["", f"Total script time: {data['total_s']:.0f} s."]
+    if data.get("merged_from"):
+        used = {}
+        for r in data["trials"]:
+            used.setdefault((r["run_file"], str(r.get("commit"))[:10]), []).append(
+                f"{r['role']}/{r['setting']}/{'c' if r['contended'] else 'a'}")
+        lines += ["", "Merged from runs of this script (`--merge`), each row from the newest file that has it:", ""]
+        lines += [f"- {f} (commit {c}): {len(rs)} rows: {', '.join(rs)}" for (f, c), rs in used.items()]
+        if cmp_ and "run_file" in cmp_:
+            lines.append(f"- {cmp_['run_file']} (commit {str(cmp_.get('commit'))[:10]}): the int4 / fp32 comparison")
+    what = "Total time of the merged runs" if data.get("merged_from") else "Total script time"
+    lines += ["", f"{what}: {data['total_s']:.0f} s."]
     return "\n".join(lines) + "\n"
 
 
@@ -515,6 +534,7 @@ def _run(a, t_all: float, machine) -> dict:
                      "ppl": "window_perplexity(fast=True, batch_size=8), window 128, WikiText-2 test"},
         "settings": settings,
         "roles": a.roles,
+        "conditions": a.conditions,
         "source": source,
     }
     trials, skipped = [], []
@@ -522,7 +542,8 @@ def _run(a, t_all: float, machine) -> dict:
     compare = None
     # by priority: every setting's reconstruction, then every setting's perplexity, then the
     # int4 / fp32 comparison, so a run cut short by --budget (a loaded machine) keeps what matters
-    plan = [(role, s, contended) for role in ("recon", "ppl") if role in a.roles for s in settings for contended in (False, True)]
+    conditions = [c == "contended" for c in ("alone", "contended") if c in a.conditions]
+    plan = [(role, s, contended) for role in ("recon", "ppl") if role in a.roles for s in settings for contended in conditions]
     for role, s, contended in plan + ([("compare", "default", False)] if "compare" in a.roles else []):
         if time.perf_counter() - t_all > a.budget:
             skipped.append({"role": role, "setting": s, "contended": contended})
@@ -535,6 +556,10 @@ def _run(a, t_all: float, machine) -> dict:
                                        "trials": trials}, indent=1, default=str))
     partial.unlink(missing_ok=True)
     return {**meta, "compare": compare, "trials": trials, "skipped_for_budget": skipped, "total_s": time.perf_counter() - t_all}
+
+
+def _total_s(part: dict) -> float:
+    return part.get("total_s") or part.get("run", {}).get("total_s", 0.0)
 
 
 def merge(paths: list[Path]) -> dict:
@@ -550,12 +575,13 @@ def merge(paths: list[Path]) -> dict:
             rows[(r["role"], r["setting"], r["contended"])] = {**r, "run": i, "run_file": path.name,
                                                                "commit": meta.get("source", {}).get("commit")}
         if part.get("compare"):
-            compare = {**part["compare"], "run": i, "commit": meta.get("source", {}).get("commit")}
+            compare = {**part["compare"], "run": i, "run_file": path.name, "commit": meta.get("source", {}).get("commit"),
+                       "protocol": meta.get("protocol")}
     if data is None:
         raise SystemExit("--merge: no file carries the protocol (a full result or a partial file with 'run')")
     data.update({"trials": list(rows.values()), "compare": compare, "merged_from": [str(p) for p in paths],
                  "settings": [s for s in SETTINGS if any(k[1] == s for k in rows)], "skipped_for_budget": [],
-                 "total_s": sum(json.loads(p.read_text()).get("total_s", 0) for p in paths)})
+                 "total_s": sum(_total_s(json.loads(p.read_text())) for p in paths)})
     return data
 
 
@@ -573,6 +599,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="code to measure: worktree (default) or a git revision, e.g. HEAD, exported to a temporary folder")
     p.add_argument("--roles", nargs="+", default=["recon", "ppl", "compare"], choices=["recon", "ppl", "compare"],
                    help="which trials: reconstruction, perplexity, the int4 / fp32 comparison")
+    p.add_argument("--conditions", nargs="+", default=["alone", "contended"], choices=["alone", "contended"])
     p.add_argument("--merge", nargs="+", type=Path, default=None,
                    help="measure nothing: combine the trials of earlier runs' JSON files (a run cut short writes "
                         "results/thread_contention.partial.json) into one table; a later file's row replaces an earlier one's")
@@ -599,7 +626,7 @@ def main(argv=None) -> None:
         out["_cpu_s"] = cpu.user + cpu.system
         a.result.write_text(json.dumps(out))
         return None
-    if not a.data_dir:
+    if not a.data_dir and not a.merge:
         raise SystemExit("--data-dir (or SAAP_EDGE_DATA_DIR) is needed: the offline data folder")
     sys.path.insert(0, str(HERE))
     from harness import write_results

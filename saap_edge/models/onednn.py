@@ -53,7 +53,8 @@ def usable(model: nn.Module) -> bool:
         return False
     if params[0].device.type != "cpu" or params[0].dtype != torch.float32:
         return False
-    weight_bytes = sum(m.weight.numel() * 4 for _, _, m in _linears(model))
+    # sizes, not weights: Int4Linear.weight dequantizes (it would dequantize every layer once more per call)
+    weight_bytes = sum(m.in_features * m.out_features * 4 for _, _, m in _linears(model))
     return weight_bytes < 0.5 * psutil.virtual_memory().available
 
 
