@@ -107,6 +107,8 @@ def quantize_model(model: nn.Module, group_size: int | None = None, modules=QUAN
                     raise UserError(f"{name}.{attr} has a bias; int4 groups here cover bias-free LLaMA projections only")
                 g = quantize_groups(child.weight, group_size)
                 setattr(parent, attr, Int4Linear.from_parts(g.codes, g.scales, g.offsets))
+                del g
+                child.to("meta")  # its float weight goes now, not when the loop's list of modules does
     model.config.quantization = quantization_section(group_size, modules)
     return group_size
 
