@@ -139,15 +139,11 @@ def _check_job(job: ExportJob) -> ExportJob:
 def plan_export(job: ExportJob) -> list:
     """`export --dry-run`: the host memory of the export from config.json alone (the artifact,
     one dense layer in float32, 2 GiB for writers and readers), refused when it does not fit."""
-    from saap_edge.memory import Devices, Shape, artifact_bytes, check_fits, describe, export_memory, host_available
-    from saap_edge.models.load import SUPPORTED_MODEL_TYPES, model_config
+    from saap_edge.memory import Devices, artifact_bytes, check_fits, describe, export_memory, host_available, model_shape
 
     job = _check_job(copy.copy(job))
-    config = model_config(job.model)
-    if config is None or getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
-        raise UserError(f"{job.model}: no LLaMA-family config.json to plan from; give a saap-edge or LLaMA directory")
-    shape = Shape.of(config)
-    group = (getattr(config, "quantization", None) or {}).get("group_size")
+    shape = model_shape(job.model)
+    group = shape.group_size
     stages = [export_memory(shape, artifact_bytes(shape, job.quant, job.embed_type, group or 32), group)]
     devices = Devices(None, host_available())
     print(describe(stages, devices))

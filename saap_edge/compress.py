@@ -383,8 +383,6 @@ def planned_device(run: RunSettings, dry_run: bool = False) -> str:
     torch sees a GPU (a dry run also when --max-memory names one)."""
     if run.device != "auto":
         return run.device
-    import torch
-
     if torch.cuda.is_available():
         return "cuda"
     gpus = [k for k in (parse_max_memory(run.max_memory) or {}) if isinstance(k, int)]
@@ -407,20 +405,13 @@ def _weight_bytes(run: RunSettings, device: str) -> int:
 def _shape_of(name: str, dry_run: bool):
     """The sizes of --model `name` from its config alone; None when it cannot be read that way
     (a run then loads and reports the reason; a dry run refuses it)."""
-    from saap_edge.memory import Shape
-    from saap_edge.models.load import SUPPORTED_MODEL_TYPES, SUPPORTED_TEXT, model_config
+    from saap_edge.memory import model_shape
 
-    config = model_config(name)
-    if config is None or getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
-        if not dry_run:
-            return None
-        what = "cannot be read" if config is None else f"is {getattr(config, 'model_type', None)!r}"
-        raise UserError(f"{name}: its config {what}; --dry-run plans {SUPPORTED_TEXT} from their config.json")
     try:
-        return Shape.of(config)
-    except (AttributeError, TypeError, ValueError) as exc:  # not a LLaMA config: loading refuses it with the reason
+        return model_shape(name)
+    except UserError:
         if dry_run:
-            raise UserError(f"{name}: its config is not a LLaMA-block model ({exc})") from exc
+            raise
         return None
 
 

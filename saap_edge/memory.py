@@ -64,6 +64,7 @@ class Shape:
     embed_params: int = 0
     head_params: int = 0  # 0 when tied to the embedding
     other_params: int = 0  # final norm and anything else outside the layers
+    group_size: int | None = None  # int4 group size of an int4 checkpoint's config, else None
 
     @classmethod
     def of(cls, config) -> "Shape":
@@ -73,6 +74,7 @@ class Shape:
         kv = getattr(config, "num_key_value_heads_per_layer", None) or [config.num_key_value_heads or config.num_attention_heads] * n
         ffn = getattr(config, "intermediate_size_per_layer", None) or [config.intermediate_size] * n
         shape = cls(config.hidden_size, config.vocab_size, list(zip(heads, kv, ffn)), hd, bool(config.tie_word_embeddings))
+        shape.group_size = (getattr(config, "quantization", None) or {}).get("group_size")
         try:
             shape._count(config)
         except Exception:  # noqa: BLE001 - a config transformers will not build empty (e.g. a pad id past the
@@ -81,8 +83,11 @@ class Shape:
 
     def _count_by_formula(self) -> None:
         h = self.hidden
-        self.layer_params = [sum(i * o for i, o in Shape(h, self.vocab, [layer], self.head_dim, self.tied).projections())
-                             + (2 if kv else 1) * h for layer in self.layers for kv in [layer[1]]]
+        self.layer_params = []
+        for layer in self.layers:
+            alone = Shape(h, self.vocab, [layer], self.head_dim, self.tied)
+            norms = 2 * h if layer[1] else h  # an attention-free layer has no attention norm
+            self.layer_params.append(sum(i * o for i, o in alone.projections()) + norms)
         self.embed_params = self.vocab * h
         self.head_params = 0 if self.tied else self.vocab * h
         self.other_params = h
@@ -155,6 +160,21 @@ def _weights(module) -> int:
                 seen.add(id(p))
                 n += p.numel()
     return n
+
+
+def model_shape(name: str) -> Shape:
+    """The sizes of --model `name` read from its config alone (no weights, no tokenizer); a
+    UserError in one line when that config cannot be read or is not a LLaMA-block model."""
+    from saap_edge.models.load import SUPPORTED_MODEL_TYPES, SUPPORTED_TEXT, model_config
+
+    config = model_config(name)
+    if config is None or getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+        what = "cannot be read" if config is None else f"is {getattr(config, 'model_type', None)!r}"
+        raise UserError(f"{name}: its config {what}; memory plans cover {SUPPORTED_TEXT} from their config.json")
+    try:
+        return Shape.of(config)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise UserError(f"{name}: its config is not a LLaMA-block model ({exc})") from exc
 
 
 @dataclass

@@ -116,17 +116,13 @@ def row_memory(model: BenchModel, runtime: str, s: BenchSettings):
     it (float32 on the CPU, float16 on a GPU; int4 groups stay int4, with the float32 copy their
     evaluation keeps) and one pass of the prompt; for an artifact row, its export and then the
     artifact in the runtime. None when the model's config cannot be read alone."""
-    from saap_edge.memory import GIB, Shape, StageMemory, artifact_bytes, eval_memory, export_memory
-    from saap_edge.models.load import SUPPORTED_MODEL_TYPES, model_config
+    from saap_edge.memory import GIB, StageMemory, artifact_bytes, eval_memory, export_memory, model_shape
 
-    config = model_config(model.source)
-    if config is None or getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
-        return None
     try:
-        shape = Shape.of(config)
-    except (AttributeError, TypeError, ValueError):  # not a config the plan reads: the row runs unplanned
+        shape = model_shape(model.source)
+    except UserError:  # not a config the plan reads alone: the row runs unplanned
         return None
-    group = (getattr(config, "quantization", None) or {}).get("group_size")
+    group = shape.group_size
     _, fmt, quant, embed, *_ = ARTIFACTS[runtime]
     if fmt is None:
         cuda = s.device.startswith("cuda")
@@ -143,11 +139,11 @@ def row_memory(model: BenchModel, runtime: str, s: BenchSettings):
                        "skip the row (--runtimes), export it on a larger machine, or use a machine with more RAM")
 
 
-def _skip_reason(model: BenchModel, runtime: str, s: BenchSettings) -> str | None:
-    """Why a row cannot fit this machine, in one line (None: it fits, or it cannot be planned)."""
+def _skip_reason(st, s: BenchSettings) -> str | None:
+    """Why a row's plan `st` (row_memory) cannot fit this machine, in one line (None: it fits, or
+    it could not be planned)."""
     from saap_edge.memory import Devices, check_fits, devices_for
 
-    st = row_memory(model, runtime, s)
     if st is None:
         return None
     devices = devices_for(s.device, None) if s.device.startswith("cuda") else Devices(None, _host())
@@ -167,7 +163,7 @@ def _host() -> int:
 def bench_row(model: BenchModel, runtime: str, work: Path, s: BenchSettings) -> dict:
     row = {"model": model.label, "source": model.source, "runtime": runtime, "status": "ok"}
     t0 = time.perf_counter()
-    skip = _skip_reason(model, runtime, s)
+    skip = _skip_reason(row_memory(model, runtime, s), s)
     if skip:
         print(f"bench: {model.label} {runtime}: {skip}", file=sys.stderr, flush=True)
         return {**row, "status": "skipped", "reason": skip, "row_s": 0.0}
@@ -295,9 +291,10 @@ def plan_bench(models: list[BenchModel], s: BenchSettings) -> list:
     from saap_edge.memory import Devices, describe
 
     s.validate()
-    stages = [st for m in models for r in s.runtimes if (st := row_memory(m, r, s)) is not None]
+    planned = [(f"{m.label} {r}", row_memory(m, r, s)) for m in models for r in s.runtimes]
+    stages = [st for _, st in planned if st is not None]
     print(describe(stages, Devices(None, _host())))
-    skipped = [f"{m.label} {r}" for m in models for r in s.runtimes if _skip_reason(m, r, s)]
+    skipped = [label for label, st in planned if _skip_reason(st, s)]
     if skipped:
         raise UserError(f"rows that do not fit this machine and would be skipped: {', '.join(skipped)}; drop them from "
                         "--runtimes or run on a machine with more memory")
