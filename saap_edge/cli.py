@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 from saap_edge.config import (
-    CPU_RECOVER_STEPS, METHODS, RECON_TARGETS, RECONSTRUCTIONS, RECOVER_LOSSES, RECOVERIES, SELECTIONS, PruneSettings, ReconstructSettings,
-    HywiaSettings, RecoverSettings, RunSettings, SearchSettings, default_cache_dir,
+    CPU_RECOVER_STEPS, METHODS, QUANTIZERS, RECON_TARGETS, RECONSTRUCTIONS, RECOVER_LOSSES, RECOVER_ORDERS, RECOVERIES,
+    SELECTIONS, PruneSettings, ReconstructSettings, HywiaSettings, RecoverSettings, RunSettings, SearchSettings, default_cache_dir,
 )
 from saap_edge.errors import UserError
 from saap_edge.models.load import DEFAULT_MODEL
@@ -67,9 +67,20 @@ def _add_recover_args(p: argparse.ArgumentParser, in_compress: bool) -> None:
                    help="lm: next-token cross-entropy; kd: KL to the dense model's distribution (distillation); "
                         "kd+lm: both, weighted by --kd-weight (default: %(default)s)")
     g.add_argument("--train", default=None,
-                   help="what training changes, a comma list of lora (QA-LoRA adapters), offsets and scales (the int4 "
-                        "groups' own, codes never change), norms (RMSNorm weights) (default: offsets with --recovery "
-                        "qalora, lora with --recovery lora)")
+                   help="what training changes, a comma list of lora (QA-LoRA adapters; plain LoRA before int4 with "
+                        "distil-quantize), offsets and scales (the int4 groups' own, codes never change), norms (RMSNorm "
+                        "weights), full (every fp weight, distil-quantize only) (default: offsets with --recovery qalora, "
+                        "full with --recover-order distil-quantize, lora with --recovery lora)")
+    g.add_argument("--recover-order", default=d.order, choices=RECOVER_ORDERS,
+                   help="quantize-distil: int4 first, then train the groups; distil-quantize: train the fp model, then "
+                        "quantize it (and --offset-steps of the offsets) (default: %(default)s)")
+    g.add_argument("--quantizer", default=d.quantizer, choices=QUANTIZERS,
+                   help="rtn: round to nearest; gptq: error-compensating rounding from each layer's input statistics on "
+                        "--quant-samples windows of the recovery text; same int4 format (default: %(default)s)")
+    g.add_argument("--quant-samples", type=int, default=d.quant_samples,
+                   help="gptq: calibration windows of --recover-seq-len tokens (default: %(default)s)")
+    g.add_argument("--offset-steps", type=int, default=d.offset_steps,
+                   help="distil-quantize: optimizer steps training the int4 offsets after quantizing (default: %(default)s)")
     g.add_argument("--group-lr", type=float, default=d.group_lr,
                    help="AdamW rate of trained offsets and norms; scales take a tenth of it (default: %(default)s)")
     g.add_argument("--kd-temperature", type=float, default=d.kd_temperature, help="distillation temperature (default: %(default)s)")
@@ -97,7 +108,8 @@ def _recover_settings(a: argparse.Namespace) -> RecoverSettings | None:
         alpha=a.lora_alpha, dropout=a.lora_dropout, group_size=a.group_size, lr=a.lr, warmup=a.warmup,
         batch_size=a.batch_size, grad_accum=a.grad_accum, seq_len=a.recover_seq_len, seed=a.recover_seed,
         loss=a.recover_loss, kd_temperature=a.kd_temperature, kd_topk=a.kd_topk, kd_weight=a.kd_weight, train=a.train,
-        group_lr=a.group_lr,
+        group_lr=a.group_lr, order=a.recover_order, quantizer=a.quantizer, quant_samples=a.quant_samples,
+        offset_steps=a.offset_steps,
     )
 
 

@@ -233,7 +233,9 @@ class RunSettings:
 
 RECOVERIES = ("qalora", "lora", "none")
 RECOVER_LOSSES = ("lm", "kd", "kd+lm")
-TRAINABLES = ("lora", "offsets", "scales", "norms")  # what recovery may train (see recover/params.py)
+TRAINABLES = ("lora", "offsets", "scales", "norms", "full")  # what recovery may train (see recover/params.py)
+RECOVER_ORDERS = ("quantize-distil", "distil-quantize")  # int4 first and train the groups, or train the fp model first
+QUANTIZERS = ("rtn", "gptq")  # round to nearest; GPTQ from the layers' input statistics (quant/gptq.py)
 CPU_RECOVER_STEPS = 60  # CPU default: keeps `make demo` near ten minutes on 2 cores
 
 
@@ -270,18 +272,24 @@ class RecoverSettings(Settings):
     kd_topk: int = 64  # teacher's k most likely tokens + one bucket for the rest (0: the whole vocabulary, no cache)
     kd_weight: float = 0.5  # kd+lm only
     group_lr: float = 1e-3  # AdamW rate of trained offsets and norms (scales: a tenth of it); lr is the LoRA adapters'
-    train: str | None = None  # comma list of lora, offsets, scales, norms (codes never change); None: offsets for qalora, lora for lora
+    train: str | None = None  # comma list of lora, offsets, scales, norms, full (codes never change); None: see `trained`
+    order: str = "quantize-distil"  # qalora: quantize then train the groups, or distil the fp model then quantize
+    quantizer: str = "rtn"  # how fp weights become int4 groups: rtn | gptq
+    quant_samples: int = 128  # gptq: calibration windows of the recovery text (its first training windows)
+    offset_steps: int = 0  # distil-quantize: offsets kd steps after quantizing (0: none)
     version: int = SETTINGS_VERSION
 
     # Settings that decide the training result: a resumed run must match them all.
     RESULT_FIELDS = ("recovery", "steps", "epochs", "rank", "alpha", "dropout", "group_size", "lr", "warmup",
                      "weight_decay", "batch_size", "grad_accum", "seq_len", "heldout", "max_tokens", "seed",
-                     "loss", "kd_temperature", "kd_topk", "kd_weight", "train", "group_lr")
+                     "loss", "kd_temperature", "kd_topk", "kd_weight", "train", "group_lr", "order", "quantizer",
+                     "quant_samples", "offset_steps")
 
     @property
     def trained(self) -> tuple[str, ...]:
         """The parts `train` names, in a fixed order."""
-        train = self.train if self.train is not None else ("offsets" if self.recovery == "qalora" else "lora")
+        default = "lora" if self.recovery == "lora" else "full" if self.order == "distil-quantize" else "offsets"
+        train = self.train if self.train is not None else default
         parts = {p.strip() for p in train.split(",") if p.strip()}
         return tuple(t for t in TRAINABLES if t in parts)
 
@@ -316,9 +324,46 @@ class RecoverSettings(Settings):
         unknown = [p.strip() for p in (self.train or "").split(",") if p.strip() and p.strip() not in TRAINABLES]
         if unknown or not self.trained:
             raise UserError(f"--train {self.train!r}: give a comma list of {', '.join(TRAINABLES)} (e.g. offsets,scales)")
-        if self.recovery == "lora" and set(self.trained) & {"offsets", "scales"}:
-            raise UserError("--train offsets / scales trains int4 groups; it needs --recovery qalora (or train lora,norms)")
+        if self.recovery == "lora" and set(self.trained) & {"offsets", "scales", "full"}:
+            raise UserError("--train offsets / scales / full needs --recovery qalora (offsets and scales are the int4 "
+                            "groups' own; full trains the fp model before int4 with --recover-order distil-quantize); "
+                            "--recovery lora trains lora,norms")
+        return self._validate_order()
+
+    def _validate_order(self) -> "RecoverSettings":
+        if self.order not in RECOVER_ORDERS:
+            raise UserError(f"--recover-order {self.order!r} is not one of {', '.join(RECOVER_ORDERS)}")
+        if self.quantizer not in QUANTIZERS:
+            raise UserError(f"--quantizer {self.quantizer!r} is not one of {', '.join(QUANTIZERS)}")
+        if self.quantizer == "gptq" and self.quant_samples < 1:
+            raise UserError(f"--quantizer gptq rounds from calibration statistics and --quant-samples is "
+                            f"{self.quant_samples}; give --quant-samples N >= 1 (default 128) or --quantizer rtn")
+        if self.offset_steps < 0:
+            raise UserError(f"--offset-steps must be >= 0, got {self.offset_steps}")
+        if self.order == "distil-quantize" and self.recovery != "qalora":
+            raise UserError(f"--recover-order distil-quantize ends in int4 groups; it needs --recovery qalora, not "
+                            f"{self.recovery!r}")
+        if self.order == "distil-quantize" and set(self.trained) & {"offsets", "scales"}:
+            raise UserError("--recover-order distil-quantize trains the fp model before int4 groups exist: --train takes "
+                            "full, lora or norms there (--offset-steps trains the offsets after quantizing)")
+        if self.order == "quantize-distil" and "full" in self.trained:
+            raise UserError("--train full trains every fp weight; it needs --recover-order distil-quantize (the int4 "
+                            "codes of quantize-distil never change)")
+        if self.offset_steps and self.order != "distil-quantize":
+            raise UserError("--offset-steps is the offsets pass after distil-quantize; with quantize-distil the offsets "
+                            "train in the main run (--train offsets)")
         return self
+
+    @property
+    def quantized_first(self) -> bool:
+        """Are the projections int4 while the main run trains (quantize-distil qalora)?"""
+        return self.recovery == "qalora" and self.order == "quantize-distil"
+
+    def offsets_pass(self) -> "RecoverSettings":
+        """The settings of the offsets pass after distil-quantize: `offset_steps` steps of the
+        same loss and data on the int4 groups' offsets."""
+        return replace(self, order="quantize-distil", train="offsets", steps=self.offset_steps, epochs=None,
+                       offset_steps=0)
 
     def resolved(self, device_type: str) -> "RecoverSettings":
         """Fill what trains (see `trained`) and the step budget: the paper's 2 epochs on a GPU;

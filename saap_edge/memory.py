@@ -267,21 +267,38 @@ def teacher_memory(teacher: Shape, b: int, batch: int, seq_len: int) -> StageMem
     }, {}, "lower --batch-size (the teacher's batch)")
 
 
-def quantize_memory(shape: Shape, b: int, ratio: float) -> StageMemory:
-    return StageMemory("quantize", {"pruned fp weights": int(round((1 - ratio) * shape.params() * b))}, {},
-                       "use --dtype bfloat16 (the pruned weights before int4)")
+def quantize_memory(shape: Shape, b: int, ratio: float, gptq_windows: int = 0, seq_len: int = 0,
+                    batch: int = 1) -> StageMemory:
+    """Rounding to int4: the pruned fp weights; GPTQ adds one site's float64 input second
+    moment and its solve (3 x n^2 x 8 B for the widest input n), the layer it quantizes as
+    float32 (its int4 forward over the calibration windows), the calibration stream on the
+    host and one batch of a layer's activations."""
+    parts = {"pruned fp weights": int(round((1 - ratio) * shape.params() * b))}
+    host = {}
+    fixes = "use --dtype bfloat16 (the pruned weights before int4)"
+    if gptq_windows:
+        widest = max(max(f for _, _, f in shape.layers), shape.hidden)
+        parts["input second moment and its inverse (float64)"] = 3 * widest * widest * 8
+        parts["one layer dequantized (float32)"] = max(shape.layer_params) * 4
+        parts["one batch through a layer"] = int(round(batch * shape.activations(seq_len, b) / len(shape.layers)))
+        host["calibration stream (two copies)"] = 2 * gptq_windows * seq_len * shape.hidden * b
+        fixes += ", lower --quant-samples"
+    return StageMemory("quantize", parts, host, fixes)
 
 
 def recovery_memory(shape: Shape, b: int, ratio: float, batch: int, seq_len: int, distils: bool, rank: int,
                     lora: bool, group_size: int, teacher: Shape | None = None, live_teacher: bool = False,
-                    quantized: bool = True) -> StageMemory:
+                    quantized: bool = True, full: bool = False, stage: str = "recovery") -> StageMemory:
     """The student training alone (`live_teacher`: the teacher beside it, no cache). `shape` is
-    the model before pruning by `ratio` (compress) or the student itself (ratio 0, `recover`)."""
+    the model before pruning by `ratio` (compress) or the student itself (ratio 0, `recover`).
+    `full`: every weight trains as float32 (weights, gradients, two AdamW moments: 16 B each)."""
     keep = 1 - ratio
     trained = sum(rank * (i + o) if lora else o * (i // group_size) for i, o in shape.projections())
     largest = max(i * o for i, o in shape.projections())
     student = shape.int4_bytes(group_size, b, keep) if quantized else int(round(keep * shape.params() * b))
-    parts = {"student weights": student}
+    if full:
+        student = int(round(keep * shape.params() * 4))
+    parts = {"student weights" + (" (float32 masters)" if full else ""): student}
     if distils and live_teacher:
         parts["teacher weights"] = (teacher or shape).params() * b
     parts.update({
@@ -290,10 +307,15 @@ def recovery_memory(shape: Shape, b: int, ratio: float, batch: int, seq_len: int
         "logits": 3 * batch * seq_len * shape.vocab * 4,
         "trained parameters and AdamW": int(round(keep * trained)) * 4 * 4,
     })
+    if full:  # the weights are the trained parameters: their gradients and two moments
+        del parts["trained parameters and AdamW"], parts["one projection dequantized"]
+        parts["gradients and AdamW (float32)"] = 3 * student
     fixes = "lower --batch-size / --recover-seq-len (activations)"
+    if full:
+        fixes = "use --train lora (full training holds 16 B per weight), or " + fixes
     if live_teacher:
         fixes += ", or give a --teacher-cache folder (the teacher then leaves the card before training)"
-    return StageMemory("recovery", parts, {}, fixes)
+    return StageMemory(stage, parts, {}, fixes)
 
 
 def export_memory(shape: Shape, artifact: int, group_size: int | None) -> StageMemory:
@@ -485,7 +507,8 @@ def recovery_stages(student: Shape, teacher: Shape | None, b: int, ratio: float,
     """teacher pass, quantize and recovery of a RecoverSettings `r` (compress: `student` is the
     dense shape and `ratio` the share pruned; recover: the student itself and 0)."""
     if r.recovery == "none":
-        return [quantize_memory(student, b, ratio)]
+        return [quantize_memory(student, b, ratio, *((r.quant_samples, r.seq_len, r.batch_size)
+                                                     if r.quantizer == "gptq" else (0, 0, 1)))]
     group = r.group_size or 32
     stages = []
     cached = r.distills and cache_mib is not None and r.kd_topk > 0
@@ -496,11 +519,18 @@ def recovery_stages(student: Shape, teacher: Shape | None, b: int, ratio: float,
                             f"--teacher-cache-mib is {cache_mib}; raise it to {-(-need // 2**20)}, or lower "
                             "--max-tokens / --epochs")
         stages.append(teacher_memory(teacher or student, b, r.batch_size, r.seq_len))
-    if r.recovery == "qalora":
-        stages.append(quantize_memory(student, b, ratio))
+    gptq = (r.quant_samples, r.seq_len, r.batch_size) if r.quantizer == "gptq" else (0, 0, 1)
+    live = r.distills and not cached
+    if r.quantized_first:
+        stages.append(quantize_memory(student, b, ratio, *gptq))
     stages.append(recovery_memory(student, b, ratio, r.batch_size, r.seq_len, r.distills, r.rank, "lora" in r.trained,
-                                  group, teacher, live_teacher=r.distills and not cached,
-                                  quantized=r.recovery == "qalora"))
+                                  group, teacher, live_teacher=live, quantized=r.quantized_first,
+                                  full="full" in r.trained))
+    if r.recovery == "qalora" and not r.quantized_first:  # distil-quantize: int4 after training
+        stages.append(quantize_memory(student, b, ratio, *gptq))
+        if r.offset_steps:
+            stages.append(recovery_memory(student, b, ratio, r.batch_size, r.seq_len, r.distills, r.rank, False, group,
+                                          teacher, live_teacher=live, stage="offsets pass"))
     return stages
 
 

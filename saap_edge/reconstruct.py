@@ -210,7 +210,7 @@ def _input_of(module: nn.Module):
 
 
 @contextmanager
-def _on(module: nn.Module, device: torch.device):
+def on_device(module: nn.Module, device: torch.device):
     """`module` on `device` during the block, back where it was afterwards."""
     home = next(itertools.chain(module.parameters(), module.buffers())).device
     module.to(device)
@@ -228,6 +228,16 @@ def _attention_mask(config, seq_len: int, dtype, device) -> torch.Tensor | None:
     return mask[None, None]
 
 
+def layer_context(model: nn.Module, seq_len: int, dtype, device) -> tuple:
+    """(position embeddings, attention mask) for running one decoder layer of `model` alone on
+    windows of `seq_len` tokens (positions 0 .. seq_len - 1) on `device`."""
+    rotary = getattr(model, "model", model).rotary_emb
+    with on_device(rotary, device):
+        probe = torch.zeros(1, seq_len, 1, dtype=dtype, device=device)
+        pos = rotary(probe, torch.arange(seq_len, device=device)[None])
+    return pos, _attention_mask(model.config, seq_len, dtype, device)
+
+
 class _Stage:
     """State of one reconstruction pass: streams, settings, device, per-layer log."""
 
@@ -242,11 +252,7 @@ class _Stage:
         with torch.no_grad():
             self.stream = torch.cat([embed(samples[b].to(embed.weight.device)).to("cpu", self.dtype) for b in self.batches])
         self.dense_stream = self.stream.clone() if r.target == "dense" else None
-        rotary = getattr(slim, "model", slim).rotary_emb
-        with _on(rotary, device):
-            probe = torch.zeros(1, t, 1, dtype=self.dtype, device=device)
-            self.pos = rotary(probe, torch.arange(t, device=device)[None])
-        self.mask = _attention_mask(slim.config, t, self.dtype, device)
+        self.pos, self.mask = layer_context(slim, t, self.dtype, device)
         self.drifted = False  # has any earlier layer changed the stream?
         self.log: list[dict] = []
 
@@ -445,7 +451,7 @@ def reconstruct(
         for i, (dl, sl) in enumerate(tqdm(pairs, desc="reconstruct", disable=not progress or not procs.main)):
             if streamed:
                 fill_layer(dense, slim, plan, i)
-            with _on(dl, device), _on(sl, device):
+            with on_device(dl, device), on_device(sl, device):
                 stage.layer(i, dl, sl)
             if streamed:
                 release_layer(dense, i)

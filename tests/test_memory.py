@@ -186,6 +186,18 @@ MEASURE = textwrap.dedent('''
             plan = prune(model, None, s, progress=False, slice_now=False).plan
             slim, _ = _slice_stage(model, plan, None, ReconstructSettings(method="none", select="global"),
                                    torch.device("cpu"), RunSettings(progress=False))
+        elif stage == "full":  # distil-quantize's fp training: every weight, float32, AdamW, 2 steps
+            from saap_edge.config import RecoverSettings
+            from saap_edge.recover.data import RecoveryData
+            from saap_edge.recover.params import enable_direct
+            from saap_edge.recover.train import train
+            windows = torch.randint(0, 1000, (4, 32))
+            enable_direct(model, ("full",))
+            s = RecoverSettings(steps=2, batch_size=1, seq_len=32, loss="lm", order="distil-quantize", train="full")
+            train(model, RecoveryData(windows, windows[:1], "text", "0"), s, progress=False)
+        elif stage == "gptq":
+            from saap_edge.quant.gptq import gptq_model
+            gptq_model(model, torch.randint(0, 1000, (8, 32)), 32, batch_size=4, progress=False)
     print(json.dumps({"start": rss.start_mib, "peak": rss.peak_mib}))
 ''')
 
@@ -254,3 +266,23 @@ def test_a_config_transformers_will_not_build_empty_is_counted_by_the_block_form
                   num_key_value_heads=2, head_dim=16, tie_word_embeddings=False)
     good, odd = Shape.of(LlamaConfig(**kwargs)), Shape.of(LlamaConfig(**kwargs, pad_token_id=4096))
     assert odd.params() == good.params() and odd.layer_params == good.layer_params
+
+
+def test_full_training_peak_matches_its_plan(weighty_model):
+    """--train full: float32 weights, their gradients and two AdamW moments (16 B a weight)."""
+    from saap_edge.memory import recovery_memory
+
+    d, shape = weighty_model
+    planned = recovery_memory(shape, 4, 0.0, 1, 32, False, 8, False, 32, quantized=False, full=True).total
+    measured = _measure("full", d)
+    assert 0.8 * planned <= measured <= 1.2 * planned, (measured / 2**20, planned / 2**20)
+
+
+def test_gptq_quantize_peak_matches_its_plan(weighty_model):
+    """GPTQ holds the fp weights while int4 layers replace them, one site's second moment at a time."""
+    from saap_edge.memory import quantize_memory
+
+    d, shape = weighty_model
+    planned = quantize_memory(shape, 4, 0.0, 8, 32, 4).total
+    measured = _measure("gptq", d)
+    assert 0.8 * planned <= measured <= 1.2 * planned, (measured / 2**20, planned / 2**20)

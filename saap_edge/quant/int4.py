@@ -17,6 +17,7 @@ from saap_edge.models.int4_linear import QUANT_MODULES, QUANT_SCHEME, Int4Linear
 
 __all__ = [
     "GROUP_SIZES", "Int4Groups", "Int4Linear", "choose_group_size", "check_group_size", "quantize_groups",
+    "group_params", "group_codes", "prepare_quantization", "replace_projection",
     "pack_nibbles", "unpack_nibbles", "dequantize", "quantized_in_features", "quantize_model", "quantization_section",
 ]
 
@@ -60,18 +61,30 @@ def check_group_size(group_size: int, in_features: dict[str, int]) -> None:
             raise UserError(f"int4 group size {group_size} does not divide the input dimension {n} of {name}")
 
 
+def group_params(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16 (a, b) of groups laid out along the last dimension of `w` [..., G]:
+    a = (max - min) / 15, b = min."""
+    low, high = w.amin(dim=-1), w.amax(dim=-1)
+    return ((high - low) / LEVELS).half(), low.half()
+
+
+def group_codes(w: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Codes q = clamp(round((w - b) / a), 0, 15) of `w` [..., G] from the stored fp16 a, b [...]
+    (0 where a = 0: the group is constant and b alone reproduces it). float tensor."""
+    a, b = scales.float()[..., None], offsets.float()[..., None]
+    q = torch.round((w - b) / torch.where(a > 0, a, torch.ones_like(a))).clamp(0, LEVELS)
+    return torch.where(a > 0, q, torch.zeros_like(q))
+
+
 def quantize_groups(weight: torch.Tensor, group_size: int) -> Int4Groups:
-    """Quantize a [out, in] weight in groups of `group_size` inputs (in % group_size == 0)."""
+    """Quantize a [out, in] weight in groups of `group_size` inputs (in % group_size == 0),
+    each group by round-to-nearest."""
     out, n_in = weight.shape
     if n_in % group_size:
         raise ValueError(f"group size {group_size} does not divide the input dimension {n_in}")
     w = weight.detach().float().reshape(out, n_in // group_size, group_size)
-    low, high = w.amin(dim=-1), w.amax(dim=-1)
-    scales = ((high - low) / LEVELS).half()
-    offsets = low.half()
-    a, b = scales.float()[..., None], offsets.float()[..., None]
-    q = torch.round((w - b) / torch.where(a > 0, a, torch.ones_like(a))).clamp(0, LEVELS)
-    q = torch.where(a > 0, q, torch.zeros_like(q))
+    scales, offsets = group_params(w)
+    q = group_codes(w, scales, offsets)
     return Int4Groups(q.to(torch.uint8).reshape(out, n_in), scales, offsets, group_size)
 
 
@@ -89,27 +102,42 @@ def quantization_section(group_size: int, modules=QUANT_MODULES) -> dict:
             "dequantize": "w = scales * code + offsets"}
 
 
+def prepare_quantization(model: nn.Module, group_size: int | None = None, modules=QUANT_MODULES) -> int:
+    """Check that int4 groups can cover the model's projections, record the `quantization`
+    section in its config and return the group size (None: the largest of 128/64/32 dividing
+    every input dimension). Every quantizer calls this before it replaces a projection."""
+    in_features = quantized_in_features(model, modules)
+    if not in_features:
+        raise UserError("the model has no q/k/v/o/gate/up/down projections to quantize")
+    group_size = choose_group_size(in_features) if group_size is None else group_size
+    check_group_size(group_size, in_features)
+    for name, parent in model.named_modules():
+        for attr, child in parent.named_children():
+            if attr in modules and isinstance(child, nn.Linear) and child.bias is not None:
+                raise UserError(f"{name}.{attr} has a bias; int4 groups here cover bias-free LLaMA projections only")
+    model.config.quantization = quantization_section(group_size, modules)
+    return group_size
+
+
+def replace_projection(parent: nn.Module, attr: str, groups: Int4Groups) -> None:
+    """parent.attr (an nn.Linear) becomes the Int4Linear of `groups`; its float weight goes now,
+    not when a caller's list of modules does."""
+    child = getattr(parent, attr)
+    setattr(parent, attr, Int4Linear.from_parts(groups.codes, groups.scales, groups.offsets))
+    child.to("meta")
+
+
 def quantize_model(model: nn.Module, group_size: int | None = None, modules=QUANT_MODULES) -> int:
     """Replace the model's projections by round-to-nearest Int4Linear layers, in place.
 
     `group_size` None picks the largest of 128/64/32 that divides every input dimension.
     Records the `quantization` section in the model's config and returns the group size.
     """
-    in_features = quantized_in_features(model, modules)
-    if not in_features:
-        raise UserError("the model has no q/k/v/o/gate/up/down projections to quantize")
-    group_size = choose_group_size(in_features) if group_size is None else group_size
-    check_group_size(group_size, in_features)
-    for name, parent in list(model.named_modules()):
+    group_size = prepare_quantization(model, group_size, modules)
+    for _name, parent in list(model.named_modules()):
         for attr, child in list(parent.named_children()):
             if attr in modules and isinstance(child, nn.Linear):
-                if child.bias is not None:
-                    raise UserError(f"{name}.{attr} has a bias; int4 groups here cover bias-free LLaMA projections only")
-                g = quantize_groups(child.weight, group_size)
-                setattr(parent, attr, Int4Linear.from_parts(g.codes, g.scales, g.offsets))
-                del g
-                child.to("meta")  # its float weight goes now, not when the loop's list of modules does
-    model.config.quantization = quantization_section(group_size, modules)
+                replace_projection(parent, attr, quantize_groups(child.weight, group_size))
     return group_size
 
 

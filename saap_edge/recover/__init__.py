@@ -8,15 +8,22 @@
 RMSNorm weights themselves (recover/params.py); `--recover-loss kd` / `kd+lm` learns from
 the dense model the student was pruned from (recover/distill.py).
 
+The order (`--recover-order`) of qalora:
+
+    quantize-distil: quantize (rtn | gptq) -> train the int4 groups' parts (above)
+    distil-quantize: train the fp model (--train full: every weight, float32; or LoRA merged
+                     into the fp weights) -> quantize (rtn | gptq) -> --offset-steps of the
+                     offsets on the same loss (prune -> distil -> quantize: Harma et al.)
+
 `lora` trains plain LoRA on the fp projections and merges into the fp weights; `none`
-quantizes to int4 with round-to-nearest and trains nothing.
+quantizes to int4 (round-to-nearest or GPTQ) and trains nothing.
 """
 
 from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from torch import nn
@@ -25,6 +32,7 @@ from saap_edge.config import RecoverSettings
 from saap_edge.eval.ppl import window_perplexity
 from saap_edge.models.int4_linear import weight_cache
 from saap_edge.models.slim import SlimLlamaForCausalLM
+from saap_edge.quant.gptq import gptq_model
 from saap_edge.quant.int4 import quantize_model
 from saap_edge.seeding import set_seed
 from saap_edge.recover.adapters import attach, lora_config, merge, trainable_parameters
@@ -77,26 +85,75 @@ class Recovered:
 
 
 def recover_model(model: nn.Module, tokenizer, s: RecoverSettings, run: RecoverRun) -> Recovered:
-    """Quantize and/or train `model` (changed in place) as `s.recovery` says; see the module doc."""
+    """Quantize and/or train `model` (changed in place) as `s.recovery` and `s.order` say; see the module doc."""
     device = next(model.parameters()).device
     s = s.validate().resolved(device.type)
     t0 = time.perf_counter()
     model = as_slim(model)
     info: dict = {"recovery": s.recovery, "settings": s.to_dict(), "device": str(device)}
-    if s.recovery in ("qalora", "none"):
-        info["group_size"] = quantize_model(model, s.group_size)
+    data = None
+    if s.recovery != "none" or s.quantizer == "gptq":
+        data = recovery_windows(tokenizer, s.data, s.seq_len, s.heldout, s.seed, run.data_dir, s.max_tokens)
+        info["data"] = {"source": s.data, **data.describe()}
     if s.recovery == "none":
-        info.update(trainable_params=0, time_s=time.perf_counter() - t0)
+        info.update(_quantize(model, s, data, run), trainable_params=0, time_s=time.perf_counter() - t0)
         return Recovered(model.eval(), info)
-    # the held-out scores read each weight once or twice: no dequantized copies kept beside training
-    with weight_cache(model, False):
-        return _train_stage(model, tokenizer, s, run, info, device, t0)
+    if s.recovery == "lora":
+        return _train_stage(model, s, run, data, info, device, t0)
+    if s.order == "quantize-distil":
+        info.update(_quantize(model, s, data, run))
+        # the held-out scores read each weight once or twice: no dequantized copies kept beside training
+        with weight_cache(model, False):
+            return _train_stage(model, s, run, data, info, device, t0)
+    return _distil_then_quantize(model, s, run, data, info, device, t0)
 
 
-def _train_stage(model: nn.Module, tokenizer, s: RecoverSettings, run: RecoverRun, info: dict, device, t0: float) -> Recovered:
-    """The training part of `recover_model`: data, adapters / direct parts, train, merge, score."""
-    data = recovery_windows(tokenizer, s.data, s.seq_len, s.heldout, s.seed, run.data_dir, s.max_tokens)
-    info["data"] = {"source": s.data, **data.describe()}
+def _quantize(model: nn.Module, s: RecoverSettings, data, run: RecoverRun) -> dict:
+    """The projections become int4 groups by `s.quantizer`; returns what the report records."""
+    if s.quantizer == "rtn":
+        return {"group_size": quantize_model(model, s.group_size), "quantizer": "rtn"}
+    samples = data.train[window_indices(0, min(s.quant_samples, len(data.train)), s.seed, len(data.train))]
+    gptq = gptq_model(model, samples, s.group_size, batch_size=s.batch_size, progress=run.progress)
+    return {"group_size": gptq["group_size"], "quantizer": "gptq",
+            "gptq": {k: v for k, v in gptq.items() if k != "errors"}}
+
+
+def _distil_then_quantize(model: nn.Module, s: RecoverSettings, run: RecoverRun, data, info: dict, device,
+                          t0: float) -> Recovered:
+    """distil-quantize: train the fp model (full weights in float32, or LoRA merged into the fp
+    weights), quantize it, then (`offset_steps`) train the int4 offsets on the same loss."""
+    dtype = next(model.parameters()).dtype
+    if "full" in s.trained:
+        model.float()  # the weights themselves are the float32 masters
+    fp = _train_stage(model, replace(s, recovery="lora"), run, data, {**info}, device, t0,
+                      kind_note="the fp model before int4")
+    model = fp.model.to(dtype)
+    info.update({k: v for k, v in fp.info.items() if k not in ("recovery", "settings")})
+    info["recovery"] = s.recovery
+    t1 = time.perf_counter()
+    info.update(_quantize(model, s, data, run))
+    info["quantize_s"] = time.perf_counter() - t1
+    heldout = info["heldout_ppl"]
+    heldout["distilled"] = heldout["after"]
+    heldout["quantized"] = heldout["after"] = window_perplexity(model, data.heldout, progress=False)["ppl"]
+    if s.offset_steps:
+        post_dir = run.ckpt_dir / "offsets" if run.ckpt_dir else None
+        if fp.info["resumed_from"] < fp.info["steps"]:
+            clear_checkpoints(post_dir)  # a pass after an earlier, unfinished distillation does not resume
+        post = replace(run, ckpt_dir=post_dir, resume=run.resume and latest_checkpoint(post_dir) is not None)
+        with weight_cache(model, False):
+            done = _train_stage(model, s.offsets_pass(), post, data, {}, device, t1, kind_note="offsets after int4")
+        model = done.model
+        info["offsets_pass"] = {k: v for k, v in done.info.items() if k not in ("losses",)}
+        info["heldout_ppl"]["after"] = done.info["heldout_ppl"]["after"]
+    info["trained"] = list(s.trained) + (["offsets"] if s.offset_steps else [])
+    info.update(time_s=time.perf_counter() - t0, peak_memory_mib=peak_memory_mib(device))
+    return Recovered(model.eval(), info)
+
+
+def _train_stage(model: nn.Module, s: RecoverSettings, run: RecoverRun, data, info: dict, device, t0: float,
+                 kind_note: str = "") -> Recovered:
+    """Train what `s.trained` names (adapters / direct parts) on `data`, merge, score."""
     n_steps = total_steps(s, len(data.train))
     heldout_before = window_perplexity(model, data.heldout, progress=False)["ppl"]
     model.requires_grad_(False)
@@ -105,7 +162,8 @@ def _train_stage(model: nn.Module, tokenizer, s: RecoverSettings, run: RecoverRu
         # the adapters' initial A matrices come from torch's global generator, which torch seeds
         # differently in every process: seed it, or two runs of one command train differently
         set_seed(s.seed)
-        trainee = attach(model, lora_config(s.recovery, s.rank, s.alpha, s.dropout, info.get("group_size")))
+        kind = "qalora" if s.quantized_first else "lora"
+        trainee = attach(model, lora_config(kind, s.rank, s.alpha, s.dropout, info.get("group_size")))
     enable_direct(trainee, s.trained)
     info["trained"] = list(s.trained)
     info["trainable_params"] = trainable_parameters(trainee)
@@ -115,8 +173,8 @@ def _train_stage(model: nn.Module, tokenizer, s: RecoverSettings, run: RecoverRu
     save_every = run.save_every or max(1, n_steps // 10)
     if run.progress:
         device_note = "the paper's 2 epochs" if s.epochs else f"{n_steps} steps"
-        print(f"recovery: {s.recovery} training {'+'.join(s.trained)} on {s.loss} loss, {n_steps} optimizer steps of "
-              f"{s.batch_size * s.grad_accum} x {s.seq_len} tokens "
+        print(f"recovery{' (' + kind_note + ')' if kind_note else ''}: {s.recovery} training {'+'.join(s.trained)} on "
+              f"{s.loss} loss, {n_steps} optimizer steps of {s.batch_size * s.grad_accum} x {s.seq_len} tokens "
               f"({device_note}{'; a short CPU budget, raise --recover-steps for more' if device.type == 'cpu' else ''})",
               flush=True)
     result = train(trainee, data, s, run.ckpt_dir, save_every if run.ckpt_dir else 0, run.resume, run.progress, run.stop_after,
@@ -156,7 +214,8 @@ def teacher_pass(teacher: nn.Module, tokenizer, s: RecoverSettings, run: Recover
     device = next(teacher.parameters()).device
     s = s.validate().resolved(device.type)
     data = recovery_windows(tokenizer, s.data, s.seq_len, s.heldout, s.seed, run.data_dir, s.max_tokens)
-    positions = total_steps(s, len(data.train)) * s.batch_size * s.grad_accum
+    # the offsets pass after distil-quantize trains on the same windows from the start again
+    positions = max(total_steps(s, len(data.train)), s.offset_steps) * s.batch_size * s.grad_accum
     cached = _teacher(teacher, data, s, run, chunk=min(CHUNK, positions))
     t0 = time.perf_counter()
     cached.precompute(positions, run.progress)

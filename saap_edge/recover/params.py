@@ -5,6 +5,9 @@
 - ``scales``: the group scales a; the codes q never change, so w = a q + b stays exact int4.
 - ``norms``: the RMSNorm weights (kept in float, a few thousand numbers per layer).
 - ``lora``: peft adapters (recover/adapters.py), merged at the end.
+- ``full``: every weight of a float model (distil-quantize, before int4 groups exist): the
+  embedding, projections, norms and output matrix; the model trains in float32 (its weights
+  are the masters) and returns to its dtype before it is quantized.
 
 The direct parts are trained as float32 masters whose forward value is already the fp16
 the device stores (Int4Linear.train_groups); `freeze` rounds them to those buffers, so the
@@ -33,6 +36,14 @@ def enable_direct(model: nn.Module, parts: tuple[str, ...]) -> int:
     """Make the direct parts of `parts` trainable in `model` (a plain or peft-wrapped model);
     returns how many numbers that adds."""
     n = 0
+    if "full" in parts:
+        for name, p in model.named_parameters():
+            if "lora_" not in name:
+                if p.dtype != torch.float32:
+                    raise ValueError(f"--train full trains float32 weights; {name} is {p.dtype} (cast the model first)")
+                p.requires_grad_(True)
+                n += p.numel()
+        return n
     for name, module in model.named_modules():
         if isinstance(module, Int4Linear) and ("offsets" in parts or "scales" in parts):
             for p in module.train_groups(scales="scales" in parts, offsets="offsets" in parts):

@@ -172,8 +172,9 @@ def check_resumable(checkpoint: Path, s: RecoverSettings, data_sha256: str) -> d
         raise DamagedFile(f"{checkpoint / STATE_FILE}: the trainer state lacks its settings or step; the checkpoint is "
                           "damaged: delete it to resume from the one before, or run without --resume")
     saved = state["settings"]
-    diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {getattr(s, k)!r}" for k in RecoverSettings.RESULT_FIELDS
-             if saved.get(k) != getattr(s, k)]
+    defaults = RecoverSettings()  # a field newer than the checkpoint: it ran with the field's default
+    diffs = [f"{k}: checkpoint {saved.get(k, getattr(defaults, k))!r}, now {getattr(s, k)!r}"
+             for k in RecoverSettings.RESULT_FIELDS if saved.get(k, getattr(defaults, k)) != getattr(s, k)]
     if state.get("data_sha256") != data_sha256:
         diffs.append("recovery data: the token windows differ (other text or tokenizer)")
     if diffs:
@@ -202,15 +203,16 @@ def _load_direct(model, path: Path) -> None:
 
 
 def param_groups(model, s: RecoverSettings) -> list[dict]:
-    """AdamW groups: LoRA adapters at `lr`; offsets and norms at `group_lr`; scales at
+    """AdamW groups: LoRA adapters and full weight matrices at `lr`; offsets and norms at `group_lr`; scales at
     group_lr x SCALE_LR_SHARE (a scale is ~10x smaller than an offset, and Adam's step is
     about the learning rate whatever the gradient's size). Each group's `lr_share` is its
     rate relative to `lr`, so one schedule drives them all."""
-    lora, direct, scales = [], [], []
+    weights, direct, scales = [], [], []  # weights: LoRA adapters and (--train full) the fp weight matrices
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (lora if "lora_" in name else scales if name.endswith("scales") else direct).append(p)
-    rates = [(lora, s.lr), (direct, s.group_lr), (scales, s.group_lr * SCALE_LR_SHARE)]
+            matrix = p.dim() == 2 and not name.endswith(("scales", "offsets"))
+            (weights if "lora_" in name or matrix else scales if name.endswith("scales") else direct).append(p)
+    rates = [(weights, s.lr), (direct, s.group_lr), (scales, s.group_lr * SCALE_LR_SHARE)]
     return [{"params": ps, "lr_share": rate / s.lr} for ps, rate in rates if ps]
 
 
