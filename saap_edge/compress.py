@@ -277,7 +277,14 @@ def _teacher_pass_stage(name: str, flag_given: bool, rs: RunSettings, student_co
 def _uses_teacher_pass(run: RecoverRun, r: RecoverSettings) -> bool:
     """Whether the teacher's targets are computed before training (a cache to hold them), or on
     the fly by a teacher beside the student (--teacher-cache off, several processes, --kd-topk 0)."""
-    return r.distills and run.teacher_cache is not None and r.kd_topk > 0
+    return run.teacher_cache is not None and ((r.distills and r.kd_topk > 0) or _generates(r))
+
+
+def _generates(r: RecoverSettings) -> bool:
+    """Does the recovery text include text sampled from the dense model (`generated`)?"""
+    from saap_edge.recover.generate import generated_tokens
+
+    return r.recovery != "none" and generated_tokens(r.data) is not None
 
 
 def load_teacher(name: str, student, tokenizer, run: RunSettings, flag_given: bool):
@@ -355,7 +362,7 @@ def compress(job: CompressJob) -> dict:
             _free(device)
             with stage_peak(measured, "teacher pass", device):
                 model = _teacher_pass_stage(name, given, job.run, config, tokenizer, r, run, pruned_dir, device, report)
-        elif r.distills:
+        elif r.distills or _generates(r):
             run.teacher = load_teacher(name, model, tokenizer, job.run, given)
         with stage_peak(measured, "recovery", device):
             recovered = recover_model(model, tokenizer, r, run)
@@ -571,7 +578,7 @@ def recover_dir(job: RecoverJob) -> dict:
                      data_dir=job.run.data_dir, teacher_cache=job.teacher_cache,
                      teacher_cache_mib=job.teacher_cache_mib, curve_every=job.curve_every)
     measured = report.setdefault("memory_measured", {})
-    if r.distills:
+    if r.distills or _generates(r):
         # a pruned directory learns from the model it was pruned from; any other model from
         # its own fp weights (int4 recovery of an unpruned model)
         name = job.teacher or (_recorded_source(source_report, job.source) if pruned_input else job.source)

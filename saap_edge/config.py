@@ -331,6 +331,9 @@ class RecoverSettings(Settings):
         return self._validate_order()
 
     def _validate_order(self) -> "RecoverSettings":
+        from saap_edge.recover.generate import generated_tokens
+
+        generated_tokens(self.data)  # a budget of 0, above the cache limit or not a number: named now
         if self.order not in RECOVER_ORDERS:
             raise UserError(f"--recover-order {self.order!r} is not one of {', '.join(RECOVER_ORDERS)}")
         if self.quantizer not in QUANTIZERS:

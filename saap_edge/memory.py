@@ -511,8 +511,10 @@ def recovery_stages(student: Shape, teacher: Shape | None, b: int, ratio: float,
                                                      if r.quantizer == "gptq" else (0, 0, 1)))]
     group = r.group_size or 32
     stages = []
+    from saap_edge.recover.generate import generated_tokens
+
     cached = r.distills and cache_mib is not None and r.kd_topk > 0
-    if cached:
+    if cached or (cache_mib is not None and generated_tokens(r.data) is not None):  # the teacher alone: targets, text
         need = teacher_cache_bytes(r, device_type)
         if need > cache_mib * 2**20:
             raise UserError(f"the teacher's targets for this run take up to {need / 2**20:.0f} MiB and "

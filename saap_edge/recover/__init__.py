@@ -37,7 +37,9 @@ from saap_edge.quant.int4 import quantize_model
 from saap_edge.seeding import set_seed
 from saap_edge.recover.adapters import attach, lora_config, merge, trainable_parameters
 from saap_edge.recover.data import recovery_windows
+from saap_edge.errors import UserError
 from saap_edge.recover.distill import CHUNK, Teacher, default_cache_dir
+from saap_edge.recover.generate import generated_tokens, generated_windows
 from saap_edge.recover.params import enable_direct, freeze
 from saap_edge.recover.train import latest_checkpoint, total_steps, train, window_indices
 from saap_edge.report import peak_memory_mib
@@ -76,6 +78,7 @@ class RecoverRun:
     teacher_cache: Path | None = field(default_factory=default_cache_dir)  # None: no cache (targets on the fly)
     teacher_cache_mib: int = 4096
     curve_every: int = 0  # score the held-out windows every N steps (report: recovery.heldout_curve)
+    generated_key: str | None = None  # the cache entry of the generated recovery text the teacher pass wrote
 
 
 @dataclass
@@ -93,8 +96,9 @@ def recover_model(model: nn.Module, tokenizer, s: RecoverSettings, run: RecoverR
     info: dict = {"recovery": s.recovery, "settings": s.to_dict(), "device": str(device)}
     data = None
     if s.recovery != "none" or s.quantizer == "gptq":
-        data = recovery_windows(tokenizer, s.data, s.seq_len, s.heldout, s.seed, run.data_dir, s.max_tokens)
-        info["data"] = {"source": s.data, **data.describe()}
+        data = recovery_data(tokenizer, s, run)
+        info["data"] = {"source": s.data, **data.describe(), **({"generated_key": run.generated_key}
+                                                                 if run.generated_key else {})}
     if s.recovery == "none":
         info.update(_quantize(model, s, data, run), trainable_params=0, time_s=time.perf_counter() - t0)
         return Recovered(model.eval(), info)
@@ -106,6 +110,23 @@ def recover_model(model: nn.Module, tokenizer, s: RecoverSettings, run: RecoverR
         with weight_cache(model, False):
             return _train_stage(model, s, run, data, info, device, t0)
     return _distil_then_quantize(model, s, run, data, info, device, t0)
+
+
+def recovery_data(tokenizer, s: RecoverSettings, run: RecoverRun, teacher: nn.Module | None = None):
+    """The run's training and held-out windows; generated text (`--recover-data generated`)
+    comes from the cache entry `run.generated_key`, or is sampled from `teacher` (or
+    `run.teacher`) now and cached."""
+    tokens = generated_tokens(s.data)
+    generated = None
+    if tokens is not None:
+        model = teacher if teacher is not None else run.teacher
+        if model is None and run.generated_key is None:
+            raise UserError(f"--recover-data {s.data!r} is sampled from the dense model, which this run does not load; "
+                            "give --teacher PATH")
+        generated, run.generated_key = generated_windows(model if run.generated_key is None else None, tokens,
+                                                         s.seq_len, s.seed, run.teacher_cache, run.generated_key,
+                                                         run.progress)
+    return recovery_windows(tokenizer, s.data, s.seq_len, s.heldout, s.seed, run.data_dir, s.max_tokens, generated)
 
 
 def _quantize(model: nn.Module, s: RecoverSettings, data, run: RecoverRun) -> dict:
@@ -207,13 +228,17 @@ def _teacher(model: nn.Module | None, data, s: RecoverSettings, run: RecoverRun,
     )
 
 
-def teacher_pass(teacher: nn.Module, tokenizer, s: RecoverSettings, run: RecoverRun) -> str:
-    """The teacher alone computes the top-k targets of every micro-batch the run will train on
-    and stores them in the teacher cache; returns the cache entry's key (RecoverRun.teacher_key).
-    The student is not in memory meanwhile, so the two never share a device."""
+def teacher_pass(teacher: nn.Module, tokenizer, s: RecoverSettings, run: RecoverRun) -> str | None:
+    """The teacher alone samples the generated recovery text (when the data names it; its key
+    goes to RecoverRun.generated_key) and computes the top-k targets of every micro-batch the
+    run will train on into the teacher cache; returns that entry's key (RecoverRun.teacher_key),
+    None when the run does not distil. The student is not in memory meanwhile, so the two
+    never share a device."""
     device = next(teacher.parameters()).device
     s = s.validate().resolved(device.type)
-    data = recovery_windows(tokenizer, s.data, s.seq_len, s.heldout, s.seed, run.data_dir, s.max_tokens)
+    data = recovery_data(tokenizer, s, run, teacher)  # generated text is sampled now, by the teacher alone
+    if not (s.distills and s.kd_topk > 0):
+        return None  # the pass only wrote the generated text
     # the offsets pass after distil-quantize trains on the same windows from the start again
     positions = max(total_steps(s, len(data.train)), s.offset_steps) * s.batch_size * s.grad_accum
     cached = _teacher(teacher, data, s, run, chunk=min(CHUNK, positions))

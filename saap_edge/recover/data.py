@@ -141,13 +141,50 @@ class RecoveryData:
 
 
 def recovery_windows(
-    tokenizer: Any, source: str, seq_len: int, heldout: int, seed: int, data_dir, max_tokens: int | None = None
+    tokenizer: Any, source: str, seq_len: int, heldout: int, seed: int, data_dir, max_tokens: int | None = None,
+    generated: torch.Tensor | None = None,
 ) -> RecoveryData:
     """Token windows of the recovery source; `heldout` windows (seeded pick) kept apart.
 
     `max_tokens` stops tokenizing once that many tokens are gathered (a CPU run needs only a
-    few hundred thousand tokens of a multi-megabyte corpus).
+    few hundred thousand tokens of a multi-megabyte corpus). A source naming generated text
+    (`generated[:TOKENS]`, alone or as `books+generated`) takes its windows from `generated`
+    [n, seq_len] (recover/generate.py: sampled from the dense model), after the text's.
     """
+    from saap_edge.recover.generate import GENERATED, split_sources
+
+    parts = split_sources(source)
+    text_parts = [p for p in parts if p.split(":", 1)[0] != GENERATED]
+    blocks, kinds = [], []
+    for part in text_parts:
+        windows, kind = _text_windows(tokenizer, part, seq_len, data_dir, max_tokens)
+        blocks.append(windows)
+        kinds.append(kind)
+    if len(text_parts) < len(parts):
+        if generated is None:
+            raise UserError(f"--recover-data {source!r} names generated text, which is sampled from the dense model; "
+                            "run it through compress or recover with the dense model at hand (--teacher)")
+        if generated.shape[1] != seq_len:
+            raise UserError(f"the generated windows are {generated.shape[1]} tokens long, not --recover-seq-len {seq_len}")
+        blocks.append(generated.numpy().astype(np.int64))
+        kinds.append(GENERATED)
+    windows = np.concatenate(blocks) if blocks else np.zeros((0, seq_len), dtype=np.int64)
+    n = len(windows)
+    if n < heldout + 1:
+        raise UserError(
+            f"recovery data {source} gives {n * seq_len} tokens: fewer than {heldout + 1} windows of {seq_len}; "
+            "give more text or lower --recover-seq-len"
+        )
+    digest = hashlib.sha256(windows.tobytes()).hexdigest()
+    order = np.random.default_rng(seed).permutation(n)
+    held = np.sort(order[:heldout])
+    train = np.sort(order[heldout:])
+    return RecoveryData(torch.from_numpy(windows[train]), torch.from_numpy(windows[held]), "+".join(kinds), digest)
+
+
+def _text_windows(tokenizer: Any, source: str, seq_len: int, data_dir, max_tokens: int | None) -> tuple[np.ndarray, str]:
+    """Non-overlapping windows [n, seq_len] of the tokenized documents of one text source, and
+    the source's kind."""
     docs, kind = recovery_documents(source, data_dir)
     eos = getattr(tokenizer, "eos_token_id", None)
     ids: list[int] = []
@@ -158,14 +195,4 @@ def recovery_windows(
         if max_tokens and len(ids) >= max_tokens:
             break
     n = len(ids) // seq_len
-    if n < heldout + 1:
-        raise UserError(
-            f"recovery data {source} gives {len(ids)} tokens: fewer than {heldout + 1} windows of {seq_len}; "
-            "give more text or lower --recover-seq-len"
-        )
-    windows = np.asarray(ids[: n * seq_len], dtype=np.int64).reshape(n, seq_len)
-    digest = hashlib.sha256(windows.tobytes()).hexdigest()
-    order = np.random.default_rng(seed).permutation(n)
-    held = np.sort(order[:heldout])
-    train = np.sort(order[heldout:])
-    return RecoveryData(torch.from_numpy(windows[train]), torch.from_numpy(windows[held]), kind, digest)
+    return np.asarray(ids[: n * seq_len], dtype=np.int64).reshape(n, seq_len), kind
