@@ -387,8 +387,13 @@ def planned_total(estimate: dict | None) -> float | None:
 # --------------------------------------------------------------------------------------------
 # Part 3: the stages of one shape
 
-def run_shape(shape: str, a: argparse.Namespace, env: dict, tokenizer_dir: Path) -> dict:
+def run_shape(shape: str, a: argparse.Namespace, env: dict, tokenizer_dir: Path, previous: dict | None = None) -> dict:
+    """Every stage of one shape (see the module doc). `a.after_compress` with the `previous`
+    section of this shape: its build and compress rows stand, and the stages after compress run
+    again on its output."""
     spec = SHAPES[shape]
+    if a.after_compress:
+        return _after_compress(shape, spec, a, env, previous)
     work = a.work / shape
     logs = work / "logs"
     dense, out = work / "dense", work / f"saap-{spec.ratio:.2f}"
@@ -433,24 +438,49 @@ def run_shape(shape: str, a: argparse.Namespace, env: dict, tokenizer_dir: Path)
     row["planned_mib"] = planned_total((report or {}).get("memory_estimate")) or max(
         (v["total"] for v in dry["plan"].values()), default=None)
     if spec.every_stage:
-        for fmt in ("gguf", "onnx"):
-            export = cli() + ["export", rel(out), "--format", fmt]
-            plan = stage(f"export {fmt} --dry-run", export + ["--dry-run"], keep_stdout=True)
-            plan["plan"] = plan_of(plan)
-            row = stage(f"export {fmt}", export + ["--overwrite"])
-            row["planned_mib"] = max((v["total"] for v in plan["plan"].values()), default=None)
-        eval_json = work / "eval.json"
-        eval_json.unlink(missing_ok=True)
-        stage("eval", cli() + ["eval", rel(out), "--ppl", "wikitext2", "--limit", "8", "--data-dir", str(a.data_dir),
-                               "--json", rel(eval_json), *run_flags])
-        section["eval"] = json.loads(eval_json.read_text()) if eval_json.exists() else None
-        bench_dir = work / "bench"
-        shutil.rmtree(bench_dir, ignore_errors=True)
-        stage("bench", cli() + ["bench", rel(out), "--dense", rel(dense), "--runtimes", "torch", "gguf-q4_1-embq8",
-                                "--reps", "1", "--warmup", "0", "--new-tokens", "8", "--prompt-tokens", "32",
-                                "--out", rel(bench_dir), "--device", "cpu", "--no-progress"])
-        section["bench"] = read_bench(bench_dir / "bench.json")
+        _later_stages(stage, section, out, dense, work, a)
     return section
+
+
+def _after_compress(shape: str, spec: Spec, a: argparse.Namespace, env: dict, previous: dict | None) -> dict:
+    work = a.work / shape
+    out = work / f"saap-{spec.ratio:.2f}"
+    if not previous or not (out / "report.json").exists() or not spec.every_stage:
+        raise SystemExit(f"large_model: --after-compress needs an earlier compress of {shape} (results and {rel(out)}); "
+                         "run without it first")
+    keep = ("build random weights", "compress --dry-run", "compress")
+    section = {**previous, "stages": [r for r in previous["stages"] if r["stage"] in keep],
+               "after_compress": {"command": a.command, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}}
+
+    def stage(name, cmd, **kw):
+        row = run_stage(name, cmd, work / "logs", env, a.stage_timeout, **kw)
+        section["stages"].append(row)
+        return row
+
+    _later_stages(stage, section, out, work / "dense", work, a)
+    return section
+
+
+def _later_stages(stage, section: dict, out: Path, dense: Path, work: Path, a: argparse.Namespace) -> None:
+    """export (gguf, onnx) with their dry runs, eval and bench of the compressed output."""
+    run_flags = ["--device", "cpu", "--dtype", "bfloat16", "--no-progress"]
+    for fmt in ("gguf", "onnx"):
+        export = cli() + ["export", rel(out), "--format", fmt]
+        plan = stage(f"export {fmt} --dry-run", export + ["--dry-run"], keep_stdout=True)
+        plan["plan"] = plan_of(plan)
+        row = stage(f"export {fmt}", export + ["--overwrite"])
+        row["planned_mib"] = max((v["total"] for v in plan["plan"].values()), default=None)
+    eval_json = work / "eval.json"
+    eval_json.unlink(missing_ok=True)
+    stage("eval", cli() + ["eval", rel(out), "--ppl", "wikitext2", "--limit", "8", "--data-dir", str(a.data_dir),
+                           "--json", rel(eval_json), *run_flags])
+    section["eval"] = json.loads(eval_json.read_text()) if eval_json.exists() else None
+    bench_dir = work / "bench"
+    shutil.rmtree(bench_dir, ignore_errors=True)
+    stage("bench", cli() + ["bench", rel(out), "--dense", rel(dense), "--runtimes", "torch", "gguf-q4_1-embq8",
+                            "--reps", "1", "--warmup", "0", "--new-tokens", "8", "--prompt-tokens", "32",
+                            "--out", rel(bench_dir), "--device", "cpu", "--no-progress"])
+    section["bench"] = read_bench(bench_dir / "bench.json")
 
 
 def read_bench(path: Path) -> list[dict] | None:
@@ -872,6 +902,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-refit", action="store_true",
                    help="compress with --reconstruct none --select global (slicing still streamed): the whole pipeline of "
                         "the 32-layer model in the time 2 cores have; the refit's own peak is then measured separately")
+    p.add_argument("--after-compress", action="store_true",
+                   help="keep each shape's last compress (results and output) and run export, eval and bench again")
     # internal: the builders, run as measured subprocesses of this script
     p.add_argument("--build-model", default=None, help=argparse.SUPPRESS)
     p.add_argument("--build-tokenizer", type=Path, default=None, help=argparse.SUPPRESS)
@@ -912,7 +944,7 @@ def main(argv=None) -> int:
                 return 1
         data["tokenizer"] = json.loads((tokenizer_dir / "large_model_tokenizer.json").read_text())
         for shape in shapes:
-            data["shapes"][shape] = run_shape(shape, a, env, tokenizer_dir)
+            data["shapes"][shape] = run_shape(shape, a, env, tokenizer_dir, data["shapes"].get(shape))
             write(a.out, name, data)  # after each shape, so a long run leaves its finished shapes
     data["estimate"] = estimate_summary()
     paths = write(a.out, name, data)

@@ -86,15 +86,15 @@ def _source_gguf(directory: Path | None, loaded_source: dict) -> Path | None:
 
 def _reference(model, quant: str):
     """The torch model the artifact represents: for Q4_1 from fp weights, the same weights
-    quantized by our group quantizer at the Q4_1 block size."""
+    quantized by our group quantizer at the Q4_1 block size, in place (the artifact is written:
+    the export no longer needs the fp weights, and a second copy of a 7B model is 25 GiB)."""
     from saap_edge.models.int4_linear import Int4Linear
     from saap_edge.quant.int4 import quantize_model
 
     if quant != "q4_1" or any(isinstance(m, Int4Linear) for m in model.modules()):
         return model
-    ref = copy.deepcopy(model)
-    quantize_model(ref, 32)
-    return ref
+    quantize_model(model, 32)
+    return model
 
 
 def default_out(job: ExportJob, source: Path, directory: Path | None) -> Path:
@@ -222,8 +222,8 @@ def _export_onnx(job: ExportJob, model, loaded, directory: Path | None, tmp: Pat
     from saap_edge.quant.int4 import quantize_model
 
     if job.quant == "int4" and not any(isinstance(m, Int4Linear) for m in model.modules()):
-        # fp checkpoint: the same group quantizer as recovery, at its default group size
-        model = copy.deepcopy(model)
+        # fp checkpoint: the same group quantizer as recovery, at its default group size (in
+        # place: the export loaded the model for itself)
         quantize_model(model, None)
     if job.onnx_graph == "fused":
         info = export_onnx_fused(model, tmp, job.quant, job.embed_type, tokenizer=loaded.tokenizer,
@@ -241,6 +241,6 @@ def _export_onnx(job: ExportJob, model, loaded, directory: Path | None, tmp: Pat
     if job.validate:
         t1 = time.perf_counter()
         ids = probe_tokens(model.config.vocab_size, model.config.bos_token_id)
-        result["validation"] = validate_onnx(model, info, ids).to_dict()
+        result["validation"] = validate_onnx(model, info, ids, in_place=True).to_dict()
         result["validate_s"] = time.perf_counter() - t1
     return result

@@ -40,6 +40,21 @@ QUANTS = {"f32": QT.F32, "f16": QT.F16, "q4_1": QT.Q4_1}
 EMBED_TYPES = (*QUANTS, "q8_0")  # the token embedding / output matrix may also be Q8_0 (8-bit, blocks of 32)
 FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16, "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1}
 BLOCK = 32  # Q4_1 weights per block
+# Rows of an embedding / output matrix quantized (and checked) at a time: numpy's temporaries
+# then stay a few times ROWS_AT_ONCE x hidden floats instead of a few copies of a 128k-row matrix
+ROWS_AT_ONCE = 8192
+
+
+def q8_0_blocks(w: np.ndarray) -> np.ndarray:
+    """gguf's own Q8_0 quantizer (d = max|x| / 127 per block of 32, f16; q = round(x / d)) over
+    a [rows, cols] float32 matrix, ROWS_AT_ONCE rows at a time into one preallocated array."""
+    out = None
+    for lo in range(0, w.shape[0], ROWS_AT_ONCE):
+        part = gguf.quants.quantize(w[lo:lo + ROWS_AT_ONCE], QT.Q8_0)
+        if out is None:
+            out = np.empty((w.shape[0], part.shape[1]), dtype=part.dtype)
+        out[lo:lo + len(part)] = part
+    return out
 Q4_1_BYTES = 20  # fp16 d + fp16 m + 16 bytes of nibbles
 
 # HF module of a decoder layer -> GGUF tensor name (blk.{i}.NAME.weight)
@@ -281,7 +296,7 @@ def write_gguf(
         elif embed_type == "q8_0":  # gguf's own Q8_0 quantizer: d = max|x| / 127 per block of 32 (f16), q = round(x / d)
             if w.shape[1] % BLOCK:
                 raise UserError(f"--embed-type q8_0 needs a hidden size divisible by {BLOCK}, not {w.shape[1]}")
-            add(name_, gguf.quants.quantize(w, QT.Q8_0), QT.Q8_0)
+            add(name_, q8_0_blocks(w), QT.Q8_0)
             info.q8_tensors[name_] = w
         else:
             add(name_, w.astype(np.float16 if embed_type == "f16" else np.float32))

@@ -107,6 +107,7 @@ def _matmul_nbits_onnx(x, b, scales, zero_points, k: int, n: int, block_size: in
 
 
 Q8_BLOCK = 32  # 8-bit embedding blocks: GGUF's Q8_0 block, so both formats store the same numbers
+Q8_ROWS_AT_ONCE = 8192
 
 
 def q8_parts(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,11 +117,16 @@ def q8_parts(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     v, h = weight.shape
     if h % Q8_BLOCK:
         raise UserError(f"--embed-type int8 needs a hidden size divisible by {Q8_BLOCK}, not {h}")
-    w = weight.detach().float().cpu().reshape(v, h // Q8_BLOCK, Q8_BLOCK)
-    d = w.abs().amax(-1, keepdim=True) / 127
-    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
-    q = torch.sign(w) * torch.floor((w * inv).abs() + 0.5)
-    return (q + 128).to(torch.uint8), d.squeeze(-1).half().float()
+    codes = torch.empty(v, h // Q8_BLOCK, Q8_BLOCK, dtype=torch.uint8)
+    scales = torch.empty(v, h // Q8_BLOCK, dtype=torch.float32)
+    for lo in range(0, v, Q8_ROWS_AT_ONCE):  # bounded temporaries: a 128k-row matrix is GBs in float32
+        w = weight[lo:lo + Q8_ROWS_AT_ONCE].detach().float().cpu().reshape(-1, h // Q8_BLOCK, Q8_BLOCK)
+        d = w.abs().amax(-1, keepdim=True) / 127
+        inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+        q = torch.sign(w) * torch.floor((w * inv).abs() + 0.5)
+        codes[lo:lo + len(w)] = (q + 128).to(torch.uint8)
+        scales[lo:lo + len(w)] = d.squeeze(-1).half().float()
+    return codes, scales
 
 
 def q8_decode(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -301,14 +307,15 @@ def prepare(model: nn.Module, quant: str, embed_type: str = "f32") -> nn.Module:
     return m
 
 
-def stored_weights_model(model: nn.Module, quant: str, embed_type: str) -> nn.Module:
+def stored_weights_model(model: nn.Module, quant: str, embed_type: str, in_place: bool = False) -> nn.Module:
     """The torch model with every weight rounded as the artifact stores it (f16 embeddings or
-    projections); int4 projections are already exact. What ONNX logits are validated against."""
+    projections); int4 projections are already exact. What ONNX logits are validated against.
+    `in_place`: round `model` itself (an exporter done with it), not a copy."""
     import copy
 
     if quant != "f16" and embed_type not in ("f16", "int8"):
         return model
-    m = copy.deepcopy(model)
+    m = model if in_place else copy.deepcopy(model)
     with torch.no_grad():
         for name, p in m.named_parameters():
             is_embed = name.endswith(("embed_tokens.weight", "lm_head.weight"))

@@ -21,7 +21,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf import GGUFReader
 from gguf.quants import dequantize
 
-from exporters.gguf import GGUFInfo
+from exporters.gguf import ROWS_AT_ONCE, GGUFInfo
 from saap_edge.errors import UserError
 
 LOGITS_ATOL_F32 = 1e-3  # absolute, on logits, F32 GGUF vs torch float32
@@ -71,12 +71,15 @@ def check_gguf_weights(info: GGUFInfo) -> int:
         # 8-bit embedding rows: step d = max|x| / 127 per block of 32, stored in f16, so each
         # decoded weight lies within d / 2 (rounding) + 127 d 2^-11 (the f16 step) of the original
         t = tensors[name]
-        decoded = dequantize(np.asarray(t.data), QT.Q8_0).reshape(w.shape)
-        step = np.abs(w).reshape(w.shape[0], -1, 32).max(-1, keepdims=True) / 127
-        bound = step * (0.5 + 127 * 2.0**-11) * (1 + 1e-6) + 1e-12
-        if t.tensor_type != QT.Q8_0 or (np.abs(decoded - w).reshape(step.shape[:2] + (32,)) > bound).any():
-            raise UserError(f"validation: {name} in {info.path.name} does not decode to its weights within Q8_0's step; "
-                            "the file was not kept")
+        raw = np.asarray(t.data).reshape(w.shape[0], -1)
+        for lo in range(0, w.shape[0], ROWS_AT_ONCE):  # a bounded slice at a time (a 128k-row matrix is GBs)
+            rows = w[lo:lo + ROWS_AT_ONCE]
+            decoded = dequantize(raw[lo:lo + ROWS_AT_ONCE], QT.Q8_0).reshape(rows.shape)
+            step = np.abs(rows).reshape(rows.shape[0], -1, 32).max(-1, keepdims=True) / 127
+            bound = step * (0.5 + 127 * 2.0**-11) * (1 + 1e-6) + 1e-12
+            if t.tensor_type != QT.Q8_0 or (np.abs(decoded - rows).reshape(step.shape[:2] + (32,)) > bound).any():
+                raise UserError(f"validation: {name} in {info.path.name} does not decode to its weights within Q8_0's "
+                                "step; the file was not kept")
     return len(info.int4_tensors) + len(info.q8_tensors)
 
 
@@ -212,8 +215,9 @@ def _rows_of(stacked: dict[str, np.ndarray], row: int, n: int, groups: int) -> d
             "offsets": np.ascontiguousarray(stacked["offsets"].reshape(groups, total)[:, rows])}
 
 
-def validate_onnx(model, info, ids: list[int]) -> Validation:
-    """Weights (int4) and logits of the exported folder through onnxruntime, full and cached."""
+def validate_onnx(model, info, ids: list[int], in_place: bool = False) -> Validation:
+    """Weights (int4) and logits of the exported folder through onnxruntime, full and cached.
+    `in_place`: the reference rounds `model` itself to the stored weights (no second copy)."""
     from runtime.base import RuntimeLoadError
     from runtime.ort import OrtRuntime
 
@@ -223,7 +227,7 @@ def validate_onnx(model, info, ids: list[int]) -> Validation:
     if info.int4_tensors:
         v.weights_checked, v.weights_max_abs_diff = check_onnx_weights(info)
     with torch.no_grad():  # torch on the weights as stored (f16 embeddings / projections rounded)
-        ref = stored_weights_model(model, info.quant, info.embed_type)(torch.tensor([ids])).logits[0].float().numpy()
+        ref = stored_weights_model(model, info.quant, info.embed_type, in_place)(torch.tensor([ids])).logits[0].float().numpy()
     try:
         rt = OrtRuntime(info.path)
     except RuntimeLoadError as exc:

@@ -130,3 +130,25 @@ def test_bench_torch_rows_on_cuda_report_the_allocator_peak(tmp_path, tiny_model
     assert row["status"] == "ok", row.get("reason")
     assert row["memory_kind"] == "CUDA allocator peak" and 0 < row["peak_memory_mib"] < row["peak_rss_mib"]
     assert data["bandwidth"]["method"].startswith("torch device copy") and "gpu" in data["machine"]
+
+
+def test_an_export_killed_by_the_system_fails_its_row_alone(tmp_path, tiny_model_dir, monkeypatch):
+    """Each artifact is exported in its own process: one the kernel ends (as the OOM killer
+    does, SIGKILL) fails its row in one line, and the torch row still runs."""
+    import saap_edge.bench.probe as probe
+
+    real = probe.run_child
+
+    def killed_export(cmd, *args, **kwargs):
+        if "export" in cmd:
+            cmd = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"]
+        return real(cmd, *args, **kwargs)
+
+    monkeypatch.setattr(probe, "run_child", killed_export)
+    s = BenchSettings(runtimes=("torch", "gguf-q4_1"), prompt_tokens=8, new_tokens=4, reps=1, warmup=0,
+                      validate_exports=False)
+    data = run_bench([BenchModel(DENSE, str(tiny_model_dir))], s, tmp_path / "out", progress=False)
+    rows = {r["runtime"]: r for r in data["rows"]}
+    assert rows["torch"]["status"] == "ok" and rows["torch"]["decode_tok_s"]["median"] > 0
+    bad = rows["gguf-q4_1"]
+    assert bad["status"] == "failed" and "killed by the system" in bad["reason"] and "\n" not in bad["reason"]

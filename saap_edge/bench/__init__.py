@@ -56,21 +56,36 @@ class RowFailed(Exception):
 
 
 def artifact_for(model: BenchModel, runtime: str, work: Path, s: BenchSettings) -> Path | str:
-    """The file the runtime runs: the source itself for torch, else an export (made once)."""
+    """The file the runtime runs: the source itself for torch, else an export (made once).
+
+    The export runs as its own `saap-edge export` process, so an export that runs out of memory
+    (the kernel ends the process) fails its row alone and the bench goes on."""
+    from saap_edge.bench.probe import run_child
+
     _, fmt, quant, embed, graph, _, accuracy = ARTIFACTS[runtime]
     if fmt is None:
         return model.source
-    from exporters import ExportJob, export
-
     suffix = ((f"-emb{embed}" if embed != "f16" else "") + ("-dynamo" if graph == "dynamo" else "")
               + {"int8": "-act8", "int8-head": "-head8"}.get(accuracy, ""))
     out = work / model.label / (f"model-{quant}{suffix}.gguf" if fmt == "gguf" else f"onnx-{quant}{suffix}")
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    export(ExportJob(model.source, fmt, quant, embed, out, validate=s.validate_exports, overwrite=True,
-                     onnx_graph=graph or "fused", matmul_accuracy=accuracy or "fp32"))
+    cmd = [sys.executable, "-m", "saap_edge.cli", "export", str(model.source), "--format", fmt, "--quant", quant,
+           "--embed-type", embed, "--out", str(out), "--overwrite", "--onnx-graph", graph or "fused",
+           "--matmul-accuracy", accuracy or "fp32", *([] if s.validate_exports else ["--no-validate"])]
+    log = work / f"{model.label}-{runtime}.export.log"
+    child = run_child(cmd, log, interval=0.1, env=_child_env())
+    if child["rc"] != 0 or not out.exists():
+        lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+        why = "killed by the system (out of memory?)" if child["rc"] in (-9, 137) else (lines[-1][:300] if lines else "no output")
+        raise RowFailed(f"export exited with {child['rc']}: {why} (peak RSS {child['peak_rss_mib']:,.0f} MiB; log: {log})")
     return out
+
+
+def _child_env() -> dict:
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[2]),
+                                                         os.environ.get("PYTHONPATH", "")]))
 
 
 def measure(runtime: str, artifact, s: BenchSettings, log: Path) -> dict:
@@ -89,8 +104,7 @@ def measure(runtime: str, artifact, s: BenchSettings, log: Path) -> dict:
         cmd += ["--threads", str(s.threads)]
     if kind == "onnxruntime":
         cmd += ["--provider", s.provider, "--engine", ARTIFACTS[runtime][5]]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")]))
-    child = run_child(cmd, log, env=env)
+    child = run_child(cmd, log, env=_child_env())
     lines = log.read_text(errors="replace").strip().splitlines()
     if child["rc"] != 0 or not lines or not lines[-1].startswith("{"):
         raise RowFailed(f"{kind} exited with {child['rc']}: {lines[-1][:300] if lines else 'no output'} (log: {log})")
