@@ -64,7 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=os.environ.get("SAAP_EDGE_DATA_DIR"))
     p.add_argument("--work", type=Path, default=Path("benchmarks/work/recovery"))
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    p.add_argument("--only", nargs="*", default=None, help="run only rows whose key starts with one of these (grid, main, llama)")
+    p.add_argument("--only", nargs="*", default=None, help="run only rows whose key starts with one of these (grid, order, main, llama); results go to "
+                        "recovery_<these>.json / .md")
     p.add_argument("--cached-only", action="store_true", help="write results from the cached rows; run nothing")
     p.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: its own)")
     return p.parse_args(argv)
@@ -111,10 +112,11 @@ class Bench:
         return {"ppl": {k: v["ppl"] for k, v in ppl.items()}, "windows": {k: v["windows"] for k, v in ppl.items()},
                 "eval_wall_s": run["wall_s"]}
 
-    def recover(self, pruned: Path, name: str, recovery: str, loss: str = "lm", train: str = "lora", steps: int = 0) -> tuple[Path, dict]:
+    def recover(self, pruned: Path, name: str, recovery: str, loss: str = "lm", train: str = "lora", steps: int = 0,
+                extra: tuple[str, ...] = ()) -> tuple[Path, dict]:
         out = self.a.work / "models" / name
         cmd = CLI + ["recover", str(pruned), "--out", str(out), "--overwrite", "--recovery", recovery, "--eval-ppl",
-                     "--teacher-cache", str(self.a.work / "teacher-cache")] + _common(self.a)
+                     "--teacher-cache", str(self.a.work / "teacher-cache")] + _common(self.a) + list(extra)
         if recovery != "none":
             cmd += ["--recover-loss", loss, "--train", train, "--recover-steps", str(steps),
                     "--heldout-every", str(max(1, steps // 10))]
@@ -122,7 +124,10 @@ class Bench:
         if run["rc"]:
             return out, {"failed": f"recover exit {run['rc']}, see {self.a.work / (name + '.log')}"}
         rec = json.loads((out / "report.json").read_text())["recovery"]
-        info = {"recovery": recovery, "loss": loss, "train": train, "steps": rec.get("steps", 0),
+        info = {"recovery": recovery, "loss": loss, "train": train, "steps": rec.get("steps", 0), "flags": list(extra),
+                "order": rec.get("settings", {}).get("order"), "quantizer": rec.get("quantizer"),
+                "offsets_pass_s": (rec.get("offsets_pass") or {}).get("train_s"), "quantize_s": rec.get("quantize_s"),
+                "data": rec.get("data"),
                 "trainable_params": rec.get("trainable_params", 0), "train_s": rec.get("train_s"),
                 "heldout_ppl": rec.get("heldout_ppl"), "heldout_curve": rec.get("heldout_curve"),
                 "teacher": rec.get("teacher"), "recover_wall_s": run["wall_s"], "peak_rss_mib": run["peak_rss_mib"],
@@ -142,6 +147,20 @@ class Bench:
 
         return self.cached(key, make)
 
+    def order_row(self, pruned: Path, key: str, label: str, train: str, extra: tuple[str, ...], steps: int) -> dict | None:
+        """A row of the order table: kd recovery of the 20% model trained / quantized as `extra`
+        says, scored like the grid (first --grid-limit WikiText-2 windows)."""
+
+        def make():
+            out, info = self.recover(pruned, key, "qalora", "kd", train, steps, extra)
+            if "failed" in info:
+                return info
+            row = {"table": "order", "label": label, **info, **self.evaluate(str(out), self.a.grid_limit, ["wikitext2"])}
+            shutil.rmtree(out, ignore_errors=True)
+            return row
+
+        return self.cached(key, make)
+
     def main_row(self, key: str, label: str, model_of) -> dict | None:
         def make():
             model, info = model_of()
@@ -151,6 +170,23 @@ class Bench:
                     **self.evaluate(str(model), None, self.a.datasets)}
 
         return self.cached(key, make)
+
+
+# The order table (--recover-order, --quantizer, --train full, generated text): kd loss, 20% pruned.
+# (key suffix, label, --train, extra flags)
+DQ = ("--recover-order", "distil-quantize")
+ORDER_ROWS = (
+    ("qd-offsets-rtn", "quantize-distil: int4 RTN, then offsets", "offsets", ()),
+    ("qd-offsets-gptq", "quantize-distil: int4 GPTQ, then offsets", "offsets", ("--quantizer", "gptq")),
+    ("dq-full-rtn", "distil-quantize: full fp, then int4 RTN", "full", DQ),
+    ("dq-full-gptq", "distil-quantize: full fp, then int4 GPTQ", "full", DQ + ("--quantizer", "gptq")),
+    ("dq-full-gptq-off", "distil-quantize: full fp, then int4 GPTQ + 10 offset steps", "full",
+     DQ + ("--quantizer", "gptq", "--offset-steps", "10")),
+    ("dq-lora64-gptq", "distil-quantize: LoRA r64 fp, then int4 GPTQ", "lora", DQ + ("--quantizer", "gptq", "--rank", "64",
+                                                                                  "--lora-alpha", "128")),
+    ("dq-full-gptq-gen", "distil-quantize: full fp on books + 200k generated tokens, then int4 GPTQ", "full",
+     DQ + ("--quantizer", "gptq", "--recover-data", "books+generated:200000")),
+)
 
 
 def best_grid(rows: list[dict]) -> list[dict]:
@@ -263,6 +299,23 @@ def markdown(data: dict) -> str:
                  f"{r['heldout_ppl']['before']:.1f} -> {r['heldout_ppl']['after']:.1f}" if r.get("heldout_ppl") else None,
                  r.get("trainable_params"), _fmt(r.get("train_s"), 0), round(r.get("peak_rss_mib") or 0)] for r in grid]
         out.append(format_table(["loss", "trained", "WikiText-2 PPL", "held-out PPL", "trainable params", "train s",
+                                 "peak RSS MiB"], rows) + "\n")
+    order = [r for r in data["rows"] if r.get("table") == "order"]
+    if order:
+        base = next((r for r in order if r["key"].startswith("order-qd-offsets-rtn") and r.get("train_s")), None)
+        out.append(f"## Order, quantizer, trained set and data: kd recovery at {p['default_steps']} steps, 20% pruned\n")
+        out.append(f"WikiText-2 test, first {p['grid_limit']} windows of 128 tokens. Equal optimizer steps (8 x 128 "
+                   "tokens each); \"CPU time\" is the row's training + quantizing seconds and its ratio to the first "
+                   "row's, so a row's steps-equivalent budget reads off it. Held-out: 16 windows of the recovery text "
+                   "(before training -> the int4 result).\n")
+        rows = []
+        for r in order:
+            cpu = (r.get("train_s") or 0) + (r.get("quantize_s") or 0) + (r.get("offsets_pass_s") or 0)
+            rows.append([r["label"], _fmt(r["ppl"]["wikitext2"]) if "ppl" in r else "failed",
+                         f"{r['heldout_ppl']['before']:.1f} -> {r['heldout_ppl']['after']:.1f}" if r.get("heldout_ppl") else None,
+                         r.get("trainable_params"), _fmt(cpu, 0),
+                         f"{cpu / ((base['train_s'] or 1)):.2f}x" if base else None, round(r.get("peak_rss_mib") or 0)])
+        out.append(format_table(["row", "WikiText-2 PPL", "held-out PPL", "trainable params", "CPU time s", "vs first",
                                  "peak RSS MiB"], rows) + "\n")
     main = [r for r in data["rows"] if r.get("table") == "main"]
     if main:
@@ -379,6 +432,8 @@ def main(argv=None) -> int:
     for train in a.grid_trains:
         for loss in LOSSES:
             b.grid_row(p20, loss, train)
+    for suffix, label, train, extra in ORDER_ROWS:
+        b.order_row(p20, f"order-{suffix}-{a.default_steps}", label, train, extra, a.default_steps)
     ranked = best_grid(list(b.rows.values()))
     if ranked:  # the grid's best at the default budget, at the 30-minute budget, and at 50%
         best = ranked[0]
@@ -408,7 +463,8 @@ def main(argv=None) -> int:
     data["targets"] = targets([r for r in rows if r.get("table") == "main"])
     data["verdict"] = verdict(llama)
     data["plots"] = plots(data, a.out)
-    write_results(a.out, "recovery", data, markdown(data))
+    # a partial run (--only) writes its own results files beside the full run's
+    write_results(a.out, "recovery" + "".join(f"_{o}" for o in a.only or []), data, markdown(data))
     print(markdown(data))
     return 0
 
