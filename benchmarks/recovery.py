@@ -177,11 +177,11 @@ class Bench:
 DQ = ("--recover-order", "distil-quantize")
 ORDER_ROWS = (
     ("qd-offsets-rtn", "quantize-distil: int4 RTN, then offsets", "offsets", ()),
-    ("qd-offsets-gptq", "quantize-distil: int4 GPTQ, then offsets", "offsets", ("--quantizer", "gptq")),
     ("dq-full-rtn", "distil-quantize: full fp, then int4 RTN", "full", DQ),
-    ("dq-full-gptq", "distil-quantize: full fp, then int4 GPTQ", "full", DQ + ("--quantizer", "gptq")),
     ("dq-full-gptq-off", "distil-quantize: full fp, then int4 GPTQ + 10 offset steps", "full",
      DQ + ("--quantizer", "gptq", "--offset-steps", "10")),
+    ("qd-offsets-gptq", "quantize-distil: int4 GPTQ, then offsets", "offsets", ("--quantizer", "gptq")),
+    ("dq-full-gptq", "distil-quantize: full fp, then int4 GPTQ", "full", DQ + ("--quantizer", "gptq")),
     ("dq-lora64-gptq", "distil-quantize: LoRA r64 fp, then int4 GPTQ", "lora", DQ + ("--quantizer", "gptq", "--rank", "64",
                                                                                   "--lora-alpha", "128")),
     ("dq-full-gptq-gen", "distil-quantize: full fp on books + 200k generated tokens, then int4 GPTQ", "full",
