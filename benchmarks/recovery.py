@@ -126,7 +126,8 @@ class Bench:
         rec = json.loads((out / "report.json").read_text())["recovery"]
         info = {"recovery": recovery, "loss": loss, "train": train, "steps": rec.get("steps", 0), "flags": list(extra),
                 "order": rec.get("settings", {}).get("order"), "quantizer": rec.get("quantizer"),
-                "offsets_pass_s": (rec.get("offsets_pass") or {}).get("train_s"), "quantize_s": rec.get("quantize_s"),
+                "offsets_pass_s": (rec.get("offsets_pass") or {}).get("train_s"),
+                "quantize_s": rec.get("quantize_s") or (rec.get("gptq") or {}).get("time_s"),
                 "data": rec.get("data"),
                 "trainable_params": rec.get("trainable_params", 0), "train_s": rec.get("train_s"),
                 "heldout_ppl": rec.get("heldout_ppl"), "heldout_curve": rec.get("heldout_curve"),
