@@ -284,7 +284,7 @@ def _generates(r: RecoverSettings) -> bool:
     """Does the recovery text include text sampled from the dense model (`generated`)?"""
     from saap_edge.recover.generate import generated_tokens
 
-    return r.recovery != "none" and generated_tokens(r.data) is not None
+    return r.reads_text and generated_tokens(r.data) is not None
 
 
 def load_teacher(name: str, student, tokenizer, run: RunSettings, flag_given: bool):

@@ -358,6 +358,11 @@ class RecoverSettings(Settings):
         return self
 
     @property
+    def reads_text(self) -> bool:
+        """Does the run read its recovery text (to train on, or for GPTQ's statistics)?"""
+        return self.recovery != "none" or self.quantizer == "gptq"
+
+    @property
     def quantized_first(self) -> bool:
         """Are the projections int4 while the main run trains (quantize-distil qalora)?"""
         return self.recovery == "qalora" and self.order == "quantize-distil"

@@ -506,22 +506,22 @@ def recovery_stages(student: Shape, teacher: Shape | None, b: int, ratio: float,
                     cache_mib: int | None) -> list[StageMemory]:
     """teacher pass, quantize and recovery of a RecoverSettings `r` (compress: `student` is the
     dense shape and `ratio` the share pruned; recover: the student itself and 0)."""
-    if r.recovery == "none":
-        return [quantize_memory(student, b, ratio, *((r.quant_samples, r.seq_len, r.batch_size)
-                                                     if r.quantizer == "gptq" else (0, 0, 1)))]
-    group = r.group_size or 32
-    stages = []
     from saap_edge.recover.generate import generated_tokens
 
+    gptq = (r.quant_samples, r.seq_len, r.batch_size) if r.quantizer == "gptq" else (0, 0, 1)
+    group = r.group_size or 32
+    stages = []
     cached = r.distills and cache_mib is not None and r.kd_topk > 0
-    if cached or (cache_mib is not None and generated_tokens(r.data) is not None):  # the teacher alone: targets, text
+    generates = r.reads_text and cache_mib is not None and generated_tokens(r.data) is not None
+    if cached or generates:  # the teacher alone: its targets, and the text it writes
         need = teacher_cache_bytes(r, device_type)
         if need > cache_mib * 2**20:
             raise UserError(f"the teacher's targets for this run take up to {need / 2**20:.0f} MiB and "
                             f"--teacher-cache-mib is {cache_mib}; raise it to {-(-need // 2**20)}, or lower "
                             "--max-tokens / --epochs")
         stages.append(teacher_memory(teacher or student, b, r.batch_size, r.seq_len))
-    gptq = (r.quant_samples, r.seq_len, r.batch_size) if r.quantizer == "gptq" else (0, 0, 1)
+    if r.recovery == "none":
+        return stages + [quantize_memory(student, b, ratio, *gptq)]
     live = r.distills and not cached
     if r.quantized_first:
         stages.append(quantize_memory(student, b, ratio, *gptq))

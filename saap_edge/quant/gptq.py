@@ -120,7 +120,7 @@ def _gram_of(layer: nn.Module, run, module: nn.Module, n_in: int, device) -> tor
 
     handle = module.register_forward_pre_hook(hook)
     try:
-        run(stop_ok=True)
+        run()
     finally:
         handle.remove()
     return gram
@@ -151,7 +151,7 @@ def gptq_model(model: nn.Module, samples: torch.Tensor, group_size: int | None =
     layers = decoder_layers(model)
     for i, layer in enumerate(tqdm(layers, desc="gptq", disable=not progress)):
         with on_device(layer, device), torch.no_grad():
-            def run(stop_ok: bool = False, keep: list | None = None):
+            def run(keep: list | None = None):
                 for b in batches:
                     try:
                         out = layer(stream[b].to(device), position_embeddings=pos, attention_mask=mask)

@@ -95,7 +95,7 @@ def recover_model(model: nn.Module, tokenizer, s: RecoverSettings, run: RecoverR
     model = as_slim(model)
     info: dict = {"recovery": s.recovery, "settings": s.to_dict(), "device": str(device)}
     data = None
-    if s.recovery != "none" or s.quantizer == "gptq":
+    if s.reads_text:
         data = recovery_data(tokenizer, s, run)
         info["data"] = {"source": s.data, **data.describe(), **({"generated_key": run.generated_key}
                                                                  if run.generated_key else {})}
