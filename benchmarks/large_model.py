@@ -445,7 +445,7 @@ def run_shape(shape: str, a: argparse.Namespace, env: dict, tokenizer_dir: Path,
 def _after_compress(shape: str, spec: Spec, a: argparse.Namespace, env: dict, previous: dict | None) -> dict:
     work = a.work / shape
     out = work / f"saap-{spec.ratio:.2f}"
-    if not previous or not (out / "report.json").exists() or not spec.every_stage:
+    if not previous or not (out / "report.json").exists():
         raise SystemExit(f"large_model: --after-compress needs an earlier compress of {shape} (results and {rel(out)}); "
                          "run without it first")
     keep = ("build random weights", "compress --dry-run", "compress")
@@ -457,12 +457,14 @@ def _after_compress(shape: str, spec: Spec, a: argparse.Namespace, env: dict, pr
         section["stages"].append(row)
         return row
 
-    _later_stages(stage, section, out, work / "dense", work, a)
+    _later_stages(stage, section, out, work / "dense", work, a, exports_only=not spec.every_stage)
     return section
 
 
-def _later_stages(stage, section: dict, out: Path, dense: Path, work: Path, a: argparse.Namespace) -> None:
-    """export (gguf, onnx) with their dry runs, eval and bench of the compressed output."""
+def _later_stages(stage, section: dict, out: Path, dense: Path, work: Path, a: argparse.Namespace,
+                  exports_only: bool = False) -> None:
+    """export (gguf, onnx) with their dry runs, eval and bench of the compressed output (the
+    exports alone for a shape whose first run compresses only: the 32-layer 7B)."""
     run_flags = ["--device", "cpu", "--dtype", "bfloat16", "--no-progress"]
     for fmt in ("gguf", "onnx"):
         export = cli() + ["export", rel(out), "--format", fmt]
@@ -470,6 +472,8 @@ def _later_stages(stage, section: dict, out: Path, dense: Path, work: Path, a: a
         plan["plan"] = plan_of(plan)
         row = stage(f"export {fmt}", export + ["--overwrite"])
         row["planned_mib"] = max((v["total"] for v in plan["plan"].values()), default=None)
+    if exports_only:
+        return
     eval_json = work / "eval.json"
     eval_json.unlink(missing_ok=True)
     stage("eval", cli() + ["eval", rel(out), "--ppl", "wikitext2", "--limit", "8", "--data-dir", str(a.data_dir),
@@ -903,7 +907,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="compress with --reconstruct none --select global (slicing still streamed): the whole pipeline of "
                         "the 32-layer model in the time 2 cores have; the refit's own peak is then measured separately")
     p.add_argument("--after-compress", action="store_true",
-                   help="keep each shape's last compress (results and output) and run export, eval and bench again")
+                   help="keep each shape's last compress (results and output) and run export, eval and bench again "
+                        "(the exports alone for the 32-layer shape)")
     # internal: the builders, run as measured subprocesses of this script
     p.add_argument("--build-model", default=None, help=argparse.SUPPRESS)
     p.add_argument("--build-tokenizer", type=Path, default=None, help=argparse.SUPPRESS)

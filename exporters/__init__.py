@@ -137,23 +137,39 @@ def _check_job(job: ExportJob) -> ExportJob:
 
 
 def plan_export(job: ExportJob) -> list:
-    """`export --dry-run`: the host memory of the export from config.json alone (the artifact,
-    one dense layer in float32, 2 GiB for writers and readers), refused when it does not fit."""
+    """`export --dry-run`: the host memory of the export from config.json alone (memory.export_memory:
+    streamed, the artifact, the largest tensor and 2 GiB for writers and readers), refused when it
+    does not fit."""
     from saap_edge.memory import Devices, artifact_bytes, check_fits, describe, export_memory, host_available, model_shape
 
     job = _check_job(copy.copy(job))
     shape = model_shape(job.model)
     group = shape.group_size
-    stages = [export_memory(shape, artifact_bytes(shape, job.quant, job.embed_type, group or 32), group)]
+    stages = [export_memory(shape, artifact_bytes(shape, job.quant, job.embed_type, group or 32), group,
+                            streamed=streams(job, Path(job.model)))]
     devices = Devices(None, host_available())
     print(describe(stages, devices))
     check_fits(stages, devices, None)
     return stages
 
 
+def streams(job: ExportJob, source: Path) -> bool:
+    """Whether the export reads its checkpoint module by module (saap_edge.models.stream): a local
+    directory of safetensors files, on the CPU, for a writer that reads one module at a time
+    (GGUF, the fused ONNX graph). The host then holds the artifact and one module, not the model.
+    Otherwise (a GGUF or hub source, the traced ONNX graph) the model is loaded whole."""
+    return (source.is_dir() and any(source.glob("*.safetensors")) and job.device == "cpu"
+            and (job.format == "gguf" or job.onnx_graph == "fused"))
+
+
+def _int4(job: ExportJob) -> bool:
+    return (job.format, job.quant) in (("gguf", "q4_1"), ("onnx", "int4"))
+
+
 def export(job: ExportJob) -> ExportResult:
     from saap_edge.models.int4_linear import weight_cache
     from saap_edge.models.load import load_model
+    from saap_edge.models.stream import stream_model
     from saap_edge.recover import as_slim
 
     job = _check_job(copy.copy(job))
@@ -165,8 +181,12 @@ def export(job: ExportJob) -> ExportResult:
     if not out.parent.exists() or not os.access(out.parent, os.W_OK):
         raise UserError(f"--out {out}: cannot write in {out.parent.resolve()}; choose a writable --out")
     t0 = time.perf_counter()
-    loaded = load_model(job.model, job.device, "float32")
-    model = as_slim(loaded.model)
+    if streams(job, source):
+        loaded = stream_model(source, int4=_int4(job), group_size=32 if job.format == "gguf" else None)
+        model = loaded.model
+    else:
+        loaded = load_model(job.model, job.device, "float32")
+        model = as_slim(loaded.model)
     remove_stale(out.resolve())
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:

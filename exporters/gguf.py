@@ -21,7 +21,10 @@ import hashlib
 import json
 import math
 import os
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,7 @@ import gguf
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QT
+from accelerate.utils import align_module_device
 from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
 from saap_edge.errors import UserError
@@ -144,9 +148,11 @@ class GGUFInfo:
     arch: str
     quant: str
     tensor_types: dict[str, str] = field(default_factory=dict)
-    int4_tensors: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)  # name -> (codes, a, b) as written
+    # name -> a function giving (codes, a, b) as written; functions, not arrays: a checkpoint's
+    # tensors are read again when the check needs them, one at a time (a streamed model holds none)
+    int4_tensors: dict[str, Callable[[], tuple[np.ndarray, np.ndarray, np.ndarray]]] = field(default_factory=dict)
     embed_type: str = "f16"
-    q8_tensors: dict[str, np.ndarray] = field(default_factory=dict)  # name -> the float32 weights quantized to Q8_0
+    q8_tensors: dict[str, Callable[[], np.ndarray]] = field(default_factory=dict)  # name -> the float32 weights it quantized
 
 
 def _slim_config(model) -> SlimLlamaConfig:
@@ -164,28 +170,42 @@ def _check_layers(config: SlimLlamaConfig) -> None:
                             "whole and would compute a different model; prune with a plan that keeps MLP channels there")
 
 
-def _projection(module, name: str, quant: str, permute_heads: int | None):
-    """(array, raw GGML type) of one projection in the requested tensor type."""
-    if isinstance(module, Int4Linear):
-        codes = module.codes.cpu().numpy()
-        a, b = module.scales.cpu().numpy(), module.offsets.cpu().numpy()
-        dense = module.dequantized(torch.float32).cpu().numpy()
-    else:
-        codes = a = b = None
-        dense = module.weight.detach().float().cpu().numpy()
-    if quant == "q4_1":
-        if dense.shape[1] % BLOCK:
-            raise UserError(f"{name}: input dimension {dense.shape[1]} is not a multiple of 32, so Q4_1 blocks cannot "
-                            "hold it; export with --quant f16 or f32")
-        if codes is None:  # fp checkpoint: the same group quantizer, at the Q4_1 block size
-            g = quantize_groups(torch.from_numpy(dense), BLOCK)
+def _q4_1_parts(module, name: str, permute_heads: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(codes, a, b) of one projection as its Q4_1 blocks hold them (Q / K rows permuted for
+    llama.cpp's RoPE): an int4 layer's own groups, or a float weight's by our group quantizer at
+    the Q4_1 block size. Read through `align_module_device`: a streamed model holds the
+    module's tensors only inside the block."""
+    if module.in_features % BLOCK:
+        raise UserError(f"{name}: input dimension {module.in_features} is not a multiple of 32, so Q4_1 blocks cannot "
+                        "hold it; export with --quant f16 or f32")
+    with align_module_device(module):
+        if isinstance(module, Int4Linear):
+            codes = module.codes.cpu().numpy()
+            a, b = module.scales.cpu().numpy(), module.offsets.cpu().numpy()
+        else:  # fp checkpoint: the same group quantizer, at the Q4_1 block size
+            g = quantize_groups(module.weight.detach().float().cpu(), BLOCK)
             codes, a, b = g.codes.numpy(), g.scales.numpy(), g.offsets.numpy()
-        if permute_heads:
-            codes, a, b = (permute_rows(x, permute_heads) for x in (codes, a, b))
-        return q4_1_blocks(codes, a, b), QT.Q4_1, (codes, a, b)
+    if permute_heads:
+        codes, a, b = (permute_rows(x, permute_heads) for x in (codes, a, b))
+    return codes, a, b
+
+
+def _float_weight(module) -> np.ndarray:
+    """A module's weight in float32 (an int4 layer's a*q + b), read as _q4_1_parts reads."""
+    with align_module_device(module):
+        if isinstance(module, Int4Linear):
+            return module.dequantized(torch.float32).cpu().numpy()
+        return module.weight.detach().float().cpu().numpy()
+
+
+def _projection(module, name: str, quant: str, permute_heads: int | None):
+    """(array, raw GGML type, whether it holds int4 groups) of one projection in `quant`."""
+    if quant == "q4_1":
+        return q4_1_blocks(*_q4_1_parts(module, name, permute_heads)), QT.Q4_1, True
+    dense = _float_weight(module)
     if permute_heads:
         dense = permute_rows(dense, permute_heads)
-    return (dense.astype(np.float16) if quant == "f16" else dense.astype(np.float32)), None, None
+    return (dense.astype(np.float16) if quant == "f16" else dense.astype(np.float32)), None, False
 
 
 def _add_tokenizer(writer: GGUFWriter, tokenizer_dir: Path | None, source_gguf: Path | None, vocab_size: int) -> str:
@@ -249,7 +269,11 @@ def write_gguf(
     arch = "llama" if uniform else "deci"
     n = config.num_hidden_layers
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    writer = GGUFWriter(str(path), arch)
+    writer = GGUFWriter(str(path), arch, use_temp_file=True)
+    # gguf writes the header first and the tensor data after, so each tensor goes to a temporary
+    # file as it is made (the writer's own spooling) and the model is never held whole; the file
+    # lies beside the output, not in /tmp, which may be small or in RAM
+    writer.temp_file = tempfile.TemporaryFile(dir=Path(path).parent, prefix=f".{Path(path).name}.tensors-")
     writer.add_name(name)
     writer.add_file_type(FILE_TYPES[quant])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -288,8 +312,8 @@ def write_gguf(
             writer.add_tensor(name_, array, raw_dtype=raw)
         info.tensor_types[name_] = kind or (raw.name if raw is not None else {np.float32: "F32", np.float16: "F16"}[array.dtype.type])
 
-    def embedding(name_: str, weight: torch.Tensor):
-        w = weight.detach().float().cpu().numpy()
+    def embedding(name_: str, module: torch.nn.Module):
+        w = _float_weight(module)
         if embed_type == "q4_1":
             g = quantize_groups(torch.from_numpy(w), BLOCK)
             add(name_, q4_1_blocks(g.codes.numpy(), g.scales.numpy(), g.offsets.numpy()), QT.Q4_1)
@@ -297,15 +321,15 @@ def write_gguf(
             if w.shape[1] % BLOCK:
                 raise UserError(f"--embed-type q8_0 needs a hidden size divisible by {BLOCK}, not {w.shape[1]}")
             add(name_, q8_0_blocks(w), QT.Q8_0)
-            info.q8_tensors[name_] = w
+            info.q8_tensors[name_] = partial(_float_weight, module)
         else:
             add(name_, w.astype(np.float16 if embed_type == "f16" else np.float32))
 
     inner = sd_model.model
-    embedding("token_embd.weight", inner.embed_tokens.weight)
-    add("output_norm.weight", inner.norm.weight.detach().float().cpu().numpy())
+    embedding("token_embd.weight", inner.embed_tokens)
+    add("output_norm.weight", _float_weight(inner.norm))
     if not config.tie_word_embeddings:
-        embedding("output.weight", sd_model.lm_head.weight)
+        embedding("output.weight", sd_model.lm_head)
     factors = llama3_rope_factors(config)
     if factors is not None:
         add("rope_freqs.weight", factors)
@@ -316,13 +340,15 @@ def write_gguf(
             module = layer.get_submodule(hf)
             tname = f"blk.{i}.{gg}.weight"
             if gg in NORMS:
-                add(tname, module.weight.detach().float().cpu().numpy())
+                add(tname, _float_weight(module))
                 continue
             permute = heads[i] if gg == "attn_q" else kv_heads[i] if gg == "attn_k" else None
-            array, raw, parts = _projection(module, f"model.layers.{i}.{hf}", quant, permute)
+            name_ = f"model.layers.{i}.{hf}"
+            array, raw, int4 = _projection(module, name_, quant, permute)
             add(tname, array, raw)
-            if parts is not None:
-                info.int4_tensors[tname] = parts
+            del array
+            if int4:
+                info.int4_tensors[tname] = partial(_q4_1_parts, module, name_, permute)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file(progress=False)

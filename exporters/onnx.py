@@ -310,19 +310,31 @@ def prepare(model: nn.Module, quant: str, embed_type: str = "f32") -> nn.Module:
 def stored_weights_model(model: nn.Module, quant: str, embed_type: str, in_place: bool = False) -> nn.Module:
     """The torch model with every weight rounded as the artifact stores it (f16 embeddings or
     projections); int4 projections are already exact. What ONNX logits are validated against.
-    `in_place`: round `model` itself (an exporter done with it), not a copy."""
+    `in_place`: round `model` itself (an exporter done with it), not a copy. A streamed model
+    (saap_edge.models.stream) is rounded as each weight is read."""
     import copy
 
+    from saap_edge.models.stream import streamed_weights
+
     if quant != "f16" and embed_type not in ("f16", "int8"):
+        return model
+
+    def stored(name: str, w: torch.Tensor) -> torch.Tensor:
+        is_embed = name.endswith(("embed_tokens.weight", "lm_head.weight"))
+        if w.dim() == 2 and is_embed and embed_type == "int8":
+            return q8_decode(*q8_parts(w.float()))
+        if w.dim() == 2 and (is_embed and embed_type == "f16" or not is_embed and quant == "f16"):
+            return w.half().float()
+        return w
+
+    weights = streamed_weights(model)
+    if weights is not None:  # weights only: an int4 layer's qweight / scales / offsets are exact already
+        weights.transform = lambda name, t: stored(name, t) if name.endswith(".weight") and t.is_floating_point() else t
         return model
     m = model if in_place else copy.deepcopy(model)
     with torch.no_grad():
         for name, p in m.named_parameters():
-            is_embed = name.endswith(("embed_tokens.weight", "lm_head.weight"))
-            if p.dim() == 2 and is_embed and embed_type == "int8":
-                p.copy_(q8_decode(*q8_parts(p)))
-            elif p.dim() == 2 and (is_embed and embed_type == "f16" or not is_embed and quant == "f16"):
-                p.copy_(p.half().float())
+            p.copy_(stored(name, p))
     return m
 
 

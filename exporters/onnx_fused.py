@@ -49,6 +49,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate.utils import align_module_device
 from torch import nn
 
 from exporters.onnx import (
@@ -67,6 +68,7 @@ from exporters.onnx import (
 )
 from saap_edge.errors import UserError
 from saap_edge.models.int4_linear import Int4Linear
+from saap_edge.models.stream import tied_head
 
 OPSET = 17
 GENAI_CONFIG = "genai_config.json"
@@ -81,20 +83,52 @@ ACCURACY_LEVELS = {"fp32": (0, 0), "int8": (4, 4), "int8-head": (0, 4)}
 DYNAMIC_ROPE = ("dynamic", "longrope")  # rope types whose inv_freq changes with the sequence length
 
 
+def _float_weight(module: nn.Module) -> torch.Tensor:
+    """A module's weight in float32 on the CPU (an int4 layer's a*q + b), read through
+    `align_module_device`: a streamed model holds the module's tensors only inside the block."""
+    with align_module_device(module):
+        if isinstance(module, Int4Linear):
+            return module.dequantized(torch.float32).cpu()
+        return module.weight.detach().float().cpu()
+
+
+def _float_bias(module: nn.Module) -> np.ndarray:
+    with align_module_device(module):
+        bias = getattr(module, "bias", None)
+        return bias.detach().float().cpu().numpy() if isinstance(bias, torch.Tensor) else np.zeros(module.out_features, np.float32)
+
+
+EXTERNAL_MIN_BYTES = 1024  # smaller initializers (shapes, constants) stay inside model.onnx
+
+
 class _Graph:
     """Nodes, initializers and value names with unique node names."""
 
-    def __init__(self):
+    def __init__(self, data: Path | None = None):
         self.nodes, self.inits, self._count = [], {}, 0
         self._widened: dict[str, str] = {}  # initializer -> its Cast (tied embedding and head share one)
+        # Initializers of EXTERNAL_MIN_BYTES or more go to the weight file as they are made, and the
+        # graph keeps only where they lie: the model is never held whole in memory. (onnx's own
+        # external-data writer saves a finished graph, which would first hold every weight.)
+        self.data = open(data, "wb") if data is not None else None
 
     def init(self, name: str, array: np.ndarray) -> str:
-        from onnx import numpy_helper
+        from onnx import external_data_helper, numpy_helper
 
         if name not in self.inits:
             array = array if array.flags.c_contiguous else array.copy()  # (ascontiguousarray makes scalars 1-d)
-            self.inits[name] = numpy_helper.from_array(array, name)
+            tensor = numpy_helper.from_array(array, name)
+            if self.data is not None and array.nbytes >= EXTERNAL_MIN_BYTES:
+                offset = self.data.tell()
+                self.data.write(tensor.raw_data)
+                external_data_helper.set_external_data(tensor, DATA_FILE, offset, array.nbytes)
+                tensor.ClearField("raw_data")
+            self.inits[name] = tensor
         return name
+
+    def close(self) -> None:
+        if self.data is not None:
+            self.data.close()
 
     def widened(self, name: str, array: np.ndarray) -> str:
         """`array` stored as it is; a float16 one is widened to float32 in the graph (onnxruntime
@@ -150,11 +184,11 @@ def fused_supported(config) -> str | None:
 
 
 class _Builder:
-    def __init__(self, model: nn.Module, quant: str, embed_type: str, accuracy: str = "fp32"):
+    def __init__(self, model: nn.Module, quant: str, embed_type: str, accuracy: str = "fp32", data: Path | None = None):
         self.m, self.quant, self.embed_type = model, quant, embed_type
         self.accuracy_level, self.head_accuracy_level = ACCURACY_LEVELS[accuracy]
         self.cfg = model.config
-        self.g = _Graph()
+        self.g = _Graph(data)
         self._sums: dict[tuple[str, int], str] = {}
         self.packed: dict[str, tuple[str, int]] = {}  # module -> (packed initializer prefix, first row)
 
@@ -168,7 +202,10 @@ class _Builder:
         if int4:
             # scales and offsets are stored as the checkpoint's fp16 and widened in the graph
             half = all(m.scales.dtype == m.offsets.dtype == torch.float16 for _, m in modules)
-            parts = [{k: v.numpy() for k, v in matmul_nbits_parts(m, half).items()} for _, m in modules]
+            parts = []
+            for _, m in modules:
+                with align_module_device(m):
+                    parts.append({k: v.numpy() for k, v in matmul_nbits_parts(m, half).items()})
             k, gs = first.in_features, first.group_size
             n = sum(m.out_features for _, m in modules)
             row = 0
@@ -184,13 +221,10 @@ class _Builder:
             offsets = g.widened(f"{packed}.offsets", stacked["offsets"])
             y = g.op("Add", [scaled, g.op("MatMul", [self.group_sums(x, k, gs), offsets])])
         else:
-            w = torch.cat([m.dequantized(torch.float32) if isinstance(m, Int4Linear) else m.weight.detach().float()
-                           for _, m in modules]).cpu()
+            w = torch.cat([_float_weight(m) for _, m in modules])
             y = g.op("MatMul", [x, self.weight_t(f"{packed}.weight", w, self.quant == "f16")])
-        biases = [getattr(m, "bias", None) for _, m in modules]
-        if any(isinstance(b, torch.Tensor) for b in biases):
-            full = np.concatenate([b.detach().float().cpu().numpy() if isinstance(b, torch.Tensor) else
-                                   np.zeros(m.out_features, np.float32) for b, (_, m) in zip(biases, modules)])
+        if any(isinstance(getattr(m, "bias", None), torch.Tensor) for _, m in modules):
+            full = np.concatenate([_float_bias(m) for _, m in modules])
             y = g.op("Add", [y, g.init(f"{packed}.bias", full)])
         return y
 
@@ -214,7 +248,7 @@ class _Builder:
     # -- embedding and head --------------------------------------------------------------------
     def embedding(self, ids: str) -> str:
         g = self.g
-        w = self.m.model.embed_tokens.weight.detach().float().cpu()
+        w = _float_weight(self.m.model.embed_tokens)
         if self.embed_type == "int8":
             codes, scales = (t.numpy() for t in q8_parts(w))
             c = g.init("model.embed_tokens.codes", codes)
@@ -232,10 +266,9 @@ class _Builder:
 
     def head(self, x: str) -> str:
         g = self.g
-        head, emb = self.m.lm_head.weight, self.m.model.embed_tokens.weight
-        tied = head is emb
+        tied = tied_head(self.m)
         prefix = "model.embed_tokens" if tied else "lm_head"
-        w = head.detach().float().cpu()
+        w = _float_weight(self.m.lm_head)
         if self.embed_type == "int8":
             codes, scales = (t.numpy() for t in q8_parts(w))
             c, s = g.init(f"{prefix}.codes", codes), g.widened(f"{prefix}.scales", scales.astype(np.float16))
@@ -260,10 +293,10 @@ class _Builder:
         return g.op("MatMul", [x, self.weight_t(name, w, half)])
 
     # -- the decoder ---------------------------------------------------------------------------
-    def norm(self, pending: str | None, residual: str, weight: torch.Tensor, name: str) -> tuple[str, str]:
+    def norm(self, pending: str | None, residual: str, module: nn.Module, name: str) -> tuple[str, str]:
         """(normalised, new residual): RMSNorm of residual + pending, the add fused in."""
         g = self.g
-        w = g.init(f"{name}.weight", weight.detach().float().cpu().numpy())
+        w = g.init(f"{name}.weight", _float_weight(module).numpy())
         eps = float(self.cfg.rms_norm_eps)
         if pending is None:
             return g.op("SimplifiedLayerNormalization", [residual, w], axis=-1, epsilon=eps, stash_type=1), residual
@@ -333,7 +366,7 @@ class _Builder:
                 g.nodes.append(helper.make_node("Identity", [past_v], [pres_v], name=f"{prefix}/no_attention_v"))
             else:
                 attn = layer.self_attn
-                x, residual = self.norm(pending, residual, layer.input_layernorm.weight, f"{prefix}.input_layernorm")
+                x, residual = self.norm(pending, residual, layer.input_layernorm, f"{prefix}.input_layernorm")
                 qkv = self.linear(x, [(f"{prefix}.self_attn.{p}", getattr(attn, p)) for p in ("q_proj", "k_proj", "v_proj")],
                                   f"{prefix}.self_attn.qkv_proj")
                 # packed query, key, value in one input (GroupQueryAttention splits it by its head counts)
@@ -345,7 +378,7 @@ class _Builder:
                 g.rename_output(out[2], pres_v)
                 o = f"{prefix}.self_attn.o_proj"
                 pending = self.linear(out[0], [(o, attn.o_proj)], o)
-            x, residual = self.norm(pending, residual, layer.post_attention_layernorm.weight,
+            x, residual = self.norm(pending, residual, layer.post_attention_layernorm,
                                     f"{prefix}.post_attention_layernorm")
             mlp = layer.mlp
             width = mlp.gate_proj.out_features
@@ -355,7 +388,7 @@ class _Builder:
             act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])
             d = f"{prefix}.mlp.down_proj"
             pending = self.linear(act, [(d, mlp.down_proj)], d)
-        x, _ = self.norm(pending, residual, m.model.norm.weight, "model.norm")
+        x, _ = self.norm(pending, residual, m.model.norm, "model.norm")
         logits = self.head(x)
         g.rename_output(logits, ONNX_NAMES["logits"])
         outputs.insert(0, helper.make_tensor_value_info(ONNX_NAMES["logits"], TensorProto.FLOAT,
@@ -384,12 +417,14 @@ def export_onnx_fused(model: nn.Module, folder: Path, quant: str = "int4", embed
     int4 = {name: mod for name, mod in model.named_modules() if isinstance(mod, Int4Linear)} if quant == "int4" else {}
     if accuracy not in ACCURACY_LEVELS:
         raise UserError(f"--matmul-accuracy {accuracy!r} is not one of {', '.join(ACCURACY_LEVELS)}")
-    builder = _Builder(model, quant, embed_type, accuracy)
-    with torch.no_grad():
-        proto = builder.build()
     folder.mkdir(parents=True, exist_ok=True)
-    onnx.save_model(proto, str(folder / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=DATA_FILE, size_threshold=1024)
+    builder = _Builder(model, quant, embed_type, accuracy, data=folder / DATA_FILE)
+    try:
+        with torch.no_grad():
+            proto = builder.build()
+    finally:
+        builder.g.close()
+    onnx.save_model(proto, str(folder / MODEL_FILE))  # the weights are in DATA_FILE already
     os.chmod(folder / DATA_FILE, 0o644)
     write_side_files(model, folder, quant, embed_type, tokenizer,
                       {**(provenance or {}), "graph": "fused", "matmul_accuracy": accuracy})

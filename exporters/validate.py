@@ -17,12 +17,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate.utils import align_module_device
 from gguf import GGMLQuantizationType as QT
 from gguf import GGUFReader
 from gguf.quants import dequantize
 
 from exporters.gguf import ROWS_AT_ONCE, GGUFInfo
 from saap_edge.errors import UserError
+from saap_edge.models.stream import execution_device
 
 LOGITS_ATOL_F32 = 1e-3  # absolute, on logits, F32 GGUF vs torch float32
 MIN_TOP1_AGREEMENT = {"f32": 1.0, "f16": 0.9, "q4_1": 0.5}
@@ -55,7 +57,8 @@ def probe_tokens(vocab_size: int, bos: int | None, n: int = 24, seed: int = 0) -
 def check_gguf_weights(info: GGUFInfo) -> int:
     """Q4_1 tensors of the file == the int4 groups written (gguf's decoder); UserError if not."""
     tensors = {t.name: t for t in GGUFReader(info.path).tensors}
-    for name, (codes, a, b) in info.int4_tensors.items():
+    for name, parts in info.int4_tensors.items():
+        codes, a, b = parts()
         t = tensors[name]
         if t.tensor_type != QT.Q4_1:
             raise UserError(f"validation: {name} was written as {t.tensor_type.name}, expected Q4_1")
@@ -67,7 +70,8 @@ def check_gguf_weights(info: GGUFInfo) -> int:
             bad = np.abs(decoded - expect).max()
             raise UserError(f"validation: {name} in {info.path.name} decodes to other weights than the checkpoint "
                             f"(max difference {bad:.3g}); the file was not kept")
-    for name, w in info.q8_tensors.items():
+    for name, weights in info.q8_tensors.items():
+        w = weights()
         # 8-bit embedding rows: step d = max|x| / 127 per block of 32, stored in f16, so each
         # decoded weight lies within d / 2 (rounding) + 127 d 2^-11 (the f16 step) of the original
         t = tensors[name]
@@ -104,7 +108,7 @@ def validate_gguf(model, info: GGUFInfo, ids: list[int]) -> Validation:
     v = Validation(tokens=ids, runtime="llama-cpp-python")
     v.weights_checked = check_gguf_weights(info)
     with torch.no_grad():
-        ref = model(torch.tensor([ids], device=next(model.parameters()).device)).logits[0].float().cpu().numpy()
+        ref = model(torch.tensor([ids], device=execution_device(model))).logits[0].float().cpu().numpy()
     got = llama_cpp_logits(info.path, ids)
     if not np.isfinite(got).all():
         raise UserError(f"validation: llama.cpp computes non-finite logits from {info.path.name}; the file was not kept")
@@ -151,16 +155,22 @@ class StoredValues:
     and offsets so), or the tensor a ConstantOfShape of a constant shape fills. None for a value
     computed from the inputs."""
 
-    def __init__(self, proto):
+    def __init__(self, proto, folder: Path | None = None):
         from onnx import numpy_helper
 
         self._to_array = numpy_helper.to_array
         self.inits = {t.name: t for t in proto.graph.initializer}
         self.producer = {out: node for node in proto.graph.node for out in node.output}
+        self.folder = folder  # where external data lies (a graph loaded without it)
 
     def __call__(self, name: str) -> np.ndarray | None:
         if name in self.inits:
-            return self._to_array(self.inits[name])
+            from onnx import TensorProto
+
+            # a copy of the entry, so the bytes read for it are not kept in the graph after
+            tensor = TensorProto()
+            tensor.CopyFrom(self.inits[name])
+            return self._to_array(tensor, str(self.folder) if self.folder else "")
         node = self.producer.get(name)
         if node is not None and node.op_type == "Cast":
             return self(node.input[0])
@@ -178,10 +188,9 @@ def check_onnx_weights(info) -> tuple[int, float]:
     Returns (tensors checked, max |decoded - a*q + b|), the latter 0 when it passes."""
     import onnx
 
-    from exporters.onnx import matmul_nbits_parts
 
-    proto = onnx.load(str(info.path / "model.onnx"))
-    stored = StoredValues(proto)
+    proto = onnx.load(str(info.path / "model.onnx"), load_external_data=False)  # each tensor read when checked
+    stored = StoredValues(proto, info.path)
     for name, layer in info.int4_tensors.items():
         prefix, row = info.packed.get(name, (name, None))
         found = int4_initializer_names(proto, prefix)
@@ -190,19 +199,26 @@ def check_onnx_weights(info) -> tuple[int, float]:
             raise UserError(f"validation: the ONNX graph lacks the int4 initializers of {name}; the folder was not kept")
         if row is not None:  # this projection's rows of the stacked tensors (fused graph: q, k, v / gate, up)
             got = _rows_of(got, row, layer.out_features, layer.in_features // layer.group_size)
-        # scales / offsets stored as fp16 (fused) or widened to float32 (traced): either way every bit
-        want = {k: v.numpy() for k, v in matmul_nbits_parts(layer, half=got["scales"].dtype == np.float16).items()}
-        for key, value in want.items():
-            if got[key].dtype != value.dtype or got[key].size != value.size or not np.array_equal(
-                    np.ascontiguousarray(got[key]).reshape(-1).view(np.uint8), np.ascontiguousarray(value).reshape(-1).view(np.uint8)):
-                raise UserError(f"validation: {name}.{key} in the ONNX graph differs from the checkpoint; the folder was not kept")
-        n, k, g = layer.out_features, layer.in_features, layer.group_size
-        q = layer.codes.numpy().reshape(n, k // g, g).astype(np.float32)
-        scales, offsets = got["scales"].astype(np.float32), got["offsets"].astype(np.float32)
-        decoded = q * scales.reshape(n, -1, 1) + offsets.reshape(k // g, n).T[..., None]
-        if not np.array_equal(decoded.reshape(n, k), layer.dequantized(torch.float32).numpy()):
-            raise UserError(f"validation: {name}: the ONNX int4 weights do not decode to a*q + b; the folder was not kept")
+        with align_module_device(layer):  # a streamed model's groups are read for this check
+            _check_int4_layer(name, layer, got)
     return len(info.int4_tensors), 0.0
+
+
+def _check_int4_layer(name: str, layer, got: dict[str, np.ndarray]) -> None:
+    from exporters.onnx import matmul_nbits_parts
+
+    # scales / offsets stored as fp16 (fused) or widened to float32 (traced): either way every bit
+    want = {k: v.numpy() for k, v in matmul_nbits_parts(layer, half=got["scales"].dtype == np.float16).items()}
+    for key, value in want.items():
+        if got[key].dtype != value.dtype or got[key].size != value.size or not np.array_equal(
+                np.ascontiguousarray(got[key]).reshape(-1).view(np.uint8), np.ascontiguousarray(value).reshape(-1).view(np.uint8)):
+            raise UserError(f"validation: {name}.{key} in the ONNX graph differs from the checkpoint; the folder was not kept")
+    n, k, g = layer.out_features, layer.in_features, layer.group_size
+    q = layer.codes.numpy().reshape(n, k // g, g).astype(np.float32)
+    scales, offsets = got["scales"].astype(np.float32), got["offsets"].astype(np.float32)
+    decoded = q * scales.reshape(n, -1, 1) + offsets.reshape(k // g, n).T[..., None]
+    if not np.array_equal(decoded.reshape(n, k), layer.dequantized(torch.float32).numpy()):
+        raise UserError(f"validation: {name}: the ONNX int4 weights do not decode to a*q + b; the folder was not kept")
 
 
 def _rows_of(stacked: dict[str, np.ndarray], row: int, n: int, groups: int) -> dict[str, np.ndarray]:
@@ -227,7 +243,8 @@ def validate_onnx(model, info, ids: list[int], in_place: bool = False) -> Valida
     if info.int4_tensors:
         v.weights_checked, v.weights_max_abs_diff = check_onnx_weights(info)
     with torch.no_grad():  # torch on the weights as stored (f16 embeddings / projections rounded)
-        ref = stored_weights_model(model, info.quant, info.embed_type, in_place)(torch.tensor([ids])).logits[0].float().numpy()
+        ref = stored_weights_model(model, info.quant, info.embed_type, in_place)(
+            torch.tensor([ids], device=execution_device(model))).logits[0].float().cpu().numpy()
     try:
         rt = OrtRuntime(info.path)
     except RuntimeLoadError as exc:

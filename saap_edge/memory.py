@@ -318,12 +318,21 @@ def recovery_memory(shape: Shape, b: int, ratio: float, batch: int, seq_len: int
     return StageMemory(stage, parts, {}, fixes)
 
 
-def export_memory(shape: Shape, artifact: int, group_size: int | None) -> StageMemory:
-    """The export on the host: the checkpoint as it loads (float32; an int4 checkpoint keeps its
-    groups), the artifact, one dense layer in float32, and the writers' and readers' slack."""
-    loaded = shape.int4_bytes(group_size, 4) if group_size else shape.params() * 4
-    fix = ("free memory or use a machine with more RAM" if group_size else
+def export_memory(shape: Shape, artifact: int, group_size: int | None, streamed: bool = False) -> StageMemory:
+    """The export on the host. Streamed (a safetensors directory: exporters.streams): the
+    artifact (written, then mapped by the checks and the runtime) and the largest tensor being
+    encoded or checked: an embedding matrix read into float32 and encoded in row blocks (~5 B a
+    weight), a projection grouped, rounded and decoded whole (~24 B a weight, measured);
+    plus the writers' and readers' slack. The model is never held. Loaded whole (a GGUF or hub source, the traced
+    ONNX graph): the checkpoint as it loads (float32; an int4 checkpoint keeps its groups), the
+    artifact, one dense layer in float32, and the slack."""
+    fix = ("free memory or use a machine with more RAM" if group_size or streamed else
            "export an int4 checkpoint (saap-edge compress writes one), or use a machine with more RAM")
+    if streamed:
+        largest = max(5 * max(shape.embed_params, shape.head_params), 24 * max(i * o for i, o in shape.projections()))
+        return StageMemory("export", {}, {"artifact": artifact, "the largest tensor being encoded or checked": largest,
+                                          "writers and readers": EXPORT_SLACK}, fix)
+    loaded = shape.int4_bytes(group_size, 4) if group_size else shape.params() * 4
     return StageMemory("export", {}, {"checkpoint (float32 outside int4 groups)": loaded, "artifact": artifact,
                                       "one dense layer (float32)": max(shape.layer_params) * 4,
                                       "writers and readers": EXPORT_SLACK}, fix)

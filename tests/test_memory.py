@@ -163,12 +163,21 @@ def test_recover_and_export_dry_runs_read_the_config_alone(tmp_path, capsys):
 
 MEASURE = textwrap.dedent('''
     import json, sys, torch
+    from pathlib import Path
     from saap_edge.report import PeakRSS
     from saap_edge.memory import Shape
     stage, model_dir = sys.argv[1], sys.argv[2]
     torch.manual_seed(0)
+    if stage.startswith("export"):  # libraries imported first: the stage's own memory is measured
+        import llama_cpp, onnxruntime, transformers, accelerate, gguf
+        import exporters, exporters.gguf, exporters.onnx_fused, exporters.validate, saap_edge.models.stream
     with PeakRSS() as rss:
-        from pathlib import Path
+        if stage.startswith("export"):
+            from exporters import ExportJob, export
+            fmt = stage.split("-")[1]
+            export(ExportJob(model=model_dir, format=fmt, out=Path(sys.argv[3])))
+            print(json.dumps({"start": rss.start_mib, "peak": rss.peak_mib}))
+            raise SystemExit(0)
         from transformers import AutoModelForCausalLM
         from saap_edge.models.load import own_weights
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -205,8 +214,10 @@ MEASURE = textwrap.dedent('''
 ''')
 
 
-def _measure(stage: str, model_dir: Path) -> float:
-    out = subprocess.run([sys.executable, "-c", MEASURE, stage, str(model_dir)], capture_output=True, text=True, check=True)
+def _measure(stage: str, model_dir: Path, *args) -> float:
+    out = subprocess.run([sys.executable, "-c", MEASURE, stage, str(model_dir), *map(str, args)], capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
     data = json.loads(out.stdout.strip().splitlines()[-1])
     return (data["peak"] - data["start"]) * 2**20
 
@@ -289,3 +300,25 @@ def test_gptq_quantize_peak_matches_its_plan(weighty_model):
     planned = quantize_memory(shape, 4, 0.0, 8, 32, 4).total
     measured = _measure("gptq", d)
     assert 0.8 * planned <= measured <= 1.2 * planned, (measured / 2**20, planned / 2**20)
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "onnx"])
+def test_a_streamed_export_holds_the_artifact_and_one_tensor_not_the_model(weighty_model, tiny_tokenizer, tmp_path, fmt):
+    """Export from a safetensors directory (what compress writes) streams it module by module:
+    the measured peak is within the plan's streamed terms (artifact + the largest tensor, the
+    2 GiB slack for writers and readers aside; 64 MiB for the tokenizer, skeleton and allocator)
+    and far below the float32 model that loading it whole would hold."""
+    import shutil
+
+    from saap_edge.memory import artifact_bytes, export_memory
+
+    d, shape = weighty_model
+    src = tmp_path / "m"
+    shutil.copytree(d, src)
+    tiny_tokenizer.save_pretrained(src)
+    embed = "q8_0" if fmt == "gguf" else "int8"
+    plan = export_memory(shape, artifact_bytes(shape, "q4_1" if fmt == "gguf" else "int4", embed, 128), None, streamed=True)
+    terms = plan.host_total - plan.host["writers and readers"]
+    measured = _measure(f"export-{fmt}", src, tmp_path / f"out-{fmt}")
+    assert measured <= 1.2 * terms + 64 * 2**20, (measured / 2**20, terms / 2**20)
+    assert measured < 0.6 * shape.params() * 4, (measured / 2**20, shape.params() * 4 / 2**20)

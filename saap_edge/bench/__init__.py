@@ -137,7 +137,7 @@ def row_memory(model: BenchModel, runtime: str, s: BenchSettings):
     except UserError:  # not a config the plan reads alone: the row runs unplanned
         return None
     group = shape.group_size
-    _, fmt, quant, embed, *_ = ARTIFACTS[runtime]
+    _, fmt, quant, embed, graph, *_ = ARTIFACTS[runtime]
     if fmt is None:
         cuda = s.device.startswith("cuda")
         b = 2 if cuda else 4
@@ -148,7 +148,10 @@ def row_memory(model: BenchModel, runtime: str, s: BenchSettings):
             return StageMemory(st.stage, {}, st.card, "skip the row (--runtimes) or use a machine with more RAM")
         return StageMemory(st.stage, st.card, {"loading": weights}, "lower --prompt-tokens")
     art = artifact_bytes(shape, quant, embed, group or 32)
-    export = export_memory(shape, art, group)
+    # the row's export streams a safetensors directory (exporters.streams; bench exports on the CPU)
+    source = Path(model.source)
+    export = export_memory(shape, art, group, streamed=source.is_dir() and any(source.glob("*.safetensors"))
+                           and (fmt == "gguf" or graph == "fused"))
     return StageMemory(f"{model.label} {runtime}", {}, {"export (its peak)": export.host_total + GIB},
                        "skip the row (--runtimes), export it on a larger machine, or use a machine with more RAM")
 

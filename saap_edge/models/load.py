@@ -188,11 +188,6 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", device_map:
     return LoadedModel(model, tokenizer, {"model": name, "kind": kind, "path": str(location)})
 
 
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                      "BOOL": torch.bool}
-
-
 def own_weights(model, directory: Path) -> int:
     """Give `model` its own memory for every tensor transformers left as a view of the
     safetensors files' memory maps (it does so when the file's dtype is the model's), read
@@ -201,28 +196,18 @@ def own_weights(model, directory: Path) -> int:
     Why: pages of a mapped file count in the process's memory once touched and stay until every
     tensor of the file is gone, so a dense model sliced layer by layer (prune/slicing.py) would
     never shrink; owned tensors are freed as each layer is. safetensors itself only maps files."""
-    import json
-    import struct
+    from saap_edge.models.stream import read_tensor, safetensors_index
 
     targets = {}
     for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
         targets.setdefault(name, t)
     read = 0
-    for path in sorted(directory.glob("*.safetensors")):
-        with reading(path, "weights"), open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-            for key, info in header.items():
-                t = targets.get(key)
-                dtype = SAFETENSORS_DTYPES.get(info.get("dtype")) if isinstance(info, dict) else None
-                if t is None or dtype != t.dtype or list(t.shape) != list(info["shape"]) or t.device.type != "cpu":
-                    continue
-                fresh = torch.empty(t.shape, dtype=t.dtype)
-                start, end = info["data_offsets"]
-                f.seek(8 + n + start)
-                f.readinto(memoryview(fresh.view(-1).view(torch.uint8).numpy()) if fresh.numel() else bytearray())
-                read += end - start
-                t.data = fresh
+    for key, entry in safetensors_index(directory).items():
+        t = targets.get(key)
+        if t is None or entry[3] != t.dtype or list(t.shape) != entry[4] or t.device.type != "cpu":
+            continue
+        t.data = read_tensor(entry)
+        read += entry[2]
     return read
 
 
