@@ -854,7 +854,7 @@ def markdown(data: dict) -> str:
            "book text as their tokenizer), so perplexities and which units are pruned mean nothing: the run proves "
            "that each stage of the real CLI completes and how much memory and time it takes at these widths. Every "
            "stage is a `saap-edge` subprocess on the CPU in bfloat16 (`--device cpu --dtype bfloat16` where the "
-           "command has the flags; export always loads float32, bench's torch rows run float32), its peak RSS "
+           "command has the flags; export streams the checkpoint one module at a time in float32, bench's torch rows run float32), its peak RSS "
            "sampled every 0.1 s. compress runs with its defaults except the budgets a 2-core CPU can pay: "
            f"{BUDGET_NOTE}; for {FULL_7B_NOTE}. Its teacher cache is emptied first, so the teacher pass runs. The sizes that set the "
            "peak memory (widths, vocabulary, layers, dtype, sequence lengths) are the real ones; the sample "

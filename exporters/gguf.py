@@ -225,7 +225,8 @@ def _add_tokenizer(writer: GGUFWriter, tokenizer_dir: Path | None, source_gguf: 
     from gguf.vocab import BpeVocab, LlamaHfVocab, SentencePieceVocab, SpecialVocab
 
     tok_json = tokenizer_dir / "tokenizer.json"
-    model_type = json.loads(tok_json.read_text())["model"] if tok_json.exists() else {}
+    tok_data = json.loads(tok_json.read_text()) if tok_json.exists() else {}
+    model_type = tok_data.get("model", {})
     if (tokenizer_dir / "tokenizer.model").exists():
         vocab, kind = SentencePieceVocab(tokenizer_dir), "llama"
     elif model_type.get("type") == "BPE" and model_type.get("byte_fallback"):
@@ -237,6 +238,12 @@ def _add_tokenizer(writer: GGUFWriter, tokenizer_dir: Path | None, source_gguf: 
         tokens.append(text)
         scores.append(score)
         types.append(int(toktype))
+    # special added tokens that are also in the base vocabulary (<s>, ChatML's <|im_start|>...):
+    # gguf's vocab readers type them NORMAL, and llama.cpp then reads "<|im_start|>" in a chat
+    # prompt as plain text; they are CONTROL tokens, as llama.cpp's own converter writes them
+    for added in tok_data.get("added_tokens", []):
+        if added.get("special") and 0 <= added.get("id", -1) < len(types):
+            types[added["id"]] = int(gguf.TokenType.CONTROL)
     while len(tokens) < vocab_size:  # embedding rows past the tokenizer's vocabulary
         tokens.append(f"[PAD{len(tokens)}]".encode())
         scores.append(-1000.0)
@@ -248,6 +255,20 @@ def _add_tokenizer(writer: GGUFWriter, tokenizer_dir: Path | None, source_gguf: 
     writer.add_token_types(types)
     SpecialVocab(tokenizer_dir, load_merges=kind == "gpt2", n_vocab=len(tokens)).add_to_gguf(writer)
     return f"built from {tokenizer_dir} ({kind})"
+
+
+def _add_sampling(writer: GGUFWriter, gen) -> None:
+    """The model's sampling defaults (generation_config.json) as GGUF's general.sampling keys,
+    which llama.cpp's tools and `saap-edge run --chat` read; nothing for a greedy model."""
+    if gen is None or not getattr(gen, "do_sample", False):
+        return
+    keys = gguf.Keys.General
+    if getattr(gen, "temperature", None) is not None:
+        writer.add_float32(keys.SAMPLING_TEMP, float(gen.temperature))
+    if getattr(gen, "top_k", None) is not None:
+        writer.add_int32(keys.SAMPLING_TOP_K, int(gen.top_k))
+    if getattr(gen, "top_p", None) is not None:
+        writer.add_float32(keys.SAMPLING_TOP_P, float(gen.top_p))
 
 
 def write_gguf(
@@ -301,6 +322,7 @@ def write_gguf(
     for key, value in (provenance or {}).items():
         writer.add_string(f"saap.{key}", str(value))
     writer.add_string("saap.tokenizer", token_source)
+    _add_sampling(writer, getattr(model, "generation_config", None))
 
     info = GGUFInfo(Path(path), arch, quant, embed_type=embed_type)
     sd_model = model

@@ -83,6 +83,14 @@ class Runtime:
     def detokenize(self, ids: list[int]) -> str:
         raise NotImplementedError
 
+    def detokenize_special(self, token_id: int) -> str:
+        """The text of one token, a special one included (a chat template's bos / eos token)."""
+        raise NotImplementedError
+
+    def metadata(self) -> dict[str, str]:
+        """Key -> value metadata the artifact carries (a GGUF's); empty where there is none."""
+        return {}
+
     def reset(self) -> None:
         raise NotImplementedError
 

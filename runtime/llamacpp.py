@@ -52,6 +52,12 @@ class LlamaCppRuntime(Runtime):
     def detokenize(self, ids: list[int]) -> str:
         return self.llm.detokenize(ids).decode("utf-8", errors="ignore")
 
+    def detokenize_special(self, token_id: int) -> str:
+        return self.llm.detokenize([token_id], special=True).decode("utf-8", errors="ignore")
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self.llm.metadata)
+
     def reset(self) -> None:
         self.llm.reset()
 

@@ -102,6 +102,12 @@ class OnnxFolder(Runtime):
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
+    def detokenize_special(self, token_id: int) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.id_to_token(token_id) or ""
+
+
 class OrtRuntime(OnnxFolder):
     name = "onnxruntime"
     cache_block = 256  # shared cache: first buffer length in positions, doubled as needed

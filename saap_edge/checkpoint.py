@@ -80,8 +80,19 @@ def replace_path(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def write_text(path: Path, text: str) -> None:
+    """`text` into `path` whole or not at all: a temporary name beside it, renamed when written."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=1, default=str) + "\n")
+    write_text(path, json.dumps(data, indent=1, default=str) + "\n")
 
 
 def save_model(directory: Path, model, tokenizer) -> None:

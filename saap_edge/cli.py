@@ -461,6 +461,47 @@ def run_run(a: argparse.Namespace) -> int:
         raise UserError(str(exc)) from exc
 
 
+def add_compare(p: argparse.ArgumentParser) -> None:
+    p.add_argument("models", nargs="+", help="what to compare: .gguf files, exported ONNX folders, saap-edge output "
+                   "directories (their exported artifact) or smollm2-135m")
+    p.add_argument("--prompts", type=Path, default=None, help="a file of prompts, one a line (or a JSON list); default: "
+                   "three built-in chat prompts")
+    p.add_argument("--raw", action="store_true", help="continue each prompt as raw text instead of a chat turn")
+    p.add_argument("--system", default=None, help="a system message for every chat turn")
+    p.add_argument("-n", "--max-new-tokens", type=int, default=128, help="tokens an answer at most (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 for greedy (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=0, help="(default: %(default)s: off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="(default: %(default)s: off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ppl", type=int, nargs="?", const=64, default=None, metavar="WINDOWS",
+                   help="add WikiText-2 perplexity over the first WINDOWS test windows (default when given: 64)")
+    p.add_argument("--data-dir", default=None, help="offline datasets folder (for --ppl)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads of the runtimes (default: their choice)")
+    p.add_argument("--out", type=Path, default=None, help="also write the Markdown table to this file")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run_compare(a: argparse.Namespace) -> int:
+    from runtime.base import Sampling
+    from saap_edge.checkpoint import write_text
+    from saap_edge.compare import compare, read_prompts
+
+    prompts = read_prompts(a.prompts)
+    try:
+        sampling = Sampling(a.temperature, a.top_k, a.top_p, a.seed).validate()
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+    if a.max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be at least 1")
+    _, text = compare(a.models, prompts, not a.raw, a.max_new_tokens, sampling, a.threads, a.system, a.ppl, a.data_dir,
+                      progress=not a.no_progress)
+    print(text)
+    if a.out:
+        write_text(a.out, text)
+        print(f"written: {a.out}")
+    return 0
+
+
 def add_bench(p: argparse.ArgumentParser) -> None:
     from saap_edge.config import BENCH_RUNTIMES, EXTRA_BENCH_RUNTIMES
 
@@ -504,6 +545,8 @@ COMMANDS = {
     "recover": (add_recover, run_recover, "int4 + QA-LoRA recovery of a pruned directory (the stage compress runs after pruning)"),
     "export": (add_export, run_export, "write a compressed model as GGUF (llama.cpp) or ONNX (onnxruntime) with its int4 groups packed"),
     "run": (add_run, run_run, "generate text from an exported artifact (streams; prints prefill and decode tokens/s)"),
+    "compare": (add_compare, run_compare, "the same prompts (chat or raw) through several models or artifacts, answers "
+                                          "side by side in Markdown, with tokens/s and optionally perplexity"),
     "bench": (add_bench, run_bench, "memory, parameters and tokens/s of dense vs compressed models in torch, llama.cpp and onnxruntime"),
     "eval": (add_eval, run_eval, "perplexity on WikiText-2, PTB or a text file, and zero-shot accuracy on ARC, BoolQ, HellaSwag, PIQA, WinoGrande, OpenBookQA"),
 }
