@@ -25,7 +25,7 @@ $(STAMP): $(ROOT)/pyproject.toml
 demo: venv
 	cd $(ROOT) && $(VENV)/bin/saap-edge compress --ratio 0.2 --out saap-out --overwrite
 	cd $(ROOT) && $(VENV)/bin/saap-edge export saap-out --format gguf --quant q4_1 --overwrite
-	cd $(ROOT) && $(VENV)/bin/saap-edge run saap-out/model-q4_1.gguf --prompt "The three most important things about a healthy diet are" -n 48
+	cd $(ROOT) && $(VENV)/bin/saap-edge compare smollm2-135m saap-out -n 96 --out saap-out/compare.md
 
 test: venv
 	cd $(ROOT) && $(VENV)/bin/python -m pytest -q

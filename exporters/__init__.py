@@ -202,6 +202,10 @@ def export(job: ExportJob) -> ExportResult:
     finally:
         _remove(tmp)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) if out.is_dir() else out.stat().st_size
+    if directory is not None and (directory / "report.json").is_file() and out.resolve().parent == directory.resolve():
+        from saap_edge.card import write_card
+
+        write_card(directory)  # the card lists the new file and how to run it
     return ExportResult(out, size, result)
 
 

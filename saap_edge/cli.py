@@ -338,9 +338,13 @@ def run_eval(a: argparse.Namespace) -> int:
     elif tasks:
         result.update(_eval_tasks(a, tasks, loaded, location if on_llama_cpp else None))
     if a.json:
-        tmp = a.json.with_name(a.json.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        tmp.replace(a.json)
+        from saap_edge.checkpoint import write_json
+
+        write_json(a.json, result)
+    if kind == "hf" and (Path(location) / "report.json").is_file():  # a saap-edge output: its card shows the numbers
+        from saap_edge.card import record_eval
+
+        record_eval(Path(location), result)
     return 0
 
 

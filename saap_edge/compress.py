@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from saap_edge import __version__
+from saap_edge.card import write_card
 from saap_edge.checkpoint import CHART_FILE, PLAN_FILE, REPORT_FILE, atomic_dir, check_output_dir, save_model, write_json
 from saap_edge.config import HywiaSettings, PruneSettings, ReconstructSettings, RecoverSettings, RunSettings, SearchSettings
 from saap_edge.distributed import processes
@@ -223,6 +224,7 @@ def _save(directory: Path, model, tokenizer, plan: PrunePlan, report: dict, titl
         from saap_edge.prune.adapruner import write_search
 
         write_search(directory, report["search"])
+    write_card(directory)
     if plan.importance.get("blend"):
         from saap_edge.prune.hywia import BLEND_CHART, plot_blend
 

@@ -25,7 +25,7 @@ from saap_edge.cli import main
 EXPECTED_FILES = {
     "config.json", "generation_config.json", "model.safetensors", "slim.py", "int4_linear.py",
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "prune_plan.json", "report.json", "layers.png",
+    "prune_plan.json", "report.json", "layers.png", "README.md",
 }
 # tiny_llama in conftest: 6 layers, hidden 64, 8 heads / 4 KV heads, MLP 128
 LAYERS, HIDDEN, N_HEADS, N_KV, FFN, ALIGN = 6, 64, 8, 4, 128, 32
