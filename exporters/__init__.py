@@ -202,6 +202,11 @@ def export(job: ExportJob) -> ExportResult:
     finally:
         _remove(tmp)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) if out.is_dir() else out.stat().st_size
+    if job.format == "gguf":  # Ollama's file beside it: template, stops and sampling of the model
+        from exporters.modelfile import write_modelfile
+
+        gen = getattr(model, "generation_config", None)
+        result["modelfile"] = str(write_modelfile(out, gen.to_dict() if gen is not None else None))
     if directory is not None and (directory / "report.json").is_file() and out.resolve().parent == directory.resolve():
         from saap_edge.card import write_card
 

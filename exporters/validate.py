@@ -254,6 +254,9 @@ def validate_onnx(model, info, ids: list[int], in_place: bool = False) -> Valida
     first, past = rt.forward(np.asarray([ids[:half]]))
     second, _ = rt.forward(np.asarray([ids[half:]]), past, half)
     cached = np.concatenate([first, second], axis=1)[0]
+    rt.close()  # its weights go before the float32-activations twin below loads them again
+    del rt, past
+    gc.collect()
     full = full[0].astype(np.float32)
     if not np.isfinite(full).all():
         raise UserError(f"validation: onnxruntime computes non-finite logits from {info.path.name}; the folder was not kept")
