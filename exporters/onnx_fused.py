@@ -428,15 +428,33 @@ def export_onnx_fused(model: nn.Module, folder: Path, quant: str = "int4", embed
     os.chmod(folder / DATA_FILE, 0o644)
     write_side_files(model, folder, quant, embed_type, tokenizer,
                       {**(provenance or {}), "graph": "fused", "matmul_accuracy": accuracy})
-    write_genai_config(model, folder)
+    write_genai_config(model, folder, tokenizer)
     return OnnxInfo(folder, quant, embed_type, model.config.num_hidden_layers, kv_shapes(model.config), int4,
                     packed=builder.packed, accuracy=accuracy)
 
 
-def write_genai_config(model: nn.Module, folder: Path) -> Path:
+def end_of_turn_id(tokenizer) -> int | None:
+    """The id of the token the tokenizer's chat template closes an assistant turn with (ChatML's
+    <|im_end|>, LLaMA-3's <|eot_id|>); None without a template or when it is not one token."""
+    from runtime.chat import ChatTemplate
+
+    text = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
+    if not isinstance(text, str):
+        return None
+    try:
+        marker = ChatTemplate(text, "tokenizer", tokenizer.bos_token or "", tokenizer.eos_token or "").end_of_turn()
+    except Exception:  # noqa: BLE001 - a template that cannot render a plain conversation: no marker
+        return None
+    ids = tokenizer.convert_tokens_to_ids([marker]) if marker else []
+    return ids[0] if ids and ids[0] is not None and ids[0] != tokenizer.unk_token_id else None
+
+
+def write_genai_config(model: nn.Module, folder: Path, tokenizer=None) -> Path:
     """genai_config.json: what onnxruntime-genai reads to run the folder (names of the inputs
     and outputs, sizes, special tokens, search defaults). Its single head counts are the largest
-    layer's; onnxruntime-genai >= 0.15 sizes each layer's cache from the past input shapes."""
+    layer's; onnxruntime-genai >= 0.15 sizes each layer's cache from the past input shapes.
+    The end-of-text ids include the chat template's end-of-turn token, and the search defaults
+    are the generation config's (greedy unless it samples)."""
     cfg = model.config
     gen = getattr(model, "generation_config", None)
 
@@ -447,6 +465,10 @@ def write_genai_config(model: nn.Module, folder: Path) -> Path:
     kv = kv_shapes(cfg)
     heads = list(getattr(cfg, "num_attention_heads_per_layer", None) or [cfg.num_attention_heads])
     eos = special("eos_token_id")
+    turn = end_of_turn_id(tokenizer)
+    if turn is not None:
+        ids = list(eos) if isinstance(eos, list) else [eos] if eos is not None else []
+        eos = ids + [turn] if turn not in ids else (ids if len(ids) > 1 else ids[0])
     context = int(cfg.max_position_embeddings)
     data = {
         "model": {
@@ -478,6 +500,11 @@ def write_genai_config(model: nn.Module, folder: Path) -> Path:
             "temperature": 1.0, "top_k": 1, "top_p": 1.0,
         },
     }
+    if gen is not None and getattr(gen, "do_sample", False):
+        data["search"].update(do_sample=True, temperature=float(gen.temperature or 1.0), top_k=int(gen.top_k or 0),
+                              top_p=float(gen.top_p or 1.0))
+    if gen is not None and getattr(gen, "repetition_penalty", None):
+        data["search"]["repetition_penalty"] = float(gen.repetition_penalty)
     path = folder / GENAI_CONFIG
     path.write_text(json.dumps(data, indent=2) + "\n")
     return path

@@ -189,3 +189,22 @@ def test_compare_greedy_answers_are_the_chat_answers(chat_model, tmp_path):
     rt = open_runtime(str(gguf))
     session = ChatSession(rt, template_for(gguf, rt), max_new_tokens=6)
     assert models[0].answers[0].text == "".join(session.reply("Who is the master?")).strip()
+
+
+def test_genai_config_carries_the_end_of_turn_id_and_the_sampling_defaults(tmp_path, tiny_tokenizer):
+    """An ONNX folder's genai_config.json stops onnxruntime-genai at the template's end-of-turn
+    token (here <s>, not the end-of-text </s>) and samples as the generation config says."""
+    import copy
+
+    from transformers import GenerationConfig
+
+    from exporters import ExportJob, export
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<s>\n{% endfor %}"
+    src = save_tiny32(tmp_path / "m", tok)
+    GenerationConfig(do_sample=True, temperature=0.6, top_k=20, top_p=0.9, bos_token_id=1, eos_token_id=2).save_pretrained(src)
+    folder = export(ExportJob(model=str(src), format="onnx", out=tmp_path / "onnx", validate=False)).path
+    genai = json.loads((folder / "genai_config.json").read_text())
+    assert genai["model"]["eos_token_id"] == [2, 1]
+    assert genai["search"]["do_sample"] and genai["search"]["temperature"] == 0.6 and genai["search"]["top_k"] == 20
