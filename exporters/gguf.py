@@ -38,6 +38,7 @@ from gguf import GGUFReader, GGUFValueType, GGUFWriter
 from saap_edge.errors import UserError
 from saap_edge.models.int4_linear import Int4Linear
 from saap_edge.models.slim import SlimLlamaConfig, SlimLlamaForCausalLM
+from saap_edge.models.stream import streamed_weights, weight_rows
 from saap_edge.quant.int4 import quantization_section, quantize_groups
 
 QUANTS = {"f32": QT.F32, "f16": QT.F16, "q4_1": QT.Q4_1}
@@ -49,14 +50,18 @@ BLOCK = 32  # Q4_1 weights per block
 ROWS_AT_ONCE = 8192
 
 
-def q8_0_blocks(w: np.ndarray) -> np.ndarray:
+def q8_0_blocks(w, n_rows: int | None = None) -> np.ndarray:
     """gguf's own Q8_0 quantizer (d = max|x| / 127 per block of 32, f16; q = round(x / d)) over
-    a [rows, cols] float32 matrix, ROWS_AT_ONCE rows at a time into one preallocated array."""
+    a [rows, cols] float32 matrix, ROWS_AT_ONCE rows at a time into one preallocated array. `w`
+    is the matrix, or a function (lo, hi) -> its float32 rows lo..hi and `n_rows` its height (a
+    streamed embedding matrix is then never whole in float32)."""
+    rows = w if callable(w) else (lambda lo, hi: w[lo:hi])
+    n_rows = w.shape[0] if n_rows is None else n_rows
     out = None
-    for lo in range(0, w.shape[0], ROWS_AT_ONCE):
-        part = gguf.quants.quantize(w[lo:lo + ROWS_AT_ONCE], QT.Q8_0)
+    for lo in range(0, n_rows, ROWS_AT_ONCE):
+        part = gguf.quants.quantize(np.asarray(rows(lo, lo + ROWS_AT_ONCE), dtype=np.float32), QT.Q8_0)
         if out is None:
-            out = np.empty((w.shape[0], part.shape[1]), dtype=part.dtype)
+            out = np.empty((n_rows, part.shape[1]), dtype=part.dtype)
         out[lo:lo + len(part)] = part
     return out
 Q4_1_BYTES = 20  # fp16 d + fp16 m + 16 bytes of nibbles
@@ -152,7 +157,9 @@ class GGUFInfo:
     # tensors are read again when the check needs them, one at a time (a streamed model holds none)
     int4_tensors: dict[str, Callable[[], tuple[np.ndarray, np.ndarray, np.ndarray]]] = field(default_factory=dict)
     embed_type: str = "f16"
-    q8_tensors: dict[str, Callable[[], np.ndarray]] = field(default_factory=dict)  # name -> the float32 weights it quantized
+    # name -> (the module whose weight it quantized, the streamed checkpoint or None), read back a
+    # block of rows at a time by the check (a 128k-row matrix is GBs in float32)
+    q8_tensors: dict[str, tuple[torch.nn.Module, Any]] = field(default_factory=dict)
 
 
 def _slim_config(model) -> SlimLlamaConfig:
@@ -335,15 +342,18 @@ def write_gguf(
         info.tensor_types[name_] = kind or (raw.name if raw is not None else {np.float32: "F32", np.float16: "F16"}[array.dtype.type])
 
     def embedding(name_: str, module: torch.nn.Module):
+        n_rows, cols = module.weight.shape
+        if embed_type == "q8_0":  # gguf's own Q8_0 quantizer: d = max|x| / 127 per block of 32 (f16), q = round(x / d)
+            if cols % BLOCK:
+                raise UserError(f"--embed-type q8_0 needs a hidden size divisible by {BLOCK}, not {cols}")
+            streamed = streamed_weights(model)
+            add(name_, q8_0_blocks(lambda lo, hi: weight_rows(module, lo, hi, streamed).numpy(), n_rows), QT.Q8_0)
+            info.q8_tensors[name_] = (module, streamed)
+            return
         w = _float_weight(module)
         if embed_type == "q4_1":
             g = quantize_groups(torch.from_numpy(w), BLOCK)
             add(name_, q4_1_blocks(g.codes.numpy(), g.scales.numpy(), g.offsets.numpy()), QT.Q4_1)
-        elif embed_type == "q8_0":  # gguf's own Q8_0 quantizer: d = max|x| / 127 per block of 32 (f16), q = round(x / d)
-            if w.shape[1] % BLOCK:
-                raise UserError(f"--embed-type q8_0 needs a hidden size divisible by {BLOCK}, not {w.shape[1]}")
-            add(name_, q8_0_blocks(w), QT.Q8_0)
-            info.q8_tensors[name_] = partial(_float_weight, module)
         else:
             add(name_, w.astype(np.float16 if embed_type == "f16" else np.float32))
 

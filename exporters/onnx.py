@@ -134,6 +134,15 @@ def q8_decode(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return ((codes.float() - 128) * scales[..., None]).reshape(codes.shape[0], -1)
 
 
+def q8_round_(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` [V, H] (float32) replaced in place by what its 8-bit blocks hold, Q8_ROWS_AT_ONCE
+    rows at a time (q8_decode(*q8_parts(w)) without two more copies of a 128k-row matrix)."""
+    for lo in range(0, weight.shape[0], Q8_ROWS_AT_ONCE):
+        rows = weight[lo:lo + Q8_ROWS_AT_ONCE]
+        rows.copy_(q8_decode(*q8_parts(rows)))
+    return weight
+
+
 class Int8Embedding(nn.Module):
     """Token embedding from 8-bit blocks: Gather of the codes and scales, then (q - 128) * d."""
 
@@ -322,7 +331,7 @@ def stored_weights_model(model: nn.Module, quant: str, embed_type: str, in_place
     def stored(name: str, w: torch.Tensor) -> torch.Tensor:
         is_embed = name.endswith(("embed_tokens.weight", "lm_head.weight"))
         if w.dim() == 2 and is_embed and embed_type == "int8":
-            return q8_decode(*q8_parts(w.float()))
+            return q8_round_(w if w.dtype == torch.float32 else w.float())
         if w.dim() == 2 and (is_embed and embed_type == "f16" or not is_embed and quant == "f16"):
             return w.half().float()
         return w

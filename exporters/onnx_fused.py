@@ -117,12 +117,18 @@ class _Graph:
 
         if name not in self.inits:
             array = array if array.flags.c_contiguous else array.copy()  # (ascontiguousarray makes scalars 1-d)
-            tensor = numpy_helper.from_array(array, name)
             if self.data is not None and array.nbytes >= EXTERNAL_MIN_BYTES:
+                # the entry without its bytes (from_array of an empty view), the bytes straight
+                # from the array to the file: no copy of a large initializer in between
+                tensor = numpy_helper.from_array(array.reshape(-1)[:0], name)
+                del tensor.dims[:]
+                tensor.dims.extend(array.shape)
                 offset = self.data.tell()
-                self.data.write(tensor.raw_data)
+                array.tofile(self.data)
                 external_data_helper.set_external_data(tensor, DATA_FILE, offset, array.nbytes)
                 tensor.ClearField("raw_data")
+            else:
+                tensor = numpy_helper.from_array(array, name)
             self.inits[name] = tensor
         return name
 

@@ -24,7 +24,7 @@ from gguf.quants import dequantize
 
 from exporters.gguf import ROWS_AT_ONCE, GGUFInfo
 from saap_edge.errors import UserError
-from saap_edge.models.stream import execution_device
+from saap_edge.models.stream import execution_device, weight_rows
 
 LOGITS_ATOL_F32 = 1e-3  # absolute, on logits, F32 GGUF vs torch float32
 MIN_TOP1_AGREEMENT = {"f32": 1.0, "f16": 0.9, "q4_1": 0.5}
@@ -62,22 +62,26 @@ def check_gguf_weights(info: GGUFInfo) -> int:
         t = tensors[name]
         if t.tensor_type != QT.Q4_1:
             raise UserError(f"validation: {name} was written as {t.tensor_type.name}, expected Q4_1")
-        decoded = dequantize(np.asarray(t.data), QT.Q4_1).reshape(codes.shape)
+        raw = np.asarray(t.data).reshape(codes.shape[0], -1)
         groups = a.shape[1]
-        expect = (codes.reshape(codes.shape[0], groups, -1).astype(np.float32) * a.astype(np.float32)[..., None]
-                  + b.astype(np.float32)[..., None]).reshape(codes.shape)
-        if not np.array_equal(decoded, expect):
-            bad = np.abs(decoded - expect).max()
-            raise UserError(f"validation: {name} in {info.path.name} decodes to other weights than the checkpoint "
-                            f"(max difference {bad:.3g}); the file was not kept")
-    for name, weights in info.q8_tensors.items():
-        w = weights()
+        for lo in range(0, codes.shape[0], ROWS_AT_ONCE):  # float32 temporaries of a block of rows at a time
+            hi = lo + ROWS_AT_ONCE
+            decoded = dequantize(raw[lo:hi], QT.Q4_1).reshape(-1, codes.shape[1])
+            rows = codes[lo:hi]
+            expect = (rows.reshape(len(rows), groups, -1).astype(np.float32) * a[lo:hi].astype(np.float32)[..., None]
+                      + b[lo:hi].astype(np.float32)[..., None]).reshape(rows.shape)
+            if not np.array_equal(decoded, expect):
+                bad = np.abs(decoded - expect).max()
+                raise UserError(f"validation: {name} in {info.path.name} decodes to other weights than the checkpoint "
+                                f"(max difference {bad:.3g}); the file was not kept")
+    for name, (module, weights) in info.q8_tensors.items():
         # 8-bit embedding rows: step d = max|x| / 127 per block of 32, stored in f16, so each
         # decoded weight lies within d / 2 (rounding) + 127 d 2^-11 (the f16 step) of the original
         t = tensors[name]
-        raw = np.asarray(t.data).reshape(w.shape[0], -1)
-        for lo in range(0, w.shape[0], ROWS_AT_ONCE):  # a bounded slice at a time (a 128k-row matrix is GBs)
-            rows = w[lo:lo + ROWS_AT_ONCE]
+        n_rows = module.weight.shape[0]
+        raw = np.asarray(t.data).reshape(n_rows, -1)
+        for lo in range(0, n_rows, ROWS_AT_ONCE):  # a bounded slice at a time (a 128k-row matrix is GBs)
+            rows = weight_rows(module, lo, lo + ROWS_AT_ONCE, weights).numpy()
             decoded = dequantize(raw[lo:lo + ROWS_AT_ONCE], QT.Q8_0).reshape(rows.shape)
             step = np.abs(rows).reshape(rows.shape[0], -1, 32).max(-1, keepdims=True) / 127
             bound = step * (0.5 + 127 * 2.0**-11) * (1 + 1e-6) + 1e-12

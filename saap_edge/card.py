@@ -138,8 +138,9 @@ def card_text(directory: Path) -> str:
     if not ppl and not evals:
         out.append("Nothing measured yet: `saap-edge eval " + directory.name + " --ppl wikitext2` adds perplexity here.")
     out += ["", "## Files and how to run them", "",
-            f"- `model.safetensors` + `config.json` (transformers; the slim architecture is registered by saap-edge): "
-            "`import saap_edge.models.slim` then `AutoModelForCausalLM.from_pretrained(\"" + directory.name + "\")`."]
+            "- `model.safetensors` + `config.json` (transformers; the slim architecture's code is in `slim.py`): "
+            "`AutoModelForCausalLM.from_pretrained(\"" + directory.name + "\", trust_remote_code=True)`, or "
+            "`import saap_edge` first and leave out `trust_remote_code`."]
     for a in artifacts:
         rel = a.name
         if a.suffix == ".gguf":

@@ -124,6 +124,15 @@ class CheckpointTensors(Mapping):
                                 and entry[3].is_floating_point else None)
         return self.transform(key, value) if self.transform is not None else value
 
+    def rows(self, key: str, lo: int, hi: int) -> torch.Tensor:
+        """Rows lo..hi of a stored matrix in float32, read alone (an embedding matrix checked or
+        encoded a block at a time; no transform)."""
+        stored = key if key in self.index else self.aliases.get(key)
+        path, offset, length, dtype, shape = self.index[stored]
+        hi = min(hi, shape[0])
+        row = length // shape[0]
+        return read_tensor((path, offset + lo * row, (hi - lo) * row, dtype, [hi - lo, *shape[1:]]), torch.float32)
+
     def _parts(self, module: str) -> dict[str, torch.Tensor]:
         from saap_edge.models.int4_linear import pack_nibbles
         from saap_edge.quant.int4 import quantize_groups
@@ -187,6 +196,8 @@ def stream_model(directory: Path, int4: bool = False, group_size: int | None = N
                         "the checkpoint is incomplete or of another model")
     attach_align_device_hook(model, execution_device=torch.device("cpu"), offload=True, weights_map=weights,
                              offload_buffers=True)
+    for name, module in model.named_modules():
+        module.streamed_name = name  # where weight_rows finds its tensors
     model.streamed_from = weights
     if (directory / "generation_config.json").is_file():
         from transformers import GenerationConfig
@@ -212,6 +223,14 @@ def tied_head(model) -> bool:
     if streamed_weights(model) is not None:
         return bool(getattr(model.config, "tie_word_embeddings", False))
     return model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def weight_rows(module: torch.nn.Module, lo: int, hi: int, weights: CheckpointTensors | None = None) -> torch.Tensor:
+    """Rows lo..hi of a module's 2-D weight in float32: read alone from the checkpoint for a
+    streamed module (`weights`), sliced from the weight in memory otherwise."""
+    if weights is not None and module.weight.device.type == "meta":
+        return weights.rows(f"{module.streamed_name}.weight", lo, hi)
+    return module.weight[lo:hi].detach().float().cpu()
 
 
 def execution_device(model) -> torch.device:
