@@ -187,6 +187,8 @@ ORDER_ROWS = (
                                                                                   "--lora-alpha", "128")),
     ("dq-full-gptq-gen", "distil-quantize: full fp on books + 200k generated tokens, then int4 GPTQ", "full",
      DQ + ("--quantizer", "gptq", "--recover-data", "books+generated:200000")),
+    ("qd-offsets-rtn-gen", "quantize-distil: int4 RTN, then offsets on 200k generated tokens", "offsets",
+     ("--recover-data", "generated:200000")),
 )
 
 

@@ -118,7 +118,7 @@ def modelfile_text(gguf_name: str, template: ChatTemplate | None, stops: list[st
             if gen.get(key) is not None:
                 lines.append(f"PARAMETER {name} {gen[key]}")
     else:
-        lines.append("PARAMETER temperature 0  # the model's generation config decodes greedily")
+        lines += ["# the model's generation config decodes greedily", "PARAMETER temperature 0"]
     if gen.get("repetition_penalty") not in (None, 1.0):
         lines.append(f"PARAMETER repeat_penalty {gen['repetition_penalty']}")
     return "\n".join(lines) + "\n"

@@ -68,6 +68,9 @@ def render_go(template: str, messages: list[dict]) -> str:
 
 def _modelfile(path):
     text = path.read_text()
+    # Ollama's syntax: an instruction a line (multi-line values in triple quotes), comments on lines of their own
+    for line in re.sub(r'"""(.*?)"""', '""', text, flags=re.S).splitlines():
+        assert not line or line.startswith("#") or re.fullmatch(r'(FROM \S+|TEMPLATE ""|SYSTEM ""|PARAMETER \w+ \S+)', line), line
     template = re.search(r'TEMPLATE """(.*?)"""', text, re.S)
     system = re.search(r'SYSTEM """(.*?)"""', text, re.S)
     return text, template.group(1) if template else None, system.group(1) if system else None
@@ -135,3 +138,6 @@ def test_a_template_that_renders_by_place_leaves_the_template_to_ollama(tmp_path
     assert probe(template) is None
     text = modelfile_text("m.gguf", template, ["</s>"], {})
     assert "TEMPLATE" not in text.replace("no TEMPLATE", "") and "Ollama reads the GGUF's own" in text
+    (tmp_path / "Modelfile").write_text(text)
+    _modelfile(tmp_path / "Modelfile")  # every line parses
+    assert "PARAMETER temperature 0\n" in text  # a greedy generation config
