@@ -3,12 +3,13 @@ model's generation defaults, one-shot or multi-turn (numpy, jinja2: no torch her
 
 The template comes from where the export put it: a GGUF's `tokenizer.chat_template` metadata,
 an ONNX folder's `tokenizer_config.json` (or `chat_template.jinja`), or `--template FILE`.
-It is rendered as transformers' `apply_chat_template` renders it (a sandboxed jinja2
-environment with trim_blocks and lstrip_blocks, `raise_exception` and `strftime_now`), so a
-GGUF, an ONNX folder and the torch model see the same prompt string; the runtime's tokenizer
-then reads the special tokens in it as special tokens. Written here rather than taken from
-llama-cpp-python's or onnxruntime-genai's formatter so both runtimes render one way (those
-differ in the globals they give a template).
+It is rendered by llama-cpp-python's `Jinja2ChatFormatter`, which keeps transformers'
+`apply_chat_template` rules (a sandboxed jinja2 environment with trim_blocks, lstrip_blocks,
+loop controls, `raise_exception`), so a GGUF, an ONNX folder and the torch model see the same
+prompt string; where llama-cpp-python is not installed (a device that runs ONNX only) the same
+jinja2 environment is built here. onnxruntime-genai's `apply_chat_template` is not used: it
+renders with its own engine, and the ONNX path must give the GGUF's prompt. The runtime's
+tokenizer then reads the special tokens in the prompt as special tokens.
 
 A turn stops at the end-of-text token or at the template's end-of-turn token, found by
 rendering a one-message conversation and reading what follows the assistant's text (ChatML's
@@ -40,6 +41,19 @@ class ChatTemplate:
     eos_token: str = ""
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The prompt string of `messages`: llama-cpp-python's Jinja2ChatFormatter where it is
+        installed, else the same jinja2 environment built here (an ONNX-only device)."""
+        try:
+            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+        except ImportError:
+            return self._render_jinja2(messages, add_generation_prompt)
+        formatter = Jinja2ChatFormatter(self.text, self.eos_token, self.bos_token, add_generation_prompt)
+        try:
+            return formatter(messages=messages).prompt
+        except Exception as exc:  # noqa: BLE001 - jinja2's TemplateError, raise_exception's ValueError
+            raise RuntimeLoadError(f"the chat template ({self.source}) cannot render this conversation: {exc}") from exc
+
+    def _render_jinja2(self, messages: list[dict], add_generation_prompt: bool) -> str:
         from jinja2.exceptions import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 

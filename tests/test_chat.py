@@ -208,3 +208,29 @@ def test_genai_config_carries_the_end_of_turn_id_and_the_sampling_defaults(tmp_p
     genai = json.loads((folder / "genai_config.json").read_text())
     assert genai["model"]["eos_token_id"] == [2, 1]
     assert genai["search"]["do_sample"] and genai["search"]["temperature"] == 0.6 and genai["search"]["top_k"] == 20
+
+
+def test_without_llama_cpp_the_template_renders_the_same(chat_model, monkeypatch):
+    """An ONNX-only device (no llama-cpp-python) renders with the jinja2 environment built in
+    runtime/chat.py: the same string as transformers."""
+    import builtins
+
+    from transformers import AutoTokenizer
+
+    from runtime.chat import ChatTemplate
+
+    src, _, _ = chat_model
+    real = builtins.__import__
+
+    def no_llama_cpp(name, *args, **kwargs):
+        if name.startswith("llama_cpp"):
+            raise ImportError(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_llama_cpp)
+    tok = AutoTokenizer.from_pretrained(src)
+    template = ChatTemplate(tok.chat_template, "test", "<s>", "</s>")
+    want = tok.apply_chat_template(CONVERSATION, add_generation_prompt=True, tokenize=False)
+    assert template.render(CONVERSATION) == want
+    with pytest.raises(ImportError):
+        import llama_cpp.llama_chat_format  # noqa: F401  (the fallback was what ran)
