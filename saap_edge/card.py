@@ -67,8 +67,11 @@ def _artifacts(directory: Path) -> list[Path]:
     return sorted([*directory.glob("*.gguf"), *(p for p in directory.glob("onnx-*") if (p / "model.onnx").is_file())])
 
 
-def card_text(directory: Path) -> str:
+def card_text(directory: Path, name: str | None = None) -> str:
+    """The card of `directory`; `name`: the directory's name where it is being written under a
+    temporary one."""
     directory = Path(directory)
+    dir_name = name or directory.name
     report = _read(directory / REPORT_FILE)
     plan = _read(directory / PLAN_FILE)
     config = _read(directory / "config.json")
@@ -86,7 +89,7 @@ def card_text(directory: Path) -> str:
             **({"license": source["license"]} if "license" in source else {})}
     base = source.get("base_model") or (report.get("model") or {}).get("model", "the source model")
     params = report.get("params", {})
-    out = [_yaml(meta), "", f"# {directory.name}", ""]
+    out = [_yaml(meta), "", f"# {dir_name}", ""]
     share = params.get("removed_share")
     out.append(f"{base} with {share:.1%} of its parameters removed by structured pruning ({method}"
                f"{', asked ' + format(ratio, '.0%') if isinstance(ratio, (int, float)) else ''})"
@@ -136,23 +139,23 @@ def card_text(directory: Path) -> str:
         err = f" ± {r['acc_stderr']:.3f}" if r.get("acc_stderr") is not None else ""
         out.append(f"- `saap-edge eval`: {name} zero-shot accuracy {r['acc']:.3f}{err} (n = {r['n']}).")
     if not ppl and not evals:
-        out.append("Nothing measured yet: `saap-edge eval " + directory.name + " --ppl wikitext2` adds perplexity here.")
+        out.append("Nothing measured yet: `saap-edge eval " + dir_name + " --ppl wikitext2` adds perplexity here.")
     out += ["", "## Files and how to run them", "",
             "- `model.safetensors` + `config.json` (transformers; the slim architecture's code is in `slim.py`): "
-            "`AutoModelForCausalLM.from_pretrained(\"" + directory.name + "\", trust_remote_code=True)`, or "
+            "`AutoModelForCausalLM.from_pretrained(\"" + dir_name + "\", trust_remote_code=True)`, or "
             "`import saap_edge` first and leave out `trust_remote_code`."]
     for a in artifacts:
         rel = a.name
         if a.suffix == ".gguf":
             out.append(f"- `{rel}` (llama.cpp): `llama-cli -m {rel} -cnv`, llama-cpp-python `Llama(\"{rel}\")`, "
-                       f"`saap-edge run {directory.name}/{rel} --chat`"
-                       + (f"; Ollama: `ollama create {directory.name} -f Modelfile`" if (directory / "Modelfile").is_file()
+                       f"`saap-edge run {dir_name}/{rel} --chat`"
+                       + (f"; Ollama: `ollama create {dir_name} -f Modelfile`" if (directory / "Modelfile").is_file()
                           else f"; Ollama: a Modelfile with `FROM ./{rel}`") + ".")
         else:
             out.append(f"- `{rel}/` (onnxruntime): onnxruntime-genai `og.Model(\"{rel}\")` (its genai_config.json), or "
-                       f"`saap-edge run {directory.name}/{rel} --chat`.")
+                       f"`saap-edge run {dir_name}/{rel} --chat`.")
     if not artifacts:
-        out.append(f"- No device file yet: `saap-edge export {directory.name} --format gguf` (or `onnx`) writes one here.")
+        out.append(f"- No device file yet: `saap-edge export {dir_name} --format gguf` (or `onnx`) writes one here.")
     out += ["", "## Limits", ""]
     limits = []
     for name, r in ppl.items():
@@ -169,10 +172,10 @@ def card_text(directory: Path) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_card(directory: Path) -> Path:
+def write_card(directory: Path, name: str | None = None) -> Path:
     """(Re)write `directory`/README.md from the directory's files."""
     path = Path(directory) / CARD_FILE
-    write_text(path, card_text(directory))
+    write_text(path, card_text(directory, name))
     return path
 
 

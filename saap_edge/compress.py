@@ -215,7 +215,9 @@ def _reconstruct_stage(dense, slim, plan: PrunePlan, samples, r: ReconstructSett
     return reconstruct(dense, slim, plan, samples, r, device=device, progress=progress)
 
 
-def _save(directory: Path, model, tokenizer, plan: PrunePlan, report: dict, title: str) -> None:
+def _save(directory: Path, model, tokenizer, plan: PrunePlan, report: dict, title: str, name: str) -> None:
+    """Everything an output directory holds, written into `directory` (a temporary sibling of the
+    output, renamed after); `name`: the output's own name, which the model card uses."""
     save_model(directory, model, tokenizer)
     plan.save(directory / PLAN_FILE)
     write_json(directory / REPORT_FILE, report)
@@ -224,7 +226,7 @@ def _save(directory: Path, model, tokenizer, plan: PrunePlan, report: dict, titl
         from saap_edge.prune.adapruner import write_search
 
         write_search(directory, report["search"])
-    write_card(directory)
+    write_card(directory, name)
     if plan.importance.get("blend"):
         from saap_edge.prune.hywia import BLEND_CHART, plot_blend
 
@@ -346,7 +348,7 @@ def compress(job: CompressJob) -> dict:
             ckpt.mkdir(parents=True)
             tmp = ckpt / ".pruned.tmp"
             tmp.mkdir()
-            _save(tmp, model, tokenizer, plan, report, "pruned")
+            _save(tmp, model, tokenizer, plan, report, "pruned", pruned_dir.name)
             tmp.rename(pruned_dir)
         procs.barrier()  # the pruned model is on disk for every process
     title = f"{s.method} {plan.params['removed_share']:.1%} of {job.model}"
@@ -381,7 +383,7 @@ def compress(job: CompressJob) -> dict:
     procs.barrier()  # every process is done with the checkpoints before they go
     if procs.main:
         with atomic_dir(job.out, job.overwrite) as tmp:
-            _save(tmp, model, tokenizer, plan, report, title)
+            _save(tmp, model, tokenizer, plan, report, title, job.out.name)
         if not job.keep_checkpoints:
             clear_checkpoints(ckpt)
     return report
@@ -611,7 +613,8 @@ def recover_dir(job: RecoverJob) -> dict:
     procs.barrier()
     if procs.main:
         with atomic_dir(job.out, job.overwrite) as tmp:
-            _save(tmp, recovered.model, tokenizer, plan, report, f"{report['settings']['method']} + {r.recovery}")
+            _save(tmp, recovered.model, tokenizer, plan, report, f"{report['settings']['method']} + {r.recovery}",
+                  job.out.name)
         if not job.keep_checkpoints:
             clear_checkpoints(ckpt)
     return report

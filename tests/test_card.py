@@ -33,6 +33,7 @@ def test_compress_export_and_eval_keep_the_card_true_to_the_directory(tmp_path, 
     for row in report["per_layer"]:
         assert f"| {row['layer']} | {row['heads_before']} -> {row['heads_after']} | {row['mlp_before']} -> {row['mlp_after']} |" in card
     assert "No device file yet" in card
+    assert "# slim\n" in card and "saap-edge export slim --format gguf" in card  # its own name, not the temporary one
 
     assert main(["export", str(out), "--format", "gguf"]) == 0
     card = (out / "README.md").read_text()
