@@ -170,7 +170,7 @@ def export(job: ExportJob) -> ExportResult:
     from saap_edge.models.int4_linear import weight_cache
     from saap_edge.models.load import load_model
     from saap_edge.models.stream import stream_model
-    from saap_edge.recover import as_slim
+    from saap_edge.prune.slicing import as_slim
 
     job = _check_job(copy.copy(job))
     source = Path(job.model)

@@ -143,7 +143,6 @@ def write_modelfile(gguf: Path, generation: dict | None = None) -> Path:
     eos_text = tokens[eos] if eos is not None and eos < len(tokens) else ""
     template = ChatTemplate(text, f"{gguf.name}: tokenizer.chat_template", tokens[bos] if bos is not None and
                             bos < len(tokens) else "", eos_text) if text else None
-    del reader
     stops = []
     marker = template.end_of_turn() if template is not None else None
     for s in (marker, eos_text):

@@ -93,7 +93,7 @@ def card_text(directory: Path, name: str | None = None) -> str:
     share = params.get("removed_share")
     out.append(f"{base} with {share:.1%} of its parameters removed by structured pruning ({method}"
                f"{', asked ' + format(ratio, '.0%') if isinstance(ratio, (int, float)) else ''})"
-               + (f", its projections stored as int4 groups" if quant else "") + ", made with saap-edge."
+               + (", its projections stored as int4 groups" if quant else "") + ", made with saap-edge."
                if isinstance(share, float) else f"{base}, compressed by saap-edge ({method}).")
     out += ["", "## What was done", ""]
     if params:

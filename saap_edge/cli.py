@@ -6,7 +6,6 @@ Each subcommand is an (add_arguments, run) pair in COMMANDS; adding one is one e
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 

@@ -515,7 +515,7 @@ def recovery_stages(student: Shape, teacher: Shape | None, b: int, ratio: float,
                     cache_mib: int | None) -> list[StageMemory]:
     """teacher pass, quantize and recovery of a RecoverSettings `r` (compress: `student` is the
     dense shape and `ratio` the share pruned; recover: the student itself and 0)."""
-    from saap_edge.recover.generate import generated_tokens
+    from saap_edge.config import generated_tokens
 
     gptq = (r.quant_samples, r.seq_len, r.batch_size) if r.quantizer == "gptq" else (0, 0, 1)
     group = r.group_size or 32

@@ -121,7 +121,7 @@ def check_positions(model, lengths: dict[str, int]) -> None:
 def _read_gguf(location: Path, torch_dtype):
     from transformers import AutoTokenizer
 
-    from exporters.gguf import read_gguf
+    from saap_edge.models.gguf_file import read_gguf
 
     model, _ = read_gguf(location)
     try:

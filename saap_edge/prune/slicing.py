@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.modeling_utils import no_init_weights
 
 from saap_edge.models.slim import SlimLlamaConfig, SlimLlamaForCausalLM
 from saap_edge.prune.groups import ATTN, MEMBERS, MLP, OUTPUT_PROJ, LayerShape, decoder_layers, discover, member_index, submodule
@@ -173,3 +172,11 @@ def mask_units(model: nn.Module, plan: PrunePlan) -> None:
             keep[kept_index(lp, shape, part)] = True
             with torch.no_grad():
                 weight[:, ~keep.to(weight.device)] = 0
+
+
+def as_slim(model: nn.Module) -> SlimLlamaForCausalLM:
+    """A plain LlamaForCausalLM as a (uniform) slim model, so int4 config and export apply: the
+    keep-everything plan sliced (a slim model is returned as it is)."""
+    if isinstance(model, SlimLlamaForCausalLM):
+        return model
+    return apply_plan(model, PrunePlan.keep_all(discover(model)))

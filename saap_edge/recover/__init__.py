@@ -31,7 +31,6 @@ from torch import nn
 from saap_edge.config import RecoverSettings
 from saap_edge.eval.ppl import window_perplexity
 from saap_edge.models.int4_linear import weight_cache
-from saap_edge.models.slim import SlimLlamaForCausalLM
 from saap_edge.quant.gptq import gptq_model
 from saap_edge.quant.int4 import quantize_model
 from saap_edge.seeding import set_seed
@@ -39,6 +38,7 @@ from saap_edge.recover.adapters import attach, lora_config, merge, trainable_par
 from saap_edge.recover.data import recovery_windows
 from saap_edge.errors import UserError
 from saap_edge.recover.distill import CHUNK, Teacher, default_cache_dir
+from saap_edge.prune.slicing import as_slim  # noqa: F401  (re-exported: recovery takes a plain model too)
 from saap_edge.recover.generate import generated_tokens, generated_windows
 from saap_edge.recover.params import enable_direct, freeze
 from saap_edge.recover.train import latest_checkpoint, total_steps, train, window_indices
@@ -49,17 +49,6 @@ def checkpoint_dir(out: Path) -> Path:
     """Where a run writing `out` keeps its resumable checkpoints (a sibling folder)."""
     out = Path(out).resolve()
     return out.parent / f"{out.name}.checkpoints"
-
-
-def as_slim(model: nn.Module) -> SlimLlamaForCausalLM:
-    """A plain LlamaForCausalLM as a (uniform) slim model, so int4 config and export apply."""
-    if isinstance(model, SlimLlamaForCausalLM):
-        return model
-    from saap_edge.prune.groups import discover
-    from saap_edge.prune.plan import PrunePlan
-    from saap_edge.prune.slicing import apply_plan
-
-    return apply_plan(model, PrunePlan.keep_all(discover(model)))
 
 
 @dataclass

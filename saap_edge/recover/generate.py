@@ -34,38 +34,9 @@ from tqdm.auto import tqdm
 from saap_edge.errors import UserError
 from saap_edge.files import check_safetensors
 
-GENERATED = "generated"
-DEFAULT_TOKENS = 200_000  # `generated` without a budget
-MAX_TOKENS = 20_000_000  # the cache holds at most this many generated tokens (80 MB of int32 ids)
+from saap_edge.config import DEFAULT_TOKENS, GENERATED, MAX_TOKENS, generated_tokens, split_sources  # noqa: F401
+
 GENERATE_BATCH = 32  # windows sampled together
-
-
-def split_sources(source: str) -> list[str]:
-    """`books+generated:100000` -> ["books", "generated:100000"] (a path with '+' stays whole
-    when it exists)."""
-    if Path(source).exists() or "+" not in source:
-        return [source]
-    return [part.strip() for part in source.split("+") if part.strip()]
-
-
-def generated_tokens(source: str) -> int | None:
-    """The token budget of a `generated[:TOKENS]` part of the source, or None when it has none;
-    UserError for a budget of 0, above the cache limit, or not a number."""
-    parts = [p for p in split_sources(source) if p.split(":", 1)[0] == GENERATED]
-    if not parts:
-        return None
-    if len(parts) > 1:
-        raise UserError(f"--recover-data {source!r} names generated text twice; give one generated[:TOKENS]")
-    _, _, budget = parts[0].partition(":")
-    try:
-        tokens = int(budget.replace("_", "")) if budget else DEFAULT_TOKENS
-    except ValueError:
-        raise UserError(f"--recover-data {parts[0]!r}: the budget after ':' must be a token count, e.g. "
-                        f"generated:{DEFAULT_TOKENS}") from None
-    if not 0 < tokens <= MAX_TOKENS:
-        raise UserError(f"--recover-data {parts[0]!r}: the generated budget must be between 1 and {MAX_TOKENS:,} "
-                        f"tokens (the cache limit), got {tokens:,}")
-    return tokens
 
 
 def cache_key(weights_sha256: str, seed: int, tokens: int, seq_len: int) -> str:
