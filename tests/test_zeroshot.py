@@ -87,8 +87,10 @@ def test_choice_task_matches_an_independent_full_forward(tmp_path, model, tiny_t
     got = [[scorer.loglikelihood(q, " " + c) for c in choices] for q, choices in QUESTIONS]
     for exp_row, got_row in zip(expected, got):
         assert got_row == pytest.approx(exp_row, abs=1e-4)
-    per_byte = [[ll / len((" " + c).encode()) for ll, c in zip(lls, q[1])] for lls, q in zip(expected, QUESTIONS)]
-    acc_norm = sum(argmax(v) == g for v, g in zip(per_byte, golds)) / 3
+    # lm-eval's acc_norm: log-likelihood over the choice's length in characters, the target
+    # delimiter (the leading space) not counted
+    per_char = [[ll / len(c) for ll, c in zip(lls, q[1])] for lls, q in zip(expected, QUESTIONS)]
+    acc_norm = sum(argmax(v) == g for v, g in zip(per_char, golds)) / 3
     r = result["arc_easy"]
     assert r["n"] == 3 and r["acc"] == pytest.approx(2 / 3)
     assert r["acc_norm"] == pytest.approx(acc_norm)
@@ -332,3 +334,14 @@ def test_cli_scores_a_gguf_file_with_llama_cpp(data_dir, tmp_path, capsys):
     data = json.loads(out.read_text())
     assert data["scorer"] == "llama.cpp" and data["model"]["path"] == str(STORIES)
     assert data["tasks"]["piqa"]["n"] == 3 and "ppl" not in data
+
+
+def test_acc_norm_divides_by_the_choice_length_without_the_delimiter_space():
+    """lm-eval's rule, on numbers where the rules disagree: " a" scores -1.0 over 1 character
+    (-1.0 a character) and " bbb" -2.9 over 3 (-0.967): the second wins. Counting the leading
+    space (-0.5 against -0.725) or bytes would pick the first."""
+    from saap_edge.eval.zeroshot import Item, metrics
+
+    item = Item(("q", "q"), (" a", " bbb"), gold=1)
+    r = metrics([item], [[-1.0, -2.9]])
+    assert r["acc"] == 0 and r["acc_norm"] == 1
