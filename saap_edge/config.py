@@ -420,12 +420,49 @@ class RecoverSettings(Settings):
 
 # the int4 rows are the export defaults: 8-bit embedding / output matrix (GGUF Q8_0; ONNX int8 with
 # int8 activations in the output matrix only)
-BENCH_RUNTIMES = ("torch", "gguf-f16", "gguf-q4_1-embq8", "onnx-f32", "onnx-int4-emb8-head8")
-# on request: f16 embedding / output matrix (gguf-q4_1, onnx-int4), Q4_1 embedding; other ONNX engines / graphs
-EXTRA_BENCH_RUNTIMES = ("gguf-q4_1", "gguf-q4_1-embq4", "onnx-int4", "onnx-int4-emb8",
-                        "onnx-int4-genai", "onnx-int4-emb8-head8-genai",  # onnxruntime-genai's loop
-                        "onnx-int4-dynamo",  # the traced graph
-                        "onnx-int4-act8", "onnx-int4-emb8-act8")  # int8 activations (--matmul-accuracy int8)
+@dataclass(frozen=True)
+class BenchRuntime:
+    """One kind of bench row: where it runs (torch, llama.cpp, onnxruntime) and, for a device
+    runtime, the export it needs (format, projections, embedding / output matrix, ONNX graph,
+    generation loop and matmul activations). Adding a row is one entry in BENCH_TABLE."""
+
+    runs_in: str
+    format: str | None = None
+    quant: str | None = None
+    embed: str | None = None
+    graph: str | None = None  # ONNX: fused | dynamo
+    engine: str | None = None  # ONNX: onnxruntime (our loop) | genai (onnxruntime-genai's)
+    accuracy: str | None = None  # ONNX fused: --matmul-accuracy
+    default: bool = False  # in `bench`'s default --runtimes
+
+
+def _onnx(quant: str, embed: str, graph: str = "fused", engine: str = "onnxruntime", accuracy: str = "fp32",
+          default: bool = False) -> BenchRuntime:
+    return BenchRuntime("onnxruntime", "onnx", quant, embed, graph, engine, accuracy, default)
+
+
+BENCH_TABLE = {
+    # the default rows, in the order they print
+    "torch": BenchRuntime("torch", default=True),
+    "gguf-f16": BenchRuntime("llama.cpp", "gguf", "f16", "f16", default=True),
+    "gguf-q4_1-embq8": BenchRuntime("llama.cpp", "gguf", "q4_1", "q8_0", default=True),  # embedding / output matrix Q8_0
+    "onnx-f32": _onnx("f32", "f32", default=True),
+    # the export defaults: 8-bit embedding / output matrix, int8 activations in the output matrix only
+    "onnx-int4-emb8-head8": _onnx("int4", "int8", accuracy="int8-head", default=True),
+    # on request: f16 embedding / output matrix, Q4_1 embedding; other ONNX engines / graphs
+    "gguf-q4_1": BenchRuntime("llama.cpp", "gguf", "q4_1", "f16"),
+    "gguf-q4_1-embq4": BenchRuntime("llama.cpp", "gguf", "q4_1", "q4_1"),
+    "onnx-int4": _onnx("int4", "f16"),  # our loop, shared KV buffer
+    "onnx-int4-emb8": _onnx("int4", "int8"),
+    "onnx-int4-genai": _onnx("int4", "f16", engine="genai"),  # onnxruntime-genai's loop
+    "onnx-int4-emb8-head8-genai": _onnx("int4", "int8", engine="genai", accuracy="int8-head"),
+    "onnx-int4-dynamo": _onnx("int4", "f16", graph="dynamo"),  # the traced graph
+    # int8 activations in the matmuls (--matmul-accuracy int8), as llama.cpp's Q4_1 path computes
+    "onnx-int4-act8": _onnx("int4", "f16", accuracy="int8"),
+    "onnx-int4-emb8-act8": _onnx("int4", "int8", accuracy="int8"),
+}
+BENCH_RUNTIMES = tuple(name for name, r in BENCH_TABLE.items() if r.default)
+EXTRA_BENCH_RUNTIMES = tuple(name for name, r in BENCH_TABLE.items() if not r.default)
 
 
 @dataclass

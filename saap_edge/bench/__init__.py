@@ -18,30 +18,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from saap_edge.config import BenchSettings
+from saap_edge.config import BENCH_TABLE, BenchSettings
 from saap_edge.errors import UserError
 from saap_edge.files import read_json
 
-# runtime name -> (worker runtime, export format, export quant, embedding type, ONNX graph, ONNX engine,
-# ONNX matmul activations)
-ARTIFACTS = {
-    "torch": ("torch", None, None, None, None, None, None),
-    "gguf-f16": ("llama.cpp", "gguf", "f16", "f16", None, None, None),
-    "gguf-q4_1": ("llama.cpp", "gguf", "q4_1", "f16", None, None, None),
-    "gguf-q4_1-embq4": ("llama.cpp", "gguf", "q4_1", "q4_1", None, None, None),  # embedding / output matrix Q4_1 too
-    "gguf-q4_1-embq8": ("llama.cpp", "gguf", "q4_1", "q8_0", None, None, None),  # embedding / output matrix Q8_0
-    "onnx-f32": ("onnxruntime", "onnx", "f32", "f32", "fused", "onnxruntime", "fp32"),
-    "onnx-int4": ("onnxruntime", "onnx", "int4", "f16", "fused", "onnxruntime", "fp32"),  # our loop, shared KV buffer
-    "onnx-int4-genai": ("onnxruntime", "onnx", "int4", "f16", "fused", "genai", "fp32"),  # onnxruntime-genai's loop
-    "onnx-int4-dynamo": ("onnxruntime", "onnx", "int4", "f16", "dynamo", "onnxruntime", "fp32"),  # the traced graph
-    "onnx-int4-emb8": ("onnxruntime", "onnx", "int4", "int8", "fused", "onnxruntime", "fp32"),  # 8-bit embedding / output
-    # int8 activations in the matmuls (--matmul-accuracy int8), as llama.cpp's Q4_1 path computes
-    "onnx-int4-act8": ("onnxruntime", "onnx", "int4", "f16", "fused", "onnxruntime", "int8"),
-    "onnx-int4-emb8-act8": ("onnxruntime", "onnx", "int4", "int8", "fused", "onnxruntime", "int8"),
-    # the export defaults: 8-bit embedding / output matrix, int8 activations in the output matrix only
-    "onnx-int4-emb8-head8": ("onnxruntime", "onnx", "int4", "int8", "fused", "onnxruntime", "int8-head"),
-    "onnx-int4-emb8-head8-genai": ("onnxruntime", "onnx", "int4", "int8", "fused", "genai", "int8-head"),
-}
 DENSE = "dense"
 
 
@@ -62,7 +42,8 @@ def artifact_for(model: BenchModel, runtime: str, work: Path, s: BenchSettings) 
     (the kernel ends the process) fails its row alone and the bench goes on."""
     from saap_edge.bench.probe import run_child
 
-    _, fmt, quant, embed, graph, _, accuracy = ARTIFACTS[runtime]
+    r = BENCH_TABLE[runtime]
+    fmt, quant, embed, graph, accuracy = r.format, r.quant, r.embed, r.graph, r.accuracy
     if fmt is None:
         return model.source
     suffix = ((f"-emb{embed}" if embed != "f16" else "") + ("-dynamo" if graph == "dynamo" else "")
@@ -92,7 +73,7 @@ def measure(runtime: str, artifact, s: BenchSettings, log: Path) -> dict:
     """Run the worker on one artifact; its JSON plus the child's peak RSS and wall time."""
     from saap_edge.bench.probe import run_child
 
-    kind = ARTIFACTS[runtime][0]
+    kind = BENCH_TABLE[runtime].runs_in
     # torch rows load saap_edge (and torch); device runtimes run runtime.bench, which never imports torch,
     # so their peak memory is the engine's alone
     module = ["saap_edge.bench.worker"] if kind == "torch" else ["runtime.bench"]
@@ -103,7 +84,7 @@ def measure(runtime: str, artifact, s: BenchSettings, log: Path) -> dict:
     if s.threads:
         cmd += ["--threads", str(s.threads)]
     if kind == "onnxruntime":
-        cmd += ["--provider", s.provider, "--engine", ARTIFACTS[runtime][5]]
+        cmd += ["--provider", s.provider, "--engine", BENCH_TABLE[runtime].engine]
     child = run_child(cmd, log, env=_child_env())
     lines = log.read_text(errors="replace").strip().splitlines()
     if child["rc"] != 0 or not lines or not lines[-1].startswith("{"):
@@ -118,7 +99,7 @@ def measure(runtime: str, artifact, s: BenchSettings, log: Path) -> dict:
 def file_weights(runtime: str, artifact) -> dict:
     from saap_edge.bench.weights import artifact_bytes, gguf_weights, onnx_weights
 
-    fmt = ARTIFACTS[runtime][1]
+    fmt = BENCH_TABLE[runtime].format
     if fmt is None:
         return {}
     info = gguf_weights(Path(artifact)) if fmt == "gguf" else onnx_weights(Path(artifact))
@@ -137,7 +118,8 @@ def row_memory(model: BenchModel, runtime: str, s: BenchSettings):
     except UserError:  # not a config the plan reads alone: the row runs unplanned
         return None
     group = shape.group_size
-    _, fmt, quant, embed, graph, *_ = ARTIFACTS[runtime]
+    r = BENCH_TABLE[runtime]
+    fmt, quant, embed, graph = r.format, r.quant, r.embed, r.graph
     if fmt is None:
         cuda = s.device.startswith("cuda")
         b = 2 if cuda else 4
