@@ -16,7 +16,7 @@ import torch
 from saap_edge import __version__
 from saap_edge.card import write_card
 from saap_edge.checkpoint import CHART_FILE, PLAN_FILE, REPORT_FILE, atomic_dir, check_output_dir, save_model, write_json
-from saap_edge.config import HywiaSettings, PruneSettings, ReconstructSettings, RecoverSettings, RunSettings, SearchSettings
+from saap_edge.config import METHOD_TABLE, HywiaSettings, PruneSettings, ReconstructSettings, RecoverSettings, RunSettings, SearchSettings
 from saap_edge.distributed import processes
 from saap_edge.errors import UserError
 from saap_edge.memory import parse_max_memory
@@ -26,7 +26,6 @@ from saap_edge.data import calibration_samples
 from saap_edge.eval.ppl import evaluate_ppl
 from saap_edge.models.load import check_positions, load_model
 from saap_edge.prune import check_ratio, prune
-from saap_edge.prune.methods import NEEDS_CALIBRATION
 from saap_edge.prune.plan import PrunePlan
 from saap_edge.reconstruct import reconstruct
 from saap_edge.recover import RecoverRun, checkpoint_dir, clear_checkpoints, recover_model
@@ -90,10 +89,11 @@ def _prune_stage(job: CompressJob, s: PruneSettings, r: ReconstructSettings) -> 
         check_prunable_to_int4(model.config, s.align, job.recover.group_size)
     timings = {"load_s": time.perf_counter() - t0}
     samples, calib_hash = None, None
-    if tokenizer is None and (s.method in NEEDS_CALIBRATION or s.method == "adapruner" or r.active):
+    method = METHOD_TABLE[s.method]
+    if tokenizer is None and (method.calibrates or method.searched or r.active):
         raise UserError(f"{job.model}: transformers cannot rebuild this file's tokenizer, and calibration text needs one; "
                         "give the model's Hugging Face directory (or a GGUF with a standard llama / gpt2 tokenizer)")
-    if s.method in NEEDS_CALIBRATION:
+    if method.calibrates:
         samples, calib_hash = calibration_samples(tokenizer, s.calib, s.calib_samples, s.seq_len, s.seed, job.run.data_dir)
     recon_samples, recon_hash = None, None
     if r.active:  # drawn before the long estimation, so a calibration text too short fails at once
@@ -159,17 +159,19 @@ def _prune_stage(job: CompressJob, s: PruneSettings, r: ReconstructSettings) -> 
 def _rank(job, model, tokenizer, samples, s: PruneSettings, r: ReconstructSettings, recon_samples, streams: bool):
     """Estimation, ranking and search by `s.method`: (PruneResult, the search's record or None).
     With `streams` the slicing is left to the slice stage (result.model None)."""
-    if s.method == "adapruner":
+    method = METHOD_TABLE[s.method]
+    if method.searched:
         from saap_edge.prune.adapruner import search_and_prune
 
         storage = job.out.with_name(job.out.name + ".search.db")
         return search_and_prune(model, tokenizer, s, job.search, r if r.active else None, recon_samples,
                                 storage, job.run.data_dir, job.run.progress)
     ranker = None
-    if s.method == "hywia":
-        from saap_edge.prune.methods import rank_hywia
+    if method.settings:  # a method with settings of its own: its ranker gets them
+        from saap_edge.prune.methods import RANKERS
 
-        ranker = lambda st, ps: rank_hywia(st, ps, job.hywia)  # noqa: E731
+        own = getattr(job, method.settings)
+        ranker = lambda st, ps: RANKERS[s.method](st, ps, own)  # noqa: E731
     return prune(model, samples, s, progress=job.run.progress, ranker=ranker, slice_now=not streams), None
 
 

@@ -23,21 +23,44 @@ class Settings:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-METHODS = ("saap", "llm-pruner", "flap", "wanda-sp", "magnitude", "random", "adapruner", "hywia")
+@dataclass(frozen=True)
+class MethodSpec:
+    """What compress, the settings checks and the CLI need to know of one pruning method; its
+    ranking function lives in prune/methods.py (RANKERS) under the same name."""
+
+    calibrates: bool  # compress draws calibration windows for its estimation
+    ranks_globally: bool = False  # one ranking across layers, so it may weigh query-head slots and modules
+    default_units: str = "groups"  # --units auto (with the refit)
+    settings: str | None = None  # the CompressJob field holding settings of its own, given to its ranker
+    searched: bool = False  # ranked by a search over whole prune runs (prune/adapruner.py), not one ranker
+
+
+# Adding a method: one entry here, its ranker in prune/methods.py RANKERS (and its settings
+# dataclass, if any, as a CompressJob field named by `settings`).
+METHOD_TABLE = {
+    # --units auto: what benchmarks/prune_quality.py measured best per method, with the default
+    # reconstruction (query-head slots helped SAAP at 50% and cost nothing at 20%; the others keep
+    # their papers' units). Without the refit, head slots chosen by score alone cost dearly (50%:
+    # WikiText-2 11976 against 1151 with KV groups only), so auto means groups there.
+    "saap": MethodSpec(calibrates=True, ranks_globally=True, default_units="groups,heads"),
+    "llm-pruner": MethodSpec(calibrates=True),
+    "flap": MethodSpec(calibrates=True, ranks_globally=True),
+    "wanda-sp": MethodSpec(calibrates=True),
+    "magnitude": MethodSpec(calibrates=False),
+    "random": MethodSpec(calibrates=False),
+    "adapruner": MethodSpec(calibrates=False, settings="search", searched=True),  # draws its own calibration data
+    "hywia": MethodSpec(calibrates=True, ranks_globally=True, default_units="groups,heads", settings="hywia"),
+}
+METHODS = tuple(METHOD_TABLE)
 FUSIONS = ("adaptive", "learned", "sum", "vector", "element")
 SCOPES = ("all", "global", "layer")
 INDICATORS = ("fluctuation", "bound", "none")
 UNIT_CHOICES = ("groups", "heads", "modules")  # attention units; see prune/groups.py
-GLOBAL_METHODS = ("saap", "flap", "hywia")  # the methods whose one global ranking can weigh heads and modules
-# --units auto: what benchmarks/prune_quality.py measured best per method, with the default
-# reconstruction (query-head slots helped SAAP at 50% and cost nothing at 20%; the others keep
-# their papers' units). Without the refit, head slots chosen by score alone cost dearly (50%:
-# WikiText-2 11976 against 1151 with KV groups only), so auto means groups there.
-DEFAULT_UNITS = {"saap": "groups,heads", "hywia": "groups,heads"}  # hywia ranks globally as saap does
+GLOBAL_METHODS = tuple(name for name, m in METHOD_TABLE.items() if m.ranks_globally)
 
 
 def auto_units(method: str, reconstructs: bool = True) -> str:
-    return DEFAULT_UNITS.get(method, "groups") if reconstructs else "groups"
+    return METHOD_TABLE[method].default_units if reconstructs and method in METHOD_TABLE else "groups"
 
 
 # --recover-data sources: `books+generated:100000` (the text written by recover/generate.py)
@@ -96,7 +119,7 @@ class PruneSettings(Settings):
     cost_exponent: float = 0.0  # rank by score / (unit parameter cost) ** this
     layer_cap: float = 0.8  # saap: no layer loses more than this share of its KV groups / channels
     taylor: str = "param_mix"  # llm-pruner: vectorize | param_mix
-    units: str = "auto"  # attention units, comma list: groups (KV groups), heads (query-head slots), modules (whole attention); auto: DEFAULT_UNITS
+    units: str = "auto"  # attention units, comma list: groups (KV groups), heads (query-head slots), modules (whole attention); auto: METHOD_TABLE default_units
     version: int = SETTINGS_VERSION
 
     @property

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from saap_edge.config import METHODS, PruneSettings
+from saap_edge.config import METHOD_TABLE, METHODS, PruneSettings
 from saap_edge.prune import importance as imp
 from saap_edge.prune.estimate import collect_inputs, collect_taylor
 from saap_edge.prune.groups import (
@@ -177,6 +177,5 @@ RANKERS = {
     "random": rank_random,
     "hywia": rank_hywia,  # default HywiaSettings; compress passes its own (prune's `ranker`)
 }
-NEEDS_CALIBRATION = {"saap", "llm-pruner", "flap", "wanda-sp", "hywia"}
-SEARCHED = {"adapruner"}  # ranks through prune/adapruner.py's search, not one ranker
-assert set(RANKERS) | SEARCHED == set(METHODS), "config.METHODS and RANKERS must name the same methods"
+SEARCHED = {name for name, m in METHOD_TABLE.items() if m.searched}  # rank through a search, not one ranker
+assert set(RANKERS) | SEARCHED == set(METHODS), "config.METHOD_TABLE and RANKERS must name the same methods"
