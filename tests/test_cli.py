@@ -151,6 +151,16 @@ def test_no_progress_hides_the_progress_bars(compressed):
     assert "it/s" not in compressed["stderr"], compressed["stderr"]
 
 
+def test_progress_bars_show_unless_turned_off(tiny_model_dir, data_dir, capsys):
+    """The same evaluation draws its bar by default and none with --no-progress (so the test
+    above fails if the flag stops working, and this one if the bars go)."""
+    args = ["eval", str(tiny_model_dir), "--ppl", "wikitext2", "--limit", "3", "--data-dir", str(data_dir)]
+    assert main(args) == 0
+    assert "it/s" in capsys.readouterr().err
+    assert main(args + ["--no-progress"]) == 0
+    assert "it/s" not in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- bad input: exit 2, nothing written
 
 

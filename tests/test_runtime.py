@@ -143,11 +143,19 @@ def test_onnxruntime_provider_choice():
         choose_providers("tpu", gpu_build)
 
 
-def test_run_names_a_provider_it_cannot_use(stories_f32, capsys):
+def test_run_names_a_provider_it_cannot_use(stories_f32, int4_dir, tmp_path, capsys):
+    """--provider cuda on an onnxruntime without CUDA names the wheel that has it; on a GGUF it
+    says llama.cpp runs the file (no onnxruntime provider applies)."""
     pytest.importorskip("onnxruntime")
     import onnxruntime
 
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         pytest.skip("this onnxruntime has CUDA")
+    folder = tmp_path / "onnx"
+    assert main(["export", str(int4_dir), "--format", "onnx", "--out", str(folder), "--no-validate"]) == 0
+    capsys.readouterr()
+    assert main(["run", str(folder), "--provider", "cuda", "--engine", "onnxruntime", "-n", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--provider cuda" in err and "onnxruntime-gpu" in err
     assert main(["run", str(stories_f32), "--provider", "cuda", "-n", "2"]) == 2
     assert "a .gguf runs on llama.cpp" in capsys.readouterr().err
