@@ -115,6 +115,28 @@ def test_bench_runs_end_to_end_and_keeps_failed_rows(tmp_path, tiny_tokenizer, t
         assert (tmp_path / "out" / name).stat().st_size > 0
 
 
+def test_the_bench_command_runs_a_torch_and_a_gguf_row_through_the_cli(tmp_path, tiny_tokenizer, tiny_model_dir, capsys):
+    """`saap-edge bench DIR --dense DIR` as a user types it: both models, both runtimes, the
+    table printed and its files written."""
+    from saap_edge.quant.int4 import quantize_model
+
+    small = tmp_path / "small"
+    m = hetero_model()
+    quantize_model(m, 32)
+    m.save_pretrained(small)
+    tiny_tokenizer.save_pretrained(small)
+    out = tmp_path / "bench"
+    assert main(["bench", str(small), "--dense", str(tiny_model_dir), "--runtimes", "torch", "gguf-q4_1-embq8",
+                 "--reps", "1", "--warmup", "0", "--new-tokens", "3", "--prompt-tokens", "8", "--out", str(out),
+                 "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    rows = json.loads((out / "bench.json").read_text())["rows"]
+    assert {(r["model"], r["runtime"]) for r in rows} == {(DENSE, "torch"), (DENSE, "gguf-q4_1-embq8"),
+                                                          ("small", "torch"), ("small", "gguf-q4_1-embq8")}
+    assert all(r["status"] == "ok" and r["decode_tok_s"]["median"] > 0 for r in rows), rows
+    assert "gguf-q4_1-embq8" in printed and (out / "bench.md").is_file()
+
+
 def test_bench_cli_bad_inputs(tmp_path, capsys):
     assert main(["bench", str(tmp_path / "missing")]) == 2
     assert "no such directory" in capsys.readouterr().err
