@@ -43,6 +43,7 @@ class ExportJob:
     device: str = "cpu"
     onnx_graph: str = "fused"  # ONNX: fused (exporters.onnx_fused) or dynamo (exporters.onnx)
     matmul_accuracy: str | None = None  # ONNX fused: MatMulNBits activations, fp32, int8-head or int8 (None: DEFAULT_ACCURACY)
+    progress: bool = True  # a bar over the decoder layers as they are written
 
 
 @dataclass
@@ -232,6 +233,7 @@ def _export_gguf(job: ExportJob, model, loaded, directory: Path | None, source: 
         tokenizer_dir=directory if directory and (directory / "tokenizer_config.json").exists() else None,
         source_gguf=_source_gguf(directory, loaded.source),
         name=(directory.name if directory else source.stem), provenance=_provenance(directory, model),
+        progress=job.progress,
     )
     result = {"arch": info.arch, "quant": job.quant, "embed_type": job.embed_type,
               "int4_tensors": len(info.int4_tensors)}
@@ -256,7 +258,8 @@ def _export_onnx(job: ExportJob, model, loaded, directory: Path | None, tmp: Pat
         quantize_model(model, None)
     if job.onnx_graph == "fused":
         info = export_onnx_fused(model, tmp, job.quant, job.embed_type, tokenizer=loaded.tokenizer,
-                                 provenance=_provenance(directory, model), accuracy=job.matmul_accuracy)
+                                 provenance=_provenance(directory, model), accuracy=job.matmul_accuracy,
+                                 progress=job.progress)
     else:
         info = export_onnx(model, tmp, job.quant, job.embed_type, tokenizer=loaded.tokenizer,
                            provenance=_provenance(directory, model))

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QT
 from accelerate.utils import align_module_device
+from tqdm.auto import tqdm
 from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
 from saap_edge.errors import UserError
@@ -251,6 +252,7 @@ def write_gguf(
     source_gguf: Path | None = None,
     name: str = "saap-edge model",
     provenance: dict | None = None,
+    progress: bool = False,
 ) -> GGUFInfo:
     """Write `model` (slim or plain LLaMA, fp or int4) to `path` as GGUF; see the module doc."""
     if quant not in QUANTS or embed_type not in EMBED_TYPES:
@@ -329,7 +331,7 @@ def write_gguf(
     factors = llama3_rope_factors(config)
     if factors is not None:
         add("rope_freqs.weight", factors)
-    for i, layer in enumerate(inner.layers):
+    for i, layer in enumerate(tqdm(inner.layers, desc="GGUF layers", unit="layer", disable=not progress)):
         for hf, gg in LAYER_NAMES.items():
             if heads[i] == 0 and gg in ATTENTION_TENSORS:
                 continue  # an attention-free layer: llama.cpp's deci loader reads no attention tensor there

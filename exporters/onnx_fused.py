@@ -50,6 +50,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate.utils import align_module_device
+from tqdm.auto import tqdm
 from torch import nn
 
 from exporters.onnx import (
@@ -337,7 +338,7 @@ class _Builder:
         return (self.g.init("cos_cache", cos[0, :, : hd // 2].float().numpy()),
                 self.g.init("sin_cache", sin[0, :, : hd // 2].float().numpy()))
 
-    def build(self):
+    def build(self, progress: bool = False):
         from onnx import TensorProto, helper
 
         g, cfg, m = self.g, self.cfg, self.m
@@ -355,7 +356,7 @@ class _Builder:
                   helper.make_tensor_value_info(mask, TensorProto.INT64, ["batch_size", "total_sequence_length"])]
         outputs = []
         residual, pending = self.embedding(ids), None
-        for i, layer in enumerate(m.model.layers):
+        for i, layer in enumerate(tqdm(m.model.layers, desc="ONNX layers", unit="layer", disable=not progress)):
             h_kv, hd = kv[i]
             cache_heads = h_kv or 1  # attention-free: a 1-head placeholder (see the module docstring)
             past_k, past_v = ONNX_NAMES["past_key"].format(i=i), ONNX_NAMES["past_value"].format(i=i)
@@ -408,7 +409,8 @@ class _Builder:
 
 
 def export_onnx_fused(model: nn.Module, folder: Path, quant: str = "int4", embed_type: str = "f32",
-                      tokenizer=None, provenance: dict | None = None, accuracy: str = "fp32") -> OnnxInfo:
+                      tokenizer=None, provenance: dict | None = None, accuracy: str = "fp32",
+                      progress: bool = False) -> OnnxInfo:
     """Write `folder`/model.onnx (+ .data, config.json, genai_config.json, tokenizer files) as the
     fused decoder. For int4 the model must hold Int4Linear projections."""
     import onnx
@@ -427,7 +429,7 @@ def export_onnx_fused(model: nn.Module, folder: Path, quant: str = "int4", embed
     builder = _Builder(model, quant, embed_type, accuracy, data=folder / DATA_FILE)
     try:
         with torch.no_grad():
-            proto = builder.build()
+            proto = builder.build(progress)
     finally:
         builder.g.close()
     onnx.save_model(proto, str(folder / MODEL_FILE))  # the weights are in DATA_FILE already

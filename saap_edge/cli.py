@@ -417,6 +417,7 @@ def add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=None, help="output file or folder (default: <model>/model-<quant>.gguf, "
                                                           "<model>/onnx-<quant>/)")
     p.add_argument("--no-validate", action="store_true", help="skip reading the artifact back and comparing it with torch")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar over the layers being written")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     _add_dry_run(p)
 
@@ -426,13 +427,15 @@ def run_export(a: argparse.Namespace) -> int:
     from saap_edge.report import format_table
 
     job = ExportJob(a.model, a.format, a.quant, a.embed_type, a.out, not a.no_validate, a.overwrite,
-                    onnx_graph=a.onnx_graph, matmul_accuracy=a.matmul_accuracy)
+                    onnx_graph=a.onnx_graph, matmul_accuracy=a.matmul_accuracy, progress=not a.no_progress)
     if a.dry_run:
         return _dry_run_done(plan_export(job))
     result = export(job)
     info = result.info
     rows = [["file", str(result.path)], ["bytes", result.bytes], ["architecture", info["arch"]],
             ["projections", info["quant"]], ["embeddings", info["embed_type"]], ["int4 tensors packed", info["int4_tensors"]]]
+    if info.get("modelfile"):
+        rows.insert(1, ["Ollama Modelfile", info["modelfile"]])
     if info.get("matmul_accuracy"):
         rows.insert(5, ["matmul activations", info["matmul_accuracy"]])
     v = info.get("validation")

@@ -161,6 +161,15 @@ def test_progress_bars_show_unless_turned_off(tiny_model_dir, data_dir, capsys):
     assert "it/s" not in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("fmt", ["gguf", "onnx"])
+def test_export_shows_its_layers_unless_turned_off(tiny_model_dir, tmp_path, capsys, fmt):
+    args = ["export", str(tiny_model_dir), "--format", fmt, "--quant", "f32", "--embed-type", "f32", "--no-validate"]
+    assert main(args + ["--out", str(tmp_path / f"a.{fmt}")]) == 0
+    assert f"{fmt.upper()} layers" in capsys.readouterr().err
+    assert main(args + ["--out", str(tmp_path / f"b.{fmt}"), "--no-progress"]) == 0
+    assert "layers" not in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- bad input: exit 2, nothing written
 
 

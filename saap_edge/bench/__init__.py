@@ -54,7 +54,7 @@ def artifact_for(model: BenchModel, runtime: str, work: Path, s: BenchSettings) 
     out.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "saap_edge.cli", "export", str(model.source), "--format", fmt, "--quant", quant,
            "--embed-type", embed, "--out", str(out), "--overwrite", "--onnx-graph", graph or "fused",
-           "--matmul-accuracy", accuracy or "fp32", *([] if s.validate_exports else ["--no-validate"])]
+           "--matmul-accuracy", accuracy or "fp32", "--no-progress", *([] if s.validate_exports else ["--no-validate"])]
     log = work / f"{model.label}-{runtime}.export.log"
     child = run_child(cmd, log, interval=0.1, env=_child_env())
     if child["rc"] != 0 or not out.exists():
