@@ -39,7 +39,7 @@ from gguf import GGUFReader, GGUFValueType, GGUFWriter
 from saap_edge.errors import UserError
 from saap_edge.models.int4_linear import Int4Linear
 from saap_edge.models.slim import SlimLlamaConfig
-from saap_edge.models.stream import streamed_weights, weight_rows
+from saap_edge.models.stream import float_weight, streamed_weights, weight_rows
 from saap_edge.models.gguf_file import (  # noqa: F401  (the layout and the reader, re-exported)
     ATTENTION_TENSORS,
     BLOCK,
@@ -162,19 +162,11 @@ def _q4_1_parts(module, name: str, permute_heads: int | None) -> tuple[np.ndarra
     return codes, a, b
 
 
-def _float_weight(module) -> np.ndarray:
-    """A module's weight in float32 (an int4 layer's a*q + b), read as _q4_1_parts reads."""
-    with align_module_device(module):
-        if isinstance(module, Int4Linear):
-            return module.dequantized(torch.float32).cpu().numpy()
-        return module.weight.detach().float().cpu().numpy()
-
-
 def _projection(module, name: str, quant: str, permute_heads: int | None):
     """(array, raw GGML type, whether it holds int4 groups) of one projection in `quant`."""
     if quant == "q4_1":
         return q4_1_blocks(*_q4_1_parts(module, name, permute_heads)), QT.Q4_1, True
-    dense = _float_weight(module)
+    dense = float_weight(module).numpy()
     if permute_heads:
         dense = permute_rows(dense, permute_heads)
     return (dense.astype(np.float16) if quant == "f16" else dense.astype(np.float32)), None, False
@@ -316,7 +308,7 @@ def write_gguf(
             add(name_, q8_0_blocks(lambda lo, hi: weight_rows(module, lo, hi, streamed).numpy(), n_rows), QT.Q8_0)
             info.q8_tensors[name_] = (module, streamed)
             return
-        w = _float_weight(module)
+        w = float_weight(module).numpy()
         if embed_type == "q4_1":
             g = quantize_groups(torch.from_numpy(w), BLOCK)
             add(name_, q4_1_blocks(g.codes.numpy(), g.scales.numpy(), g.offsets.numpy()), QT.Q4_1)
@@ -325,7 +317,7 @@ def write_gguf(
 
     inner = sd_model.model
     embedding("token_embd.weight", inner.embed_tokens)
-    add("output_norm.weight", _float_weight(inner.norm))
+    add("output_norm.weight", float_weight(inner.norm).numpy())
     if not config.tie_word_embeddings:
         embedding("output.weight", sd_model.lm_head)
     factors = llama3_rope_factors(config)
@@ -338,7 +330,7 @@ def write_gguf(
             module = layer.get_submodule(hf)
             tname = f"blk.{i}.{gg}.weight"
             if gg in NORMS:
-                add(tname, _float_weight(module))
+                add(tname, float_weight(module).numpy())
                 continue
             permute = heads[i] if gg == "attn_q" else kv_heads[i] if gg == "attn_k" else None
             name_ = f"model.layers.{i}.{hf}"

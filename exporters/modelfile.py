@@ -94,13 +94,6 @@ def probe(template: ChatTemplate) -> GoTemplate | None:
     return GoTemplate(header, pieces, with_prompt[len(renders[-1]):], default_system)
 
 
-def _common_prefix(a: str, b: str) -> str:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return a[:n]
-
-
 def modelfile_text(gguf_name: str, template: ChatTemplate | None, stops: list[str], generation: dict | None) -> str:
     lines = [f"# Ollama: ollama create NAME -f {MODELFILE}", f"FROM ./{gguf_name}"]
     go = probe(template) if template is not None else None
@@ -129,17 +122,13 @@ def write_modelfile(gguf: Path, generation: dict | None = None) -> Path:
     from gguf import GGUFReader
 
     from saap_edge.checkpoint import write_text
+    from saap_edge.models.gguf_file import gguf_field
 
     reader = GGUFReader(str(gguf))
-
-    def field(key):
-        f = reader.fields.get(key)
-        return f.contents() if f is not None else None
-
-    tokens = field("tokenizer.ggml.tokens") or []
-    eos = field("tokenizer.ggml.eos_token_id")
-    bos = field("tokenizer.ggml.bos_token_id")
-    text = field("tokenizer.chat_template")
+    tokens = gguf_field(reader, "tokenizer.ggml.tokens") or []
+    eos = gguf_field(reader, "tokenizer.ggml.eos_token_id")
+    bos = gguf_field(reader, "tokenizer.ggml.bos_token_id")
+    text = gguf_field(reader, "tokenizer.chat_template")
     eos_text = tokens[eos] if eos is not None and eos < len(tokens) else ""
     template = ChatTemplate(text, f"{gguf.name}: tokenizer.chat_template", tokens[bos] if bos is not None and
                             bos < len(tokens) else "", eos_text) if text else None

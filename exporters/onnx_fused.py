@@ -69,7 +69,7 @@ from exporters.onnx import (
 )
 from saap_edge.errors import UserError
 from saap_edge.models.int4_linear import Int4Linear
-from saap_edge.models.stream import tied_head
+from saap_edge.models.stream import float_weight, tied_head
 
 OPSET = 17
 GENAI_CONFIG = "genai_config.json"
@@ -82,15 +82,6 @@ GQA_HEAD_MULTIPLE = 8  # GroupQueryAttention's CPU kernel needs head_size % 8 ==
 # name -> (accuracy_level of the decoder's projections, of the 8-bit output matrix)
 ACCURACY_LEVELS = {"fp32": (0, 0), "int8": (4, 4), "int8-head": (0, 4)}
 DYNAMIC_ROPE = ("dynamic", "longrope")  # rope types whose inv_freq changes with the sequence length
-
-
-def _float_weight(module: nn.Module) -> torch.Tensor:
-    """A module's weight in float32 on the CPU (an int4 layer's a*q + b), read through
-    `align_module_device`: a streamed model holds the module's tensors only inside the block."""
-    with align_module_device(module):
-        if isinstance(module, Int4Linear):
-            return module.dequantized(torch.float32).cpu()
-        return module.weight.detach().float().cpu()
 
 
 def _float_bias(module: nn.Module) -> np.ndarray:
@@ -228,7 +219,7 @@ class _Builder:
             offsets = g.widened(f"{packed}.offsets", stacked["offsets"])
             y = g.op("Add", [scaled, g.op("MatMul", [self.group_sums(x, k, gs), offsets])])
         else:
-            w = torch.cat([_float_weight(m) for _, m in modules])
+            w = torch.cat([float_weight(m) for _, m in modules])
             y = g.op("MatMul", [x, self.weight_t(f"{packed}.weight", w, self.quant == "f16")])
         if any(isinstance(getattr(m, "bias", None), torch.Tensor) for _, m in modules):
             full = np.concatenate([_float_bias(m) for _, m in modules])
@@ -255,7 +246,7 @@ class _Builder:
     # -- embedding and head --------------------------------------------------------------------
     def embedding(self, ids: str) -> str:
         g = self.g
-        w = _float_weight(self.m.model.embed_tokens)
+        w = float_weight(self.m.model.embed_tokens)
         if self.embed_type == "int8":
             codes, scales = (t.numpy() for t in q8_parts(w))
             c = g.init("model.embed_tokens.codes", codes)
@@ -275,7 +266,7 @@ class _Builder:
         g = self.g
         tied = tied_head(self.m)
         prefix = "model.embed_tokens" if tied else "lm_head"
-        w = _float_weight(self.m.lm_head)
+        w = float_weight(self.m.lm_head)
         if self.embed_type == "int8":
             codes, scales = (t.numpy() for t in q8_parts(w))
             c, s = g.init(f"{prefix}.codes", codes), g.widened(f"{prefix}.scales", scales.astype(np.float16))
@@ -303,7 +294,7 @@ class _Builder:
     def norm(self, pending: str | None, residual: str, module: nn.Module, name: str) -> tuple[str, str]:
         """(normalised, new residual): RMSNorm of residual + pending, the add fused in."""
         g = self.g
-        w = g.init(f"{name}.weight", _float_weight(module).numpy())
+        w = g.init(f"{name}.weight", float_weight(module).numpy())
         eps = float(self.cfg.rms_norm_eps)
         if pending is None:
             return g.op("SimplifiedLayerNormalization", [residual, w], axis=-1, epsilon=eps, stash_type=1), residual
@@ -449,12 +440,11 @@ def end_of_turn_id(tokenizer) -> int | None:
     text = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
     if not isinstance(text, str):
         return None
+    template = ChatTemplate(text, "tokenizer", tokenizer.bos_token or "", tokenizer.eos_token or "")
     try:
-        marker = ChatTemplate(text, "tokenizer", tokenizer.bos_token or "", tokenizer.eos_token or "").end_of_turn()
+        return template.end_of_turn_id(lambda marker: tokenizer.encode(marker, add_special_tokens=False))
     except Exception:  # noqa: BLE001 - a template that cannot render a plain conversation: no marker
         return None
-    ids = tokenizer.convert_tokens_to_ids([marker]) if marker else []
-    return ids[0] if ids and ids[0] is not None and ids[0] != tokenizer.unk_token_id else None
 
 
 def write_genai_config(model: nn.Module, folder: Path, tokenizer=None) -> Path:

@@ -192,7 +192,6 @@ def check_onnx_weights(info) -> tuple[int, float]:
     Returns (tensors checked, max |decoded - a*q + b|), the latter 0 when it passes."""
     import onnx
 
-
     proto = onnx.load(str(info.path / "model.onnx"), load_external_data=False)  # each tensor read when checked
     stored = StoredValues(proto, info.path)
     for name, layer in info.int4_tensors.items():

@@ -78,6 +78,12 @@ class ChatTemplate:
         after = text.split(PROBE, 1)[1].strip()
         return after.split()[0] if after else None
 
+    def end_of_turn_id(self, tokenize) -> int | None:
+        """The id of the end-of-turn text when it is one token (`tokenize`: text -> ids, no BOS)."""
+        marker = self.end_of_turn()
+        ids = tokenize(marker) if marker else []
+        return ids[0] if len(ids) == 1 else None
+
 
 def template_for(artifact: str | Path, runtime: Runtime, template_file: str | Path | None = None) -> ChatTemplate:
     """The chat template of `artifact` (see the module doc); RuntimeLoadError naming --template
@@ -153,11 +159,9 @@ class ChatSession:
         if self.system:
             self.messages.append({"role": "system", "content": self.system})
         self.stop_ids = set(self.runtime.eos_token_ids)
-        marker = self.template.end_of_turn()
-        if marker:
-            ids = self.runtime.tokenize(marker, add_bos=False)
-            if len(ids) == 1:
-                self.stop_ids.add(ids[0])
+        turn = self.template.end_of_turn_id(lambda text: self.runtime.tokenize(text, add_bos=False))
+        if turn is not None:
+            self.stop_ids.add(turn)
         self.generator = Generator(self.runtime)
 
     def prompt_ids(self) -> list[int]:
@@ -169,13 +173,10 @@ class ChatSession:
         """Stream the answer to `user`; the answer joins the conversation when it is done."""
         self.messages.append({"role": "user", "content": user})
         ids = self.prompt_ids()
-        pieces = []
         saved = self.runtime.eos_token_ids
         self.runtime.eos_token_ids = self.stop_ids
         try:
-            for piece in self.generator.stream(ids, self.max_new_tokens, self.sampling):
-                pieces.append(piece)
-                yield piece
+            yield from self.generator.stream(ids, self.max_new_tokens, self.sampling)
         finally:
             self.runtime.eos_token_ids = saved
         self.messages.append({"role": "assistant", "content": self.answer_text()})

@@ -103,9 +103,10 @@ def answer_all(name: str, prompts: list[str], chat: bool, max_new_tokens: int, s
     from runtime.base import Generator, RuntimeLoadError
     from runtime.chat import ChatSession, template_for
 
+    from saap_edge.bench.weights import artifact_bytes
+
     artifact = resolve_artifact(name)
-    size = sum(f.stat().st_size for f in artifact.rglob("*") if f.is_file()) if artifact.is_dir() else artifact.stat().st_size
-    out = ModelAnswers(_label(name, artifact), str(artifact), size_mib=size / 2**20)
+    out = ModelAnswers(_label(name, artifact), str(artifact), size_mib=artifact_bytes(artifact) / 2**20)
     try:
         rt = open_runtime(str(artifact), threads)
         out.runtime = rt.name

@@ -16,7 +16,9 @@ import torch
 from saap_edge import __version__
 from saap_edge.card import write_card
 from saap_edge.checkpoint import CHART_FILE, PLAN_FILE, REPORT_FILE, atomic_dir, check_output_dir, save_model, write_json
-from saap_edge.config import METHOD_TABLE, HywiaSettings, PruneSettings, ReconstructSettings, RecoverSettings, RunSettings, SearchSettings
+from saap_edge.config import (
+    METHOD_TABLE, HywiaSettings, PruneSettings, ReconstructSettings, RecoverSettings, RunSettings, SearchSettings,
+)
 from saap_edge.distributed import processes
 from saap_edge.errors import UserError
 from saap_edge.memory import parse_max_memory
@@ -164,7 +166,7 @@ def _rank(job, model, tokenizer, samples, s: PruneSettings, r: ReconstructSettin
         from saap_edge.prune.adapruner import search_and_prune
 
         storage = job.out.with_name(job.out.name + ".search.db")
-        return search_and_prune(model, tokenizer, s, job.search, r if r.active else None, recon_samples,
+        return search_and_prune(model, tokenizer, s, getattr(job, method.settings), r if r.active else None, recon_samples,
                                 storage, job.run.data_dir, job.run.progress)
     ranker = None
     if method.settings:  # a method with settings of its own: its ranker gets them

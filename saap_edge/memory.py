@@ -322,10 +322,10 @@ def export_memory(shape: Shape, artifact: int, group_size: int | None, streamed:
     """The export on the host. Streamed (a safetensors directory: exporters.streams): the
     artifact (written, then mapped by the checks and the runtime) and the largest tensor being
     encoded or checked: an embedding matrix read into float32 and encoded in row blocks (~5 B a
-    weight), a projection grouped, rounded and decoded whole (~24 B a weight, measured);
-    plus the writers' and readers' slack. The model is never held. Loaded whole (a GGUF or hub source, the traced
-    ONNX graph): the checkpoint as it loads (float32; an int4 checkpoint keeps its groups), the
-    artifact, one dense layer in float32, and the slack."""
+    weight), a projection grouped, rounded and decoded whole (~24 B a weight, measured); plus
+    the writers' and readers' slack. The model is never held. Loaded whole (a GGUF or hub
+    source, the traced ONNX graph): the checkpoint as it loads (float32; an int4 checkpoint
+    keeps its groups), the artifact, one dense layer in float32, and the slack."""
     fix = ("free memory or use a machine with more RAM" if group_size or streamed else
            "export an int4 checkpoint (saap-edge compress writes one), or use a machine with more RAM")
     if streamed:

@@ -74,12 +74,10 @@ def q4_1_parts(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 # ---------------------------------------------------------------------- reader
 
 
-def _field(reader: GGUFReader, key: str, default: Any = None) -> Any:
+def gguf_field(reader: GGUFReader, key: str, default: Any = None) -> Any:
+    """The value of metadata key `key` (`default` when the file has none)."""
     f = reader.fields.get(key)
-    if f is None:
-        return default
-    value = f.contents()
-    return value
+    return default if f is None else f.contents()
 
 
 def _tensor(t) -> np.ndarray:
@@ -100,31 +98,31 @@ def read_gguf(path: str | os.PathLike) -> tuple[SlimLlamaForCausalLM, dict]:
         reader = GGUFReader(path)
     except Exception as exc:  # truncated or not a GGUF at all
         raise UserError(f"cannot read {path} as GGUF: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from exc
-    arch = _field(reader, "general.architecture")
+    arch = gguf_field(reader, "general.architecture")
     if arch not in ("llama", "deci"):
         raise UserError(f"{path}: GGUF architecture {arch!r} is not a LLaMA decoder (llama or deci)")
     tensors = {t.name: t for t in reader.tensors}
-    n = int(_field(reader, f"{arch}.block_count"))
+    n = int(gguf_field(reader, f"{arch}.block_count"))
 
     def per_layer(key: str) -> list[int]:
-        v = _field(reader, f"{arch}.{key}")
+        v = gguf_field(reader, f"{arch}.{key}")
         return [int(x) for x in v] if isinstance(v, list) else [int(v)] * n
 
     heads, kv_heads, ffn = per_layer("attention.head_count"), per_layer("attention.head_count_kv"), per_layer("feed_forward_length")
-    hidden = int(_field(reader, f"{arch}.embedding_length"))
-    head_dim = int(_field(reader, f"{arch}.attention.key_length", 0) or _field(reader, f"{arch}.rope.dimension_count", 0)
+    hidden = int(gguf_field(reader, f"{arch}.embedding_length"))
+    head_dim = int(gguf_field(reader, f"{arch}.attention.key_length", 0) or gguf_field(reader, f"{arch}.rope.dimension_count", 0)
                    or hidden // max(heads))
     vocab = tensors["token_embd.weight"].shape.tolist()[1]
     tie = "output.weight" not in tensors
-    bos, eos = _field(reader, "tokenizer.ggml.bos_token_id"), _field(reader, "tokenizer.ggml.eos_token_id")
-    pad = _field(reader, "tokenizer.ggml.padding_token_id")
+    bos, eos = gguf_field(reader, "tokenizer.ggml.bos_token_id"), gguf_field(reader, "tokenizer.ggml.eos_token_id")
+    pad = gguf_field(reader, "tokenizer.ggml.padding_token_id")
     config = SlimLlamaConfig(
         vocab_size=vocab, hidden_size=hidden, num_hidden_layers=n, num_attention_heads=max(heads),
         num_key_value_heads=max(kv_heads), intermediate_size=max(ffn), head_dim=head_dim,
         num_attention_heads_per_layer=heads, num_key_value_heads_per_layer=kv_heads, intermediate_size_per_layer=ffn,
-        max_position_embeddings=int(_field(reader, f"{arch}.context_length", 2048)),
-        rms_norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)), tie_word_embeddings=tie,
+        max_position_embeddings=int(gguf_field(reader, f"{arch}.context_length", 2048)),
+        rms_norm_eps=float(gguf_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(gguf_field(reader, f"{arch}.rope.freq_base", 10000.0)), tie_word_embeddings=tie,
         bos_token_id=int(bos) if bos is not None else None, eos_token_id=int(eos) if eos is not None else None,
         pad_token_id=int(pad) if pad is not None and int(pad) < vocab else None,
     )
@@ -171,6 +169,6 @@ def read_gguf(path: str | os.PathLike) -> tuple[SlimLlamaForCausalLM, dict]:
     if any(isinstance(m, Int4Linear) for m in model.modules()):
         config.quantization = quantization_section(BLOCK)
     model.eval()
-    meta = {key: _field(reader, key) for key in reader.fields if key.startswith(("general.", "saap."))}
+    meta = {key: gguf_field(reader, key) for key in reader.fields if key.startswith(("general.", "saap."))}
     meta["arch"] = arch
     return model, meta

@@ -84,8 +84,9 @@ class CheckpointTensors(Mapping):
     """The checkpoint's tensors by the model's state-dict names, each read when asked for.
 
     `aliases`: names the model has and the files do not (a tied output matrix) -> the stored
-    name. `dtypes`: the dtype each name is read into (the model's; floating tensors only). `quantize`: projections (names in `projections`) whose Int4Linear parts are computed
-    from the stored float weight at that group size. `transform`: applied to each tensor as it
+    name. `dtypes`: the dtype each name is read into (the model's; floating tensors only).
+    `quantize`: projections (names in `projections`) whose Int4Linear parts are computed from
+    the stored float weight at that group size. `transform`: applied to each tensor as it
     is read (name, tensor) -> tensor; validation sets it to round weights as an artifact stores
     them."""
 
@@ -182,15 +183,13 @@ def stream_model(directory: Path, int4: bool = False, group_size: int | None = N
             quantize = prepare_quantization(model, group_size)
             replace_linears(model.model, quantize, QUANT_MODULES)
     projections = {name for name, m in model.named_modules() if isinstance(m, Int4Linear)} if quantize else set()
-    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
-    names += [n for n, _ in model.named_buffers(remove_duplicate=False) if _persistent(model, n)]
+    stored = dict(model.named_parameters(remove_duplicate=False))  # what the checkpoint must hold
+    stored.update((n, t) for n, t in model.named_buffers(remove_duplicate=False) if _persistent(model, n))
     aliases = {}
     if getattr(config, "tie_word_embeddings", False):
         aliases["lm_head.weight"] = "model.embed_tokens.weight"
-    dtypes = {n: t.dtype for n, t in list(model.named_parameters(remove_duplicate=False))
-              + list(model.named_buffers(remove_duplicate=False))}
-    weights = CheckpointTensors(directory, aliases, quantize, projections, dtypes)
-    missing = [n for n in names if n not in weights]
+    weights = CheckpointTensors(directory, aliases, quantize, projections, {n: t.dtype for n, t in stored.items()})
+    missing = [n for n in stored if n not in weights]
     if missing:
         raise UserError(f"{directory}: the weights lack {len(missing)} tensors of the model (first: {missing[0]}); "
                         "the checkpoint is incomplete or of another model")
@@ -223,6 +222,19 @@ def tied_head(model) -> bool:
     if streamed_weights(model) is not None:
         return bool(getattr(model.config, "tie_word_embeddings", False))
     return model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def float_weight(module: torch.nn.Module) -> torch.Tensor:
+    """A module's weight in float32 on the CPU (an int4 layer's a*q + b), read through
+    accelerate's `align_module_device`: a streamed module holds its tensors only inside it."""
+    from accelerate.utils import align_module_device
+
+    from saap_edge.models.int4_linear import Int4Linear
+
+    with align_module_device(module):
+        if isinstance(module, Int4Linear):
+            return module.dequantized(torch.float32).cpu()
+        return module.weight.detach().float().cpu()
 
 
 def weight_rows(module: torch.nn.Module, lo: int, hi: int, weights: CheckpointTensors | None = None) -> torch.Tensor:
