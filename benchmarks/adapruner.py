@@ -33,7 +33,7 @@ from harness import (compress_and_score, copy_chart, dense_rows, machine, main_o
 
 from saap_edge.compress import CompressJob, versions  # noqa: E402
 from saap_edge.config import PruneSettings, ReconstructSettings, RunSettings, SearchSettings  # noqa: E402
-from saap_edge.report import format_table  # noqa: E402
+from saap_edge.render import format_table  # noqa: E402
 
 ABLATIONS = [
     ("TPE, data + metric", {}),

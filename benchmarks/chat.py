@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.harness import machine, write_whole  # noqa: E402
+from benchmarks.harness import machine, write_file  # noqa: E402
 
 PROMPTS = [
     "What are three things that make a healthy diet?",
@@ -93,8 +93,8 @@ def main(argv=None) -> int:
               f"conversation through the model's chat template on llama.cpp, greedy, at most {a.max_new_tokens} new "
               f"tokens. Machine: {machine()}.\n\n" + "\n".join(summary) + f"\n\nCommand: `{command}`\n\n")
     a.out.mkdir(parents=True, exist_ok=True)
-    write_whole(a.out / "chat.md", header + text.split("\n", 2)[2])
-    write_whole(a.out / "chat.json", json.dumps({"prompts": PROMPTS, "builds": [b for _, b in builds], "models": rows,
+    write_file(a.out / "chat.md", header + text.split("\n", 2)[2])
+    write_file(a.out / "chat.json", json.dumps({"prompts": PROMPTS, "builds": [b for _, b in builds], "models": rows,
                                                  "machine": machine(), "command": command}, indent=1) + "\n")
     print(header + "\n".join(summary))
     return 0

@@ -43,7 +43,7 @@ from harness import machine, write_results  # noqa: E402
 
 from saap_edge.bench.weights import artifact_bytes  # noqa: E402
 from saap_edge.compress import versions  # noqa: E402
-from saap_edge.report import format_table  # noqa: E402
+from saap_edge.render import format_table  # noqa: E402
 
 CLI = [sys.executable, "-m", "saap_edge.cli"]
 BAR = 0.02

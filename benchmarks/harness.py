@@ -8,7 +8,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from saap_edge.bench.probe import machine, run_child  # noqa: F401  (re-exported for the scripts)
-from saap_edge.report import PeakRSS  # noqa: F401  (re-exported for the scripts)
+from saap_edge.memory import PeakRSS  # noqa: F401  (re-exported for the scripts)
+from saap_edge.outputs import write_file  # noqa: F401  (re-exported for the scripts)
 
 
 @contextmanager
@@ -16,14 +17,6 @@ def timed(store: dict, key: str):
     t0 = time.perf_counter()
     yield
     store[key] = store.get(key, 0.0) + time.perf_counter() - t0
-
-
-def write_whole(path: Path, data: str | bytes) -> None:
-    """`data` at `path`, written to a temporary name and then renamed, so no reader sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data) if isinstance(data, bytes) else tmp.write_text(data)
-    tmp.replace(path)
 
 
 def cached_row(path: Path, make, keep=None) -> dict:
@@ -85,7 +78,7 @@ def zero_shot(model, tokenizer, data_dir, limit: int) -> dict:
 
 def store_row(path: Path, row: dict) -> dict:
     """Write `row` to `path` whole."""
-    write_whole(path, json.dumps(row, indent=1, default=str))
+    write_file(path, json.dumps(row, indent=1, default=str))
     return row
 
 
@@ -137,7 +130,7 @@ def share_row(a, key: str, other: Path) -> None:
     row, model = other / "rows" / f"{key}.json", other / "models" / key
     if (a.work / "rows" / f"{key}.json").exists() or not row.exists() or other.resolve() == a.work.resolve():
         return
-    write_whole(a.work / "rows" / f"{key}.json", row.read_text())
+    write_file(a.work / "rows" / f"{key}.json", row.read_text())
     if model.exists() and not (a.work / "models" / key).exists():
         (a.work / "models").mkdir(parents=True, exist_ok=True)
         (a.work / "models" / key).symlink_to(model.resolve(), target_is_directory=True)
@@ -219,7 +212,7 @@ def dense_row(a) -> dict:
 
 def quality_table(rows: list[dict], datasets: list[str]) -> str:
     """Markdown: ratio, variant, removed share, perplexities, the seven tasks and their average (± one standard error)."""
-    from saap_edge.report import format_table
+    from saap_edge.render import format_table
 
     def pct(metrics: dict, key: str) -> str:
         return f"{100 * metrics[key]:.1f} ± {100 * metrics[key + '_stderr']:.1f}"
@@ -246,7 +239,7 @@ def write_results(out_dir: Path, name: str, data: dict, markdown: str) -> tuple[
     """benchmarks/results/<name>.json and .md, each written to a temporary name then renamed."""
     paths = (out_dir / f"{name}.json", out_dir / f"{name}.md")
     for path, text in zip(paths, (json.dumps(data, indent=1, default=str) + "\n", markdown)):
-        write_whole(path, text)
+        write_file(path, text)
     return paths
 
 
@@ -263,4 +256,4 @@ def copy_chart(a, key: str, chart: str, name: str) -> None:
     """A chart the run wrote into --work/models/<key> copied to results/<name> (when present)."""
     src = a.work / "models" / key / chart
     if src.exists():
-        write_whole(a.out / name, src.read_bytes())
+        write_file(a.out / name, src.read_bytes())

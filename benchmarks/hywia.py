@@ -29,7 +29,7 @@ from harness import (compress_and_score, copy_chart, dense_rows, load, machine, 
 
 from saap_edge.compress import CompressJob, versions  # noqa: E402
 from saap_edge.config import HywiaSettings, PruneSettings, ReconstructSettings, RunSettings  # noqa: E402
-from saap_edge.report import format_table  # noqa: E402
+from saap_edge.render import format_table  # noqa: E402
 
 METHODS = (("hywia", "hywia"), ("saap (default)", "saap"), ("llm-pruner (param_mix)", "llm-pruner"))
 ABLATIONS = [("fixed 50/50 blend", "fixed"), ("coarse only", "coarse"), ("fine only", "fine"), ("learned blend", "learned")]

@@ -21,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import machine, write_results  # noqa: E402
 
-from saap_edge.report import format_table  # noqa: E402
+from saap_edge.render import format_table  # noqa: E402
 
 
 def graph(kind: str, n: int, k: int, g: int, accuracy: int, rng) -> bytes:

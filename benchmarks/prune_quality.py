@@ -47,7 +47,7 @@ from saap_edge.models.load import load_model  # noqa: E402
 from saap_edge.prune import prune, statistics  # noqa: E402
 from saap_edge.prune.groups import total_params  # noqa: E402
 from saap_edge.reconstruct import reconstruct  # noqa: E402
-from saap_edge.report import format_table  # noqa: E402
+from saap_edge.render import format_table  # noqa: E402
 
 # (label, settings overrides, statistic it reads)
 METHODS = [

@@ -38,7 +38,7 @@ from harness import machine, write_results  # noqa: E402
 from saap_edge.data import calibration_samples  # noqa: E402
 from saap_edge.models.load import load_model  # noqa: E402
 from saap_edge.reconstruct import obs_select, output_error, refit, ridge_lambda  # noqa: E402
-from saap_edge.report import format_table  # noqa: E402
+from saap_edge.render import format_table  # noqa: E402
 
 PROJECTIONS = {"o_proj": "self_attn.o_proj", "down_proj": "mlp.down_proj"}
 SEQ_LEN, BATCH = 128, 8

@@ -45,7 +45,7 @@ from saap_edge.bench.probe import run_child  # noqa: E402
 from saap_edge.bench.weights import torch_weights  # noqa: E402  (int4 projections count their logical weights)
 from saap_edge.compress import versions  # noqa: E402
 from saap_edge.config import PruneSettings, ReconstructSettings  # noqa: E402
-from saap_edge.report import format_table  # noqa: E402
+from saap_edge.render import format_table  # noqa: E402
 
 METHODS = [  # Table I: (label, overrides)
     ("saap (default)", {"method": "saap"}),
@@ -165,7 +165,7 @@ class Report:
     # ------------------------------------------------------------------ recovery
     def recovered_row(self, table: str, ratio: float, recovery: str) -> dict:
         def make():
-            from saap_edge.checkpoint import PLAN_FILE, save_model
+            from saap_edge.outputs import PLAN_FILE, save_model
             from saap_edge.models.load import load_model
 
             pruned_dir = self.a.work / f"pruned-{ratio:.2f}-{ReconstructSettings().method}"

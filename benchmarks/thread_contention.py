@@ -175,7 +175,7 @@ def child_prepare(a) -> None:
 
     from saap_edge.config import PruneSettings
     from saap_edge.data import calibration_samples, load_text
-    from saap_edge.eval.ppl import _windows
+    from saap_edge.eval.ppl import token_windows
     from saap_edge.models.load import load_model
     from saap_edge.prune import prune
     from saap_edge.quant.int4 import quantize_model
@@ -184,7 +184,7 @@ def child_prepare(a) -> None:
     set_seed(0)
     loaded = load_model("smollm2-135m", "cpu", "float32")
     model, tok = loaded.model, loaded.tokenizer
-    windows = _windows(tok, load_text("wikitext2", "test", a.data_dir), 128, a.windows)
+    windows = token_windows(tok, load_text("wikitext2", "test", a.data_dir), 128, a.windows)
     samples, _ = calibration_samples(tok, "books", a.samples, 128, 0, a.data_dir, flag="--recon-samples")
     int4 = copy.deepcopy(model)
     quantize_model(int4, 64)

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from saap_edge.checkpoint import remove_stale, replace_path
+from saap_edge.outputs import remove_stale, replace_path
 from saap_edge.errors import UserError
 from saap_edge.files import read_json
 

@@ -121,7 +121,7 @@ def write_modelfile(gguf: Path, generation: dict | None = None) -> Path:
     """Modelfile beside `gguf`, from the file's own chat template and special tokens."""
     from gguf import GGUFReader
 
-    from saap_edge.checkpoint import write_text
+    from saap_edge.outputs import write_file
     from saap_edge.models.gguf_file import gguf_field
 
     reader = GGUFReader(str(gguf))
@@ -138,5 +138,5 @@ def write_modelfile(gguf: Path, generation: dict | None = None) -> Path:
         if s and s not in stops:
             stops.append(s)
     path = gguf.parent / MODELFILE
-    write_text(path, modelfile_text(gguf.name, template, stops, generation))
+    write_file(path, modelfile_text(gguf.name, template, stops, generation))
     return path

@@ -435,7 +435,7 @@ def write_side_files(model, folder: Path, quant: str, embed_type: str, tokenizer
                         "ir_version": IR_VERSION, **provenance}
     (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
     if tokenizer is not None:
-        from saap_edge.checkpoint import save_tokenizer
+        from saap_edge.outputs import save_tokenizer
 
         save_tokenizer(tokenizer, folder)  # tokenizer.json: what runtime/ort.py reads
     gen = getattr(model, "generation_config", None)

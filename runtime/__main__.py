@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from runtime.base import Generator, Sampling
-from runtime.base import RuntimeLoadError
+from runtime import ENGINES, open_runtime
+from runtime.base import Generator, RuntimeLoadError, Sampling
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,35 +33,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "is installed and the folder has its config (default: %(default)s)")
     p.add_argument("--provider", default="auto", help="ONNX: onnxruntime execution provider, auto (CUDA where "
                    "onnxruntime-gpu has it, else CPU), cpu or cuda (default: %(default)s)")
-
-
-ENGINES = ("auto", "genai", "onnxruntime")
-
-
-def open_runtime(path: str, threads: int | None = None, provider: str = "auto", engine: str = "auto"):
-    """The runtime for an artifact: a .gguf file (llama.cpp) or an ONNX folder / .onnx file
-    (onnxruntime-genai or onnxruntime, see --engine)."""
-    p = Path(path)
-    if engine not in ENGINES:
-        raise RuntimeLoadError(f"--engine {engine!r} is not one of {', '.join(ENGINES)}")
-    if p.suffix == ".gguf":
-        if engine == "genai":
-            raise RuntimeLoadError("--engine genai runs exported ONNX folders; a .gguf runs on llama.cpp")
-        if provider not in ("auto", "cpu"):
-            raise RuntimeLoadError(f"--provider {provider} chooses onnxruntime's provider; a .gguf runs on llama.cpp's CPU build")
-        from runtime.llamacpp import LlamaCppRuntime
-
-        return LlamaCppRuntime(path, n_threads=threads)
-    if p.suffix == ".onnx" or p.is_dir():
-        from runtime.genai import GENAI_CONFIG, GenaiRuntime, genai_available
-        from runtime.ort import OrtRuntime
-
-        folder = p.parent if p.suffix == ".onnx" else p
-        if engine == "genai" or engine == "auto" and genai_available() and (folder / GENAI_CONFIG).is_file():
-            return GenaiRuntime(path, n_threads=threads, provider=provider)
-
-        return OrtRuntime(path, n_threads=threads, provider=provider)
-    raise RuntimeLoadError(f"{path}: unknown artifact type; give a .gguf file or an exported ONNX folder")
 
 
 def _sampling(a: argparse.Namespace, defaults: Sampling) -> Sampling:

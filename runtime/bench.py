@@ -56,7 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv=None) -> int:
-    from runtime.__main__ import open_runtime
+    from runtime import open_runtime
 
     p = argparse.ArgumentParser(prog="python -m runtime.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

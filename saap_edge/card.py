@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from saap_edge.checkpoint import CHART_FILE, PLAN_FILE, REPORT_FILE, write_text
+from saap_edge.outputs import CHART_FILE, PLAN_FILE, REPORT_FILE, write_file
 
 CARD_FILE = "README.md"
 EVAL_FILE = "eval.json"  # results of `saap-edge eval DIR`, merged run after run
@@ -175,13 +175,13 @@ def card_text(directory: Path, name: str | None = None) -> str:
 def write_card(directory: Path, name: str | None = None) -> Path:
     """(Re)write `directory`/README.md from the directory's files."""
     path = Path(directory) / CARD_FILE
-    write_text(path, card_text(directory, name))
+    write_file(path, card_text(directory, name))
     return path
 
 
 def record_eval(directory: Path, result: dict) -> None:
     """Merge `saap-edge eval` results into `directory`/eval.json and rewrite the card."""
-    from saap_edge.checkpoint import write_json
+    from saap_edge.outputs import write_json
 
     data = _read(Path(directory) / EVAL_FILE)
     for key in ("ppl", "tasks"):

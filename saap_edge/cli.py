@@ -210,7 +210,7 @@ def _dry_run_done(stages: list) -> int:
 
 def run_compress(a: argparse.Namespace) -> int:
     from saap_edge.compress import CompressJob, compress
-    from saap_edge.report import before_after_table
+    from saap_edge.render import before_after_table
 
     settings = PruneSettings(
         method=a.method, ratio=a.ratio, calib=a.calib, calib_samples=a.calib_samples, seq_len=a.seq_len,
@@ -259,7 +259,7 @@ def add_recover(p: argparse.ArgumentParser) -> None:
 
 def run_recover(a: argparse.Namespace) -> int:
     from saap_edge.compress import RecoverJob, recover_dir
-    from saap_edge.report import before_after_table
+    from saap_edge.render import before_after_table
 
     out = a.out or Path(f"{a.model.rstrip('/')}-{a.recovery}")
     eval_ppl = [] if a.eval_ppl in ([], ["none"]) else a.eval_ppl
@@ -337,7 +337,7 @@ def run_eval(a: argparse.Namespace) -> int:
     elif tasks:
         result.update(_eval_tasks(a, tasks, loaded, location if on_llama_cpp else None))
     if a.json:
-        from saap_edge.checkpoint import write_json
+        from saap_edge.outputs import write_json
 
         write_json(a.json, result)
     if kind == "hf" and (Path(location) / "report.json").is_file():  # a saap-edge output: its card shows the numbers
@@ -349,7 +349,7 @@ def run_eval(a: argparse.Namespace) -> int:
 
 def _eval_ppl(a: argparse.Namespace, loaded) -> dict:
     from saap_edge.eval.ppl import evaluate_ppl
-    from saap_edge.report import format_table
+    from saap_edge.render import format_table
 
     results = evaluate_ppl(
         loaded.model, loaded.tokenizer, a.ppl, a.split, a.window, a.limit, a.data_dir,
@@ -364,7 +364,7 @@ def _eval_ppl(a: argparse.Namespace, loaded) -> dict:
 def _eval_tasks(a: argparse.Namespace, tasks: dict, loaded, gguf: Path | None) -> dict:
     """Zero-shot accuracy: llama.cpp on the GGUF file when `gguf` is set, else the torch model."""
     from saap_edge.eval.zeroshot import LlamaCppScorer, TorchScorer, score_tasks
-    from saap_edge.report import format_table
+    from saap_edge.render import format_table
 
     if gguf is not None:
         scorer = LlamaCppScorer(gguf, max_length=a.max_length)
@@ -386,7 +386,7 @@ def _eval_lm_eval(a: argparse.Namespace, location) -> dict:
 
     from saap_edge.eval.lmeval import evaluate_lm_eval
     from saap_edge.models.load import resolve_device
-    from saap_edge.report import format_table
+    from saap_edge.render import format_table
 
     with tempfile.TemporaryDirectory(prefix="saap-lm-eval-") as tmp:
         results = evaluate_lm_eval(location, a.tasks, a.data_dir, a.lm_eval_configs or tmp, a.limit, a.batch_size,
@@ -424,7 +424,7 @@ def add_export(p: argparse.ArgumentParser) -> None:
 
 def run_export(a: argparse.Namespace) -> int:
     from exporters import ExportJob, export, plan_export
-    from saap_edge.report import format_table
+    from saap_edge.render import format_table
 
     job = ExportJob(a.model, a.format, a.quant, a.embed_type, a.out, not a.no_validate, a.overwrite,
                     onnx_graph=a.onnx_graph, matmul_accuracy=a.matmul_accuracy, progress=not a.no_progress)
@@ -489,7 +489,7 @@ def add_compare(p: argparse.ArgumentParser) -> None:
 
 def run_compare(a: argparse.Namespace) -> int:
     from runtime.base import Sampling
-    from saap_edge.checkpoint import write_text
+    from saap_edge.outputs import write_file
     from saap_edge.compare import compare, read_prompts
 
     prompts = read_prompts(a.prompts)
@@ -503,7 +503,7 @@ def run_compare(a: argparse.Namespace) -> int:
                       progress=not a.no_progress)
     print(text)
     if a.out:
-        write_text(a.out, text)
+        write_file(a.out, text)
         print(f"written: {a.out}")
     return 0
 
@@ -533,7 +533,7 @@ def add_bench(p: argparse.ArgumentParser) -> None:
 
 def run_bench(a: argparse.Namespace) -> int:
     from saap_edge.bench import default_models, plan_bench, run_bench as bench
-    from saap_edge.bench.render import markdown
+    from saap_edge.render import bench_markdown
     from saap_edge.config import BenchSettings
 
     settings = BenchSettings(tuple(a.runtimes), a.prompt_tokens, a.new_tokens, a.reps, a.warmup, a.threads, a.device,
@@ -541,7 +541,7 @@ def run_bench(a: argparse.Namespace) -> int:
     if a.dry_run:
         return _dry_run_done(plan_bench(default_models(a.models, a.dense), settings))
     data = bench(default_models(a.models, a.dense), settings, a.out, progress=not a.no_progress, artifacts=a.artifacts)
-    print(markdown(data))
+    print(bench_markdown(data))
     print(f"written: {a.out / 'bench.json'}, {a.out / 'bench.md'}, {a.out / 'bench_memory.png'}, {a.out / 'bench_speed.png'}")
     return 0
 

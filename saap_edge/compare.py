@@ -99,7 +99,7 @@ def _label(name: str, artifact: Path) -> str:
 def answer_all(name: str, prompts: list[str], chat: bool, max_new_tokens: int, sampling, threads: int | None = None,
                system: str | None = None, progress=None) -> ModelAnswers:
     """Every prompt through one model; each chat prompt is its own one-turn conversation."""
-    from runtime.__main__ import open_runtime
+    from runtime import open_runtime
     from runtime.base import Generator, RuntimeLoadError
     from runtime.chat import ChatSession, template_for
 

@@ -15,7 +15,7 @@ import torch
 
 from saap_edge import __version__
 from saap_edge.card import write_card
-from saap_edge.checkpoint import CHART_FILE, PLAN_FILE, REPORT_FILE, atomic_dir, check_output_dir, save_model, write_json
+from saap_edge.outputs import CHART_FILE, PLAN_FILE, REPORT_FILE, atomic_dir, check_output_dir, save_model, write_json
 from saap_edge.config import (
     METHOD_TABLE, HywiaSettings, PruneSettings, ReconstructSettings, RecoverSettings, RunSettings, SearchSettings,
 )
@@ -33,7 +33,8 @@ from saap_edge.reconstruct import reconstruct
 from saap_edge.recover import RecoverRun, checkpoint_dir, clear_checkpoints, recover_model
 from saap_edge.recover.distill import check_teacher, default_cache_dir
 from saap_edge.quant.int4 import check_prunable_to_int4
-from saap_edge.report import peak_memory_mib, plot_layers, stage_peak
+from saap_edge.memory import peak_memory_mib, stage_peak
+from saap_edge.render import plot_layers
 
 
 @dataclass
@@ -163,7 +164,7 @@ def _rank(job, model, tokenizer, samples, s: PruneSettings, r: ReconstructSettin
     With `streams` the slicing is left to the slice stage (result.model None)."""
     method = METHOD_TABLE[s.method]
     if method.searched:
-        from saap_edge.prune.adapruner import search_and_prune
+        from saap_edge.adapruner import search_and_prune
 
         storage = job.out.with_name(job.out.name + ".search.db")
         return search_and_prune(model, tokenizer, s, getattr(job, method.settings), r if r.active else None, recon_samples,
@@ -227,12 +228,12 @@ def _save(directory: Path, model, tokenizer, plan: PrunePlan, report: dict, titl
     write_json(directory / REPORT_FILE, report)
     plot_layers(plan, directory / CHART_FILE, title)
     if "search" in report:
-        from saap_edge.prune.adapruner import write_search
+        from saap_edge.render import write_search
 
         write_search(directory, report["search"])
     write_card(directory, name)
     if plan.importance.get("blend"):
-        from saap_edge.prune.hywia import BLEND_CHART, plot_blend
+        from saap_edge.render import BLEND_CHART, plot_blend
 
         plot_blend(plan.importance, directory / BLEND_CHART)
 

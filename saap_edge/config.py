@@ -32,7 +32,7 @@ class MethodSpec:
     ranks_globally: bool = False  # one ranking across layers, so it may weigh query-head slots and modules
     default_units: str = "groups"  # --units auto (with the refit)
     settings: str | None = None  # the CompressJob field holding settings of its own, given to its ranker
-    searched: bool = False  # ranked by a search over whole prune runs (prune/adapruner.py), not one ranker
+    searched: bool = False  # ranked by a search over whole prune runs (adapruner.py), not one ranker
 
 
 # Adding a method: one entry here, its ranker in prune/methods.py RANKERS (and its settings
@@ -172,7 +172,7 @@ SEARCH_SPACES = ("both", "data", "metric")
 @dataclass
 class SearchSettings(Settings):
     """AdaPruner's search (--method adapruner): which --calib-samples windows of a seeded pool
-    and which importance metric; see saap_edge/prune/adapruner.py."""
+    and which importance metric; see saap_edge/adapruner.py."""
 
     pool: str = "books"  # --calib-pool: named dataset or path the pool windows come from
     pool_size: int = 256  # P windows of --seq-len tokens

@@ -43,7 +43,13 @@ from __future__ import annotations
 
 import os
 import re
+import resource
+import threading
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+
+import psutil
 
 from saap_edge.errors import UserError
 
@@ -557,3 +563,64 @@ def compress_stages(shape: Shape, b: int, s, rc, r, device_type: str, cache_mib:
     if r is not None:
         stages += recovery_stages(shape, teacher, b, s.ratio, r, device_type, cache_mib)
     return stages
+
+
+# ------------------------------------------------------------------ measured
+# What a stage really took, beside what it was planned to take: report.json keeps both.
+
+
+def peak_memory_mib(device) -> float:
+    """Peak memory of this process: the CUDA allocator's peak, else the peak RSS."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class PeakRSS:
+    """Samples this process's RSS every `interval` s in a thread; `.peak_mib` after the block.
+
+    ru_maxrss only ever grows over a process's life, so stages (or benchmark rows) measured
+    one after another in one process need a sampler to get each one's own peak."""
+
+    def __init__(self, interval: float = 0.01):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self._proc = psutil.Process(os.getpid())
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            time.sleep(self.interval)
+
+    def __enter__(self) -> "PeakRSS":
+        self.start_mib = self._proc.memory_info().rss / 2**20
+        self.peak = self._proc.memory_info().rss
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    @property
+    def peak_mib(self) -> float:
+        return self.peak / 2**20
+
+
+@contextmanager
+def stage_peak(record: dict, stage: str, device):
+    """Measure one stage into `record[stage]`: the process's peak RSS during it (MiB) and, on a
+    GPU, the CUDA allocator's peak (the stage's counter starts at zero)."""
+    import torch
+
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    with PeakRSS(interval=0.05) as rss:
+        yield
+    record[stage] = {"host_peak_mib": round(rss.peak_mib, 1)}
+    if cuda:
+        record[stage]["card_peak_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)

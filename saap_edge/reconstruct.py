@@ -48,7 +48,7 @@ from saap_edge.models.onednn import onednn_linears
 from saap_edge.prune.groups import ATTN, MLP, MEMBERS, OUTPUT_PROJ, LayerShape, decoder_layers, discover, member_index, submodule
 from saap_edge.prune.plan import LayerPlan, PrunePlan
 from saap_edge.prune.slicing import fill_layer, kept_index, release_layer, take_lines
-from saap_edge.report import PeakRSS
+from saap_edge.memory import PeakRSS
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_llama
 from saap_edge.config import PruneSettings
 from saap_edge.errors import UserError
-from saap_edge.prune.adapruner import (
+from saap_edge.adapruner import (
     Point,
     cached_pool,
     collect_pool,
@@ -22,7 +22,8 @@ from saap_edge.prune.adapruner import (
 )
 from saap_edge.prune.estimate import collect_taylor
 from saap_edge.prune.groups import discover
-from saap_edge.prune.methods import Statistics, rank_saap
+from saap_edge.prune.methods import rank_saap
+from saap_edge.prune.ranking import Statistics
 
 pytest.importorskip("optuna")
 LAYERS = [1, 2, 3, 4]
@@ -164,7 +165,7 @@ def test_the_pool_cache_stays_within_its_bound(setup, tmp_path):
     """Least recently used entries leave first; one entry larger than the bound is not kept."""
     import os
 
-    from saap_edge.prune.adapruner import cached_pool
+    from saap_edge.adapruner import cached_pool
 
     model, pool, shapes, _ = setup
     _, first = cached_pool(model, pool, shapes, LAYERS, tmp_path, progress=False)

@@ -11,7 +11,7 @@ import pytest
 from conftest import DATA_DIR, hetero_model
 from saap_edge.bench import DENSE, BenchModel, add_derived, run_bench
 from saap_edge.bench.probe import run_child
-from saap_edge.bench.render import markdown
+from saap_edge.render import bench_markdown as markdown
 from saap_edge.cli import main
 from saap_edge.config import BenchSettings
 from saap_edge.errors import UserError

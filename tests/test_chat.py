@@ -47,7 +47,7 @@ def _torch_answer(src, messages, n):
 
 @pytest.mark.parametrize("kind", ["gguf", "onnx"])
 def test_a_chat_turn_gives_transformers_tokens(chat_model, kind):
-    from runtime.__main__ import open_runtime
+    from runtime import open_runtime
     from runtime.chat import ChatSession, template_for
 
     src, gguf, onnx = chat_model
@@ -68,7 +68,7 @@ def test_a_chat_turn_gives_transformers_tokens(chat_model, kind):
 def test_the_template_renders_as_transformers_renders_it(chat_model):
     from transformers import AutoTokenizer
 
-    from runtime.__main__ import open_runtime
+    from runtime import open_runtime
     from runtime.chat import template_for
 
     src, gguf, onnx = chat_model
@@ -84,7 +84,7 @@ def test_an_answer_stops_at_the_end_of_turn_token(chat_model):
     end-of-text id nothing to match: the stop comes from the template alone."""
     import numpy as np
 
-    from runtime.__main__ import open_runtime
+    from runtime import open_runtime
     from runtime.chat import ChatSession, template_for
 
     _, gguf, _ = chat_model
@@ -180,7 +180,7 @@ def test_compare_writes_answers_side_by_side(chat_model, tmp_path, capsys):
 
 
 def test_compare_greedy_answers_are_the_chat_answers(chat_model, tmp_path):
-    from runtime.__main__ import open_runtime
+    from runtime import open_runtime
     from runtime.chat import ChatSession, template_for
     from saap_edge.compare import compare
 

@@ -23,7 +23,8 @@ from saap_edge.prune.hywia import (
     rank_hywia,
     soft_masks,
 )
-from saap_edge.prune.methods import Statistics, rank_saap
+from saap_edge.prune.methods import rank_saap
+from saap_edge.prune.ranking import Statistics
 from saap_edge.prune.search import search
 
 LAYERS = [1, 2, 3, 4]

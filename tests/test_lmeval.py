@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import hetero_model, save_tiny32
-from saap_edge.checkpoint import save_model
+from saap_edge.outputs import save_model
 from saap_edge.eval.zeroshot import TASKS, TorchScorer, load_tasks, score_tasks
 
 pytest.importorskip("lm_eval")

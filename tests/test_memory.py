@@ -164,7 +164,7 @@ def test_recover_and_export_dry_runs_read_the_config_alone(tmp_path, capsys):
 MEASURE = textwrap.dedent('''
     import json, sys, torch
     from pathlib import Path
-    from saap_edge.report import PeakRSS
+    from saap_edge.memory import PeakRSS
     from saap_edge.memory import Shape
     stage, model_dir = sys.argv[1], sys.argv[2]
     torch.manual_seed(0)

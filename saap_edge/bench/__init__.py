@@ -305,7 +305,7 @@ def run_bench(models: list[BenchModel], s: BenchSettings, out: Path, progress: b
     """Measure every (model, runtime) row; results/charts are rewritten after each row.
     Exported artifacts and row logs go to `artifacts` (default `<out>/artifacts`)."""
     from saap_edge.bench.probe import cuda_bandwidth_gbs, machine, memory_bandwidth_gbs
-    from saap_edge.bench.render import write_outputs
+    from saap_edge.render import write_bench_outputs
     from saap_edge.compress import versions
 
     s.validate()
@@ -319,5 +319,5 @@ def run_bench(models: list[BenchModel], s: BenchSettings, out: Path, progress: b
     for model, runtime in tqdm(pairs, desc="bench", disable=not progress):
         data["rows"].append(bench_row(model, runtime, work, s))
         add_derived(data)
-        write_outputs(data, out)
+        write_bench_outputs(data, out)
     return data

@@ -16,7 +16,7 @@ from saap_edge.errors import UserError
 from saap_edge.models.onednn import onednn_linears
 
 
-def _model_device(model: torch.nn.Module) -> torch.device:
+def model_device(model: torch.nn.Module) -> torch.device:
     """Device of the model's first parameter (CPU for a parameter-free module)."""
     try:
         return next(model.parameters()).device
@@ -24,7 +24,7 @@ def _model_device(model: torch.nn.Module) -> torch.device:
         return torch.device("cpu")
 
 
-def _windows(tokenizer: Any, text: str, window: int, limit: int | None) -> torch.Tensor:
+def token_windows(tokenizer: Any, text: str, window: int, limit: int | None) -> torch.Tensor:
     """Tokenize ``text`` once and cut it into ``[N, window]`` full windows (tail dropped)."""
     if window < 2:
         raise UserError(f"perplexity window must be >= 2 tokens, got {window}")
@@ -57,7 +57,7 @@ def perplexity(
     ``{"ppl", "nll" (mean per token), "windows", "tokens_scored", "window", "seconds"}``
     (``seconds``: wall time of the scoring).
     """
-    windows = _windows(tokenizer, text, window, limit)
+    windows = token_windows(tokenizer, text, window, limit)
     return window_perplexity(model, windows, batch_size, device, progress)
 
 
@@ -72,7 +72,7 @@ def window_perplexity(
 ) -> dict[str, float | int]:
     """Perplexity over token windows [N, T], each scored on its own (see `perplexity`).
     `fast`: float32 CPU models compute their linears with oneDNN (saap_edge.models.onednn)."""
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else model_device(model)
     window = windows.shape[1]
     total_nll = torch.zeros((), dtype=torch.float64)
     t0 = time.perf_counter()

@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from saap_edge.data import DATA_DIR_ENV, resolve_data_dir
 from saap_edge.errors import UserError
 from saap_edge.files import read_text
-from saap_edge.eval.ppl import _model_device
+from saap_edge.eval.ppl import model_device
 
 DEFAULT_MAX_LENGTH = 2048
 
@@ -327,7 +327,7 @@ class TorchScorer(Scorer):
             raise UserError(f"--batch-size ({batch_size}) and --max-length ({max_length}) must be >= 1")
         config = getattr(model, "config", None)
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
-        self.device = torch.device(device) if device is not None else _model_device(model)
+        self.device = torch.device(device) if device is not None else model_device(model)
         self.max_length = min(max_length, getattr(config, "max_position_embeddings", None) or max_length)
         ids = [getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None),
                getattr(config, "bos_token_id", None)]

@@ -10,7 +10,8 @@ from torch import nn
 from saap_edge.config import PruneSettings
 from saap_edge.errors import UserError
 from saap_edge.prune.groups import discover, scored_kinds, total_params, unit_costs
-from saap_edge.prune.methods import RANKERS, Statistics
+from saap_edge.prune.methods import RANKERS
+from saap_edge.prune.ranking import Statistics
 from saap_edge.prune.plan import PrunePlan
 from saap_edge.prune.search import candidates, check_feasible, search
 from saap_edge.prune.slicing import apply_plan

@@ -36,7 +36,7 @@ class TaylorStats:
 
 
 @contextmanager
-def _only_grads_for(model: nn.Module, params: list[nn.Parameter]):
+def only_grads_for(model: nn.Module, params: list[nn.Parameter]):
     """Gradients only for `params` during the block; the old flags come back afterwards."""
     saved = [(p, p.requires_grad) for p in model.parameters()]
     try:
@@ -133,7 +133,7 @@ def backward_each(model: nn.Module, samples: torch.Tensor, hooked: list[tuple[nn
         raise UserError(f"{samples.shape[0]} {what}s for {procs.world} processes: each process needs at least one; "
                         "give more samples or launch fewer processes")
     handles, losses, error = [], torch.zeros(samples.shape[0], dtype=torch.float64), None
-    with _only_grads_for(model, [w for w, _ in hooked]):
+    with only_grads_for(model, [w for w, _ in hooked]):
         try:
             for weight, hook in hooked:
                 handles.append(weight.register_post_accumulate_grad_hook(hook))

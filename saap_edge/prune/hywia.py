@@ -40,12 +40,12 @@ from tqdm.auto import tqdm
 from saap_edge.config import HywiaSettings, PruneSettings
 from saap_edge.errors import UserError
 from saap_edge.prune import importance as imp
-from saap_edge.prune.estimate import _only_grads_for
-from saap_edge.prune.groups import ATTN, HEAD, MLP, LayerShape, decoder_layers, output_proj, submodule, total_params
+from saap_edge.prune.estimate import only_grads_for
+from saap_edge.prune.groups import ATTN, MLP, LayerShape, decoder_layers, output_proj, submodule, total_params
 from saap_edge.prune.importance import Key, Scores
+from saap_edge.prune.ranking import Ranking, weight_norm2
 from saap_edge.prune.search import candidates, global_pool, take_lowest
 
-BLEND_CHART = "hywia_blend.png"
 GRANULARITIES = ("coarse", "fine")
 FEATURES = ("log mean", "spread (std / mean)", "log peak (max / mean)", "top-10% share", "sample spread",
             "entropy")
@@ -57,7 +57,6 @@ FEATURES = ("log mean", "spread (std / mean)", "log peak (max / mean)", "top-10%
 def granular_scores(st, s: PruneSettings, h: HywiaSettings) -> tuple[dict[str, Scores], dict[str, Scores]]:
     """Per granularity: per-sample scores [D, U] and per-unit scores [U] (after the indicator,
     divided by their mean over the scope)."""
-    from saap_edge.prune.methods import weight_norm2
 
     stats = st.taylor()
     per_sample = {
@@ -252,7 +251,7 @@ def learn_blend(st, s: PruneSettings, h: HywiaSettings, unit: dict[str, Scores],
     was_training = model.training
     model.eval()
     try:
-        with _only_grads_for(model, []), _masked(model, st.shapes, st.layers) as mask:
+        with only_grads_for(model, []), _masked(model, st.shapes, st.layers) as mask:
             for step in tqdm(range(h.steps), desc="hywia fusion", disable=not progress):
                 temperature = h.t_start * (h.t_end / h.t_start) ** (step / max(h.steps - 1, 1))
                 blend = fusion(keys)
@@ -269,14 +268,12 @@ def learn_blend(st, s: PruneSettings, h: HywiaSettings, unit: dict[str, Scores],
                 optimizer.step()
                 curve.append({"step": step + 1, "loss": loss.item(), "temperature": temperature, "threshold": threshold})
     finally:
-        model.train(was_training)  # _only_grads_for has left no gradient on any model weight
+        model.train(was_training)  # only_grads_for has left no gradient on any model weight
     return fusion, curve
 
 
 def rank_hywia(st, s: PruneSettings, h: HywiaSettings | None = None):
     """The HyWIA ranking (see the module docstring): a Ranking with the blend in its record."""
-    from saap_edge.prune.methods import Ranking
-
     h = (h or HywiaSettings()).validate(st.samples.shape[0])
     per_sample, unit = granular_scores(st, s, h)
     keys = keys_of(per_sample, unit)
@@ -298,28 +295,3 @@ def rank_hywia(st, s: PruneSettings, h: HywiaSettings | None = None):
     details = {"calib_loss": sum(stats.losses) / len(stats.losses),
                "hywia": {**record, "settings": h.to_dict(), "curve": curve, "learn_s": time.perf_counter() - t0}}
     return Ranking(keep, "global", details, cap=s.layer_cap, record=record)
-
-
-def plot_blend(record: dict, path) -> None:
-    """Chart: the learned share of the coarse granularity per layer, one line per unit kind."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    kinds = sorted({b["kind"] for b in record["blend"]})
-    for kind in kinds:
-        rows = [b for b in record["blend"] if b["kind"] == kind]
-        ax.plot([b["layer"] for b in rows], [b["coarse"] for b in rows], marker="o", label={ATTN: "KV groups", MLP: "MLP channels", HEAD: "query heads"}.get(kind, kind))
-    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("decoder layer")
-    ax.set_ylabel("weight of the coarse score")
-    ax.set_title(f"HyWIA blend ({record['blend_mode']}; fine = {record['fine']} order)")
-    ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)

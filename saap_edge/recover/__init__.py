@@ -42,7 +42,7 @@ from saap_edge.prune.slicing import as_slim  # noqa: F401  (re-exported: recover
 from saap_edge.recover.generate import generated_tokens, generated_windows
 from saap_edge.recover.params import enable_direct, freeze
 from saap_edge.recover.train import latest_checkpoint, total_steps, train, window_indices
-from saap_edge.report import peak_memory_mib
+from saap_edge.memory import peak_memory_mib
 
 
 def checkpoint_dir(out: Path) -> Path:

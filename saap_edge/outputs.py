@@ -1,4 +1,7 @@
-"""Checkpoint: the compressed model directory, written whole or not at all.
+"""Outputs: every file and directory a command writes, written whole or not at all (a temporary
+name beside the target, renamed when complete). Training checkpoints are recover/train.py's.
+
+The compressed model directory:
 
 Layout: config.json (per-layer lists) + model.safetensors + slim.py (for trust_remote_code)
 + tokenizer files + prune_plan.json + report.json + layers.png.
@@ -80,19 +83,21 @@ def replace_path(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def write_text(path: Path, text: str) -> None:
-    """`text` into `path` whole or not at all: a temporary name beside it, renamed when written."""
+def write_file(path: Path, data: str | bytes) -> None:
+    """`data` (UTF-8 text or bytes) into `path` whole or not at all: a temporary name beside it,
+    renamed when written, so no reader ever sees half a file."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_bytes(data) if isinstance(data, bytes) else tmp.write_text(data, encoding="utf-8")
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def write_json(path: Path, data: dict) -> None:
-    write_text(path, json.dumps(data, indent=1, default=str) + "\n")
+    write_file(path, json.dumps(data, indent=1, default=str) + "\n")
 
 
 def save_model(directory: Path, model, tokenizer) -> None:

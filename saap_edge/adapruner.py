@@ -302,12 +302,13 @@ def rank_point(model: nn.Module, pool: PoolStats, point: Point, s, shapes: list[
     allocation, or SAAP's ranking (with its indicator) computed on the point's windows."""
     from dataclasses import replace
 
-    from saap_edge.prune.methods import Ranking, Statistics, rank_saap
+    from saap_edge.prune.methods import rank_saap
+    from saap_edge.prune.ranking import Ranking, Statistics
 
     idx = torch.tensor(sorted(point.windows), dtype=torch.long)
     if point.metric in SAAP_METRICS:
         st = Statistics(model, None, shapes, layers, progress=False)
-        st._taylor = pool.taylor(idx)
+        st.use_taylor(pool.taylor(idx))
         return rank_saap(st, replace(s, method="saap", indicator=point.metric.split("-", 1)[1], units="groups"))
     metric, aggregation = point.metric.split("/")
     return Ranking(taylor_scores(pool, idx, metric, aggregation), "uniform", {})
@@ -337,9 +338,9 @@ def prune_point(model: nn.Module, pool: PoolStats, point: Point, s, shapes: list
 def objective_windows(tokenizer, source: str, n: int, data_dir) -> torch.Tensor:
     """The first `n` 128-token windows of `source`'s *validation* split (a path: the file)."""
     from saap_edge.data import load_text
-    from saap_edge.eval.ppl import _windows
+    from saap_edge.eval.ppl import token_windows
 
-    return _windows(tokenizer, load_text(source, "validation", data_dir), 128, n)
+    return token_windows(tokenizer, load_text(source, "validation", data_dir), 128, n)
 
 
 def search_and_prune(model: nn.Module, tokenizer, s, search, recon, recon_samples, storage: Path, data_dir,
@@ -396,40 +397,3 @@ def search_and_prune(model: nn.Module, tokenizer, s, search, recon, recon_sample
             "trials": trials, "time_s": time.perf_counter() - t0}
     result.details.update(search=info["best"])
     return result, info
-
-
-def write_search(directory: Path, info: dict) -> None:
-    """search.json (every trial), search.md (a table) and search.png (best objective so far)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from saap_edge.checkpoint import write_json
-    from saap_edge.report import format_table
-
-    write_json(directory / "search.json", info)
-    trials = info["trials"]
-    rows = [[t["number"], t["metric"], len(t["windows"]), t["value"]] for t in trials]
-    per_trial = sum(info["trial_s"]) / len(info["trial_s"]) if info["trial_s"] else None
-    lines = [f"# AdaPruner search: {len(trials)} trials", "",
-             f"Objective: perplexity on {info['identity']['objective']} windows (validation split). Best: "
-             f"{info['best']['metric']} on windows {info['best']['windows']}, {info['best']['value']:.3f}.",
-             f"Pool statistics {info['pool_s']:.0f} s ({'cached' if info['pool_cache']['cached'] else 'computed'}); "
-             + (f"{per_trial:.1f} s per trial run in this process." if per_trial else "no trial ran in this process."),
-             "", format_table(["trial", "metric", "windows", "objective"], rows), ""]
-    (directory / "search.md").write_text("\n".join(lines))
-    best, so_far = float("inf"), []
-    for t in trials:
-        best = min(best, t["value"])
-        so_far.append(best)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([t["number"] for t in trials], [t["value"] for t in trials], "o", alpha=0.4, label="trial")
-    ax.plot([t["number"] for t in trials], so_far, "-", label="best so far")
-    ax.set_xlabel("trial")
-    ax.set_ylabel("validation perplexity")
-    ax.set_yscale("log")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(directory / "search.png", dpi=100)
-    plt.close(fig)
