@@ -71,8 +71,8 @@ def _measure(a, key: str, table: str, label: str, method: str, ratio: float, lim
                       recover=None, search=q)
     row, report = compress_and_score(a, key, job, limit)
     row.update(table=table, label=label)
-    if "search" in report:
-        sr = report["search"]
+    if report.search is not None:
+        sr = report.search
         row["search"] = {"best": sr["best"], "pool_s": sr["pool_s"], "pool_cached": sr["pool_cache"]["cached"],
                          "search_s": sr["time_s"], "trial_s": sr["trial_s"], "trials": len(sr["trials"]),
                          "settings": sr["settings"], "curve": [[t["number"], t["value"]] for t in sr["trials"]]}

@@ -172,9 +172,9 @@ def compress_and_score(a, key: str, job, limit: int) -> tuple[dict, dict]:
     report = compress(job)
     wall = time.perf_counter() - t0
     row = {"key": key, "method": job.prune.method, "ratio": job.prune.ratio,
-           "params": report["params"]["after"], "removed_share": report["params"]["removed_share"],
+           "params": report.params["after"], "removed_share": report.params["removed_share"],
            **score_ppl(a, load(job.out), limit),
-           "compress_s": wall, "time_s": report["time_s"], "recovery": job.recover.recovery if job.recover else "none"}
+           "compress_s": wall, "time_s": report.time_s, "recovery": job.recover.recovery if job.recover else "none"}
     return row, report
 
 
@@ -193,7 +193,7 @@ def recover_and_score(a, key: str, source: dict, limit: int) -> dict:
     wall = time.perf_counter() - t0
     keep = ("method", "ratio", "params", "removed_share", "search", "hywia")
     return {**{k: source[k] for k in keep if k in source}, "key": key, "source": source["key"], **score_ppl(a, load(out), limit),
-            "recovery": report["recovery"]["recovery"], "recover_s": wall, "heldout_ppl": report["recovery"]["heldout_ppl"]}
+            "recovery": report.recovery["recovery"], "recover_s": wall, "heldout_ppl": report.recovery["heldout_ppl"]}
 
 
 def add_tasks(a, row: dict, model_dir: Path) -> dict:

@@ -64,10 +64,10 @@ def _measure(a, key: str, table: str, label: str, method: str, ratio: float, lim
                       recover=None, hywia=h)
     row, report = compress_and_score(a, key, job, limit)
     row.update(table=table, label=label)
-    if "hywia" in report["details"]:
-        d = report["details"]["hywia"]
+    if "hywia" in (report.details or {}):
+        d = report.details["hywia"]
         row["hywia"] = {"learn_s": d["learn_s"], "curve": d["curve"], "blend": d["blend"], "blend_mode": d["blend_mode"],
-                        "prune_s": report["time_s"]["prune_s"]}
+                        "prune_s": report.time_s["prune_s"]}
     return row
 
 

@@ -13,9 +13,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from saap_edge.outputs import remove_stale, replace_path
+from saap_edge.outputs import REPORT_FILE, remove_stale, replace_path
 from saap_edge.errors import UserError
 from saap_edge.files import read_json
+from saap_edge.run_report import RunReport
 
 FORMATS = ("gguf", "onnx")
 GGUF_QUANTS = ("q4_1", "f16", "f32")
@@ -65,11 +66,9 @@ def _provenance(directory: Path | None, model) -> dict:
     q = getattr(model.config, "quantization", None)
     if q:
         out.update(int4_scheme=q["scheme"], int4_group_size=q["group_size"])
-    report = directory / "report.json"
-    if report.exists():
-        rec = read_json(report, "report").get("recovery")
-        if rec:
-            out["recovery"] = rec["recovery"]
+    report = RunReport.read_if_any(directory / REPORT_FILE)
+    if report is not None and report.recovery:
+        out["recovery"] = report.recovery["recovery"]
     return out
 
 
@@ -77,9 +76,9 @@ def _source_gguf(directory: Path | None, loaded_source: dict) -> Path | None:
     """The GGUF the checkpoint came from, whose tokenizer metadata is copied verbatim."""
     if loaded_source.get("kind") in ("gguf", "alias"):
         return Path(loaded_source["path"])
-    report = directory / "report.json" if directory else None
-    if report and report.exists():
-        src = read_json(report, "report").get("model", {})
+    report = RunReport.read_if_any(directory / REPORT_FILE) if directory else None
+    if report is not None:
+        src = report.model
         if src.get("kind") in ("gguf", "alias") and Path(src.get("path", "")).exists():
             return Path(src["path"])
     return None
@@ -208,7 +207,7 @@ def export(job: ExportJob) -> ExportResult:
 
         gen = getattr(model, "generation_config", None)
         result["modelfile"] = str(write_modelfile(out, gen.to_dict() if gen is not None else None))
-    if directory is not None and (directory / "report.json").is_file() and out.resolve().parent == directory.resolve():
+    if directory is not None and (directory / REPORT_FILE).is_file() and out.resolve().parent == directory.resolve():
         from saap_edge.card import write_card
 
         write_card(directory)  # the card lists the new file and how to run it

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from saap_edge.run_report import RunReport
 from saap_edge.outputs import CHART_FILE, PLAN_FILE, REPORT_FILE, write_file
 
 CARD_FILE = "README.md"
@@ -23,14 +24,15 @@ ALIAS_SOURCES = {"smollm2-135m": {"base_model": "HuggingFaceTB/SmolLM2-135M-Inst
 
 def _read(path: Path) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
+    return data if isinstance(data, dict) else {}
 
 
-def _source(report: dict) -> dict:
+def _source(report: RunReport) -> dict:
     """base_model / license of the model the directory was made from, where known."""
-    model = report.get("model") or {}
+    model = report.model or {}
     name, kind = str(model.get("model", "")), model.get("kind")
     if name in ALIAS_SOURCES:
         return dict(ALIAS_SOURCES[name])
@@ -72,13 +74,13 @@ def card_text(directory: Path, name: str | None = None) -> str:
     temporary one."""
     directory = Path(directory)
     dir_name = name or directory.name
-    report = _read(directory / REPORT_FILE)
+    report = RunReport.from_dict(_read(directory / REPORT_FILE))
     plan = _read(directory / PLAN_FILE)
     config = _read(directory / "config.json")
     evals = _read(directory / EVAL_FILE)
-    settings = report.get("settings", {})
+    settings = report.settings
     method, ratio = settings.get("method", plan.get("method", "?")), settings.get("ratio", plan.get("ratio"))
-    recovery = report.get("recovery") or {}
+    recovery = report.recovery or {}
     quant = config.get("quantization") or {}
     artifacts = _artifacts(directory)
     source = _source(report)
@@ -87,8 +89,8 @@ def card_text(directory: Path, name: str | None = None) -> str:
     meta = {**({"base_model": source["base_model"]} if "base_model" in source else {}),
             "library_name": "transformers", "pipeline_tag": "text-generation", "tags": tags,
             **({"license": source["license"]} if "license" in source else {})}
-    base = source.get("base_model") or (report.get("model") or {}).get("model", "the source model")
-    params = report.get("params", {})
+    base = source.get("base_model") or report.model.get("model", "the source model")
+    params = report.params
     out = [_yaml(meta), "", f"# {dir_name}", ""]
     share = params.get("removed_share")
     out.append(f"{base} with {share:.1%} of its parameters removed by structured pruning ({method}"
@@ -98,7 +100,7 @@ def card_text(directory: Path, name: str | None = None) -> str:
     out += ["", "## What was done", ""]
     if params:
         out.append(f"- **Pruning**: {method}; parameters {_fmt(params.get('before'))} -> {_fmt(params.get('after'))}.")
-    recon = report.get("reconstruction") or {}
+    recon = report.reconstruction or {}
     if recon.get("method", "none") != "none":
         out.append(f"- **Reconstruction**: the kept weights refit by {recon['method']} on {recon.get('samples')} windows of "
                    f"{recon.get('seq_len')} tokens (target {recon.get('target')}).")
@@ -112,7 +114,7 @@ def card_text(directory: Path, name: str | None = None) -> str:
         out.append(f"- **int4 format**: the q/k/v/o/gate/up/down projections as groups of {quant.get('group_size')} "
                    "weights, w = a * q + b with 4-bit codes q and fp16 scale a and offset b per group; the GGUF (Q4_1 "
                    "blocks) and ONNX (MatMulNBits) exports hold these numbers bit for bit.")
-    layers = report.get("per_layer") or []
+    layers = report.per_layer or []
     if layers:
         out += ["", "Units kept per layer (query heads, MLP width):", "", "| layer | heads | MLP width |", "|---|---|---|"]
         for row in layers:
@@ -121,7 +123,7 @@ def card_text(directory: Path, name: str | None = None) -> str:
         if (directory / CHART_FILE).is_file():
             out += ["", f"![units kept per layer]({CHART_FILE})"]
     out += ["", "## Measured", ""]
-    ppl = report.get("ppl") or {}
+    ppl = report.ppl
     if ppl:
         out += ["Perplexity measured by `compress` (first windows of each test set; lower is better):", "",
                 "| test set | windows x tokens | dense | pruned | recovered |", "|---|---|---|---|---|"]
@@ -166,7 +168,7 @@ def card_text(directory: Path, name: str | None = None) -> str:
     limits.append("- Structured pruning removes whole heads and MLP channels: expect weaker long-form and knowledge-heavy "
                   "answers than the dense model at the same prompt; compare both with `saap-edge compare`.")
     out += limits
-    versions = report.get("versions") or {}
+    versions = report.versions or {}
     if versions:
         out += ["", "Made with " + ", ".join(f"{k} {v}" for k, v in versions.items()) + "."]
     return "\n".join(out) + "\n"

@@ -239,8 +239,8 @@ def run_compress(a: argparse.Namespace) -> int:
     return 0
 
 
-def _model_kind(report: dict) -> str:
-    recovery = report.get("recovery")
+def _model_kind(report) -> str:
+    recovery = report.recovery
     if recovery and "group_size" in recovery:
         return f"int4 model (G={recovery['group_size']}, {recovery['recovery']})"
     return "slim model" + (f" ({recovery['recovery']})" if recovery else "")

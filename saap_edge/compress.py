@@ -9,20 +9,20 @@ from __future__ import annotations
 import platform
 import time
 from dataclasses import dataclass, field, replace
+from typing import Any
 from pathlib import Path
 
 import torch
 
 from saap_edge import __version__
 from saap_edge.card import write_card
-from saap_edge.outputs import CHART_FILE, PLAN_FILE, REPORT_FILE, atomic_dir, check_output_dir, save_model, write_json
+from saap_edge.outputs import CHART_FILE, PLAN_FILE, REPORT_FILE, atomic_dir, check_output_dir, save_model
 from saap_edge.config import (
     METHOD_TABLE, HywiaSettings, PruneSettings, ReconstructSettings, RecoverSettings, RunSettings, SearchSettings,
 )
 from saap_edge.distributed import processes
 from saap_edge.errors import UserError
 from saap_edge.memory import parse_max_memory
-from saap_edge.files import read_json
 from saap_edge.seeding import set_seed
 from saap_edge.data import calibration_samples
 from saap_edge.eval.ppl import evaluate_ppl
@@ -35,6 +35,7 @@ from saap_edge.recover.distill import check_teacher, default_cache_dir
 from saap_edge.quant.int4 import check_prunable_to_int4
 from saap_edge.memory import peak_memory_mib, stage_peak
 from saap_edge.render import plot_layers
+from saap_edge.run_report import RunReport
 
 
 @dataclass
@@ -73,9 +74,20 @@ def _quick_ppl(model, tokenizer, job: CompressJob, device) -> dict:
     )
 
 
-def _prune_stage(job: CompressJob, s: PruneSettings, r: ReconstructSettings) -> tuple:
-    """Load, calibrate, prune, reconstruct and score: (slim model, tokenizer, plan, report, device).
-    The dense model is used up by the slicing; a distilling recovery loads its teacher again."""
+@dataclass
+class Pruned:
+    """What the prune stage hands on: the slim model (reconstructed), its tokenizer and plan, the
+    run report so far and the device the model is on."""
+    model: Any
+    tokenizer: Any
+    plan: PrunePlan
+    report: RunReport
+    device: Any
+
+
+def _prune_stage(job: CompressJob, s: PruneSettings, r: ReconstructSettings) -> Pruned:
+    """Load, calibrate, prune, reconstruct and score. The dense model is used up by the slicing;
+    a distilling recovery loads its teacher again."""
     t0 = time.perf_counter()
     set_seed(s.seed)  # torch's generator starts differently in every process
     loaded = load_model(job.model, job.run.device, job.run.dtype, job.run.device_map, parse_max_memory(job.run.max_memory))
@@ -140,23 +152,22 @@ def _prune_stage(job: CompressJob, s: PruneSettings, r: ReconstructSettings) -> 
     if calib_hash:
         plan.calibration = {"source": s.calib, "samples": s.calib_samples, "seq_len": s.seq_len, "sha256": calib_hash}
     plan.versions = versions()
-    report = {
-        "model": loaded.source,
-        "settings": s.to_dict(),
-        "reconstruction": recon_info,
-        "params": plan.params,
-        "per_layer": [dict(zip(("layer", "heads_before", "heads_after", "mlp_before", "mlp_after"), r)) for r in plan.summary_rows()],
-        "ppl": {k: {"before": before[k], "after": after[k]} for k in after},
-        "time_s": {**timings, "prune_total_s": time.perf_counter() - t0},
-        "peak_memory_mib": peak_memory_mib(device),
-        "device": str(device),
-        "memory_measured": measured,
-        "details": result.details,
-        "versions": plan.versions,
-    }
-    if search_info is not None:
-        report["search"] = search_info
-    return result.model, tokenizer, plan, report, device
+    report = RunReport(
+        model=loaded.source,
+        settings=s.to_dict(),
+        reconstruction=recon_info,
+        params=plan.params,
+        per_layer=[dict(zip(("layer", "heads_before", "heads_after", "mlp_before", "mlp_after"), r)) for r in plan.summary_rows()],
+        ppl={k: {"before": before[k], "after": after[k]} for k in after},
+        time_s={**timings, "prune_total_s": time.perf_counter() - t0},
+        peak_memory_mib=peak_memory_mib(device),
+        device=str(device),
+        memory_measured=measured,
+        details=result.details,
+        versions=plan.versions,
+        search=search_info,
+    )
+    return Pruned(result.model, tokenizer, plan, report, device)
 
 
 def _rank(job, model, tokenizer, samples, s: PruneSettings, r: ReconstructSettings, recon_samples, streams: bool):
@@ -220,17 +231,17 @@ def _reconstruct_stage(dense, slim, plan: PrunePlan, samples, r: ReconstructSett
     return reconstruct(dense, slim, plan, samples, r, device=device, progress=progress)
 
 
-def _save(directory: Path, model, tokenizer, plan: PrunePlan, report: dict, title: str, name: str) -> None:
+def _save(directory: Path, model, tokenizer, plan: PrunePlan, report: RunReport, title: str, name: str) -> None:
     """Everything an output directory holds, written into `directory` (a temporary sibling of the
     output, renamed after); `name`: the output's own name, which the model card uses."""
     save_model(directory, model, tokenizer)
     plan.save(directory / PLAN_FILE)
-    write_json(directory / REPORT_FILE, report)
+    report.write(directory / REPORT_FILE)
     plot_layers(plan, directory / CHART_FILE, title)
-    if "search" in report:
+    if report.search is not None:
         from saap_edge.render import write_search
 
-        write_search(directory, report["search"])
+        write_search(directory, report.search)
     write_card(directory, name)
     if plan.importance.get("blend"):
         from saap_edge.render import BLEND_CHART, plot_blend
@@ -238,7 +249,7 @@ def _save(directory: Path, model, tokenizer, plan: PrunePlan, report: dict, titl
         plot_blend(plan.importance, directory / BLEND_CHART)
 
 
-def _resume_pruned(pruned_dir: Path, job: CompressJob, s: PruneSettings) -> tuple:
+def _resume_pruned(pruned_dir: Path, job: CompressJob, s: PruneSettings) -> Pruned:
     """The pruned model kept by an interrupted run, checked against the current settings."""
     if not (pruned_dir / PLAN_FILE).exists():
         raise UserError(f"--resume: no interrupted run to continue at {pruned_dir.parent}; run without --resume")
@@ -251,8 +262,8 @@ def _resume_pruned(pruned_dir: Path, job: CompressJob, s: PruneSettings) -> tupl
         raise UserError(f"--resume: the interrupted run pruned with other settings ({', '.join(diffs)}); "
                         "rerun with its settings or without --resume")
     loaded = load_model(str(pruned_dir), job.run.device, job.run.dtype)
-    report = read_json(pruned_dir / REPORT_FILE, "report")
-    return loaded.model, loaded.tokenizer, plan, report, next(loaded.model.parameters()).device
+    report = RunReport.read(pruned_dir / REPORT_FILE)
+    return Pruned(loaded.model, loaded.tokenizer, plan, report, next(loaded.model.parameters()).device)
 
 
 def _check_student_groups(student, r: RecoverSettings) -> None:
@@ -265,7 +276,7 @@ def _check_student_groups(student, r: RecoverSettings) -> None:
 
 
 def _teacher_pass_stage(name: str, flag_given: bool, rs: RunSettings, student_config, tokenizer, r: RecoverSettings,
-                        run: RecoverRun, student_dir: Path, device, report: dict):
+                        run: RecoverRun, student_dir: Path, device, report: RunReport):
     """The teacher pass, for a student that has left memory (it is on disk in `student_dir`):
     the teacher `name` alone computes every target the run will read into the teacher cache
     (RecoverRun.teacher_key), leaves, and the student is loaded again; the two never share the
@@ -279,7 +290,7 @@ def _teacher_pass_stage(name: str, flag_given: bool, rs: RunSettings, student_co
     run.teacher_key = teacher_pass(teacher, tokenizer, r, run)
     del teacher
     _free(device)
-    report.setdefault("time_s", {})["teacher_pass_s"] = time.perf_counter() - t0
+    report.time_s["teacher_pass_s"] = time.perf_counter() - t0
     return load_model(str(student_dir), rs.device, rs.dtype, rs.device_map, parse_max_memory(rs.max_memory)).model
 
 
@@ -330,7 +341,7 @@ def _validated(job: CompressJob) -> tuple:
     return job, s, r
 
 
-def compress(job: CompressJob) -> dict:
+def compress(job: CompressJob) -> RunReport:
     """Run the whole stage; returns the report written to <out>/report.json."""
     job, s, r = _validated(job)
     rc = job.reconstruct
@@ -345,23 +356,25 @@ def compress(job: CompressJob) -> dict:
     if job.resume:
         if pruned_dir is None:
             raise UserError("--resume continues an interrupted recovery; this run has none (--no-recover / --recovery none)")
-        model, tokenizer, plan, report, device = _resume_pruned(pruned_dir, job, s)
+        pruned = _resume_pruned(pruned_dir, job, s)
     else:
-        model, tokenizer, plan, report, device = _prune_stage(job, s, rc)
+        pruned = _prune_stage(job, s, rc)
         if pruned_dir is not None and procs.main:  # a fresh run: earlier checkpoints no longer apply
             clear_checkpoints(ckpt)
             ckpt.mkdir(parents=True)
             tmp = ckpt / ".pruned.tmp"
             tmp.mkdir()
-            _save(tmp, model, tokenizer, plan, report, "pruned", pruned_dir.name)
+            _save(tmp, pruned.model, pruned.tokenizer, pruned.plan, pruned.report, "pruned", pruned_dir.name)
             tmp.rename(pruned_dir)
         procs.barrier()  # the pruned model is on disk for every process
+    model, tokenizer, plan, report, device = pruned.model, pruned.tokenizer, pruned.plan, pruned.report, pruned.device
+    pruned.model = None  # the stages below replace the model: nothing else may hold it
     title = f"{s.method} {plan.params['removed_share']:.1%} of {job.model}"
     if r is not None:
         run = RecoverRun(ckpt_dir=ckpt, save_every=job.save_every, resume=job.resume, progress=job.run.progress,
                          data_dir=job.run.data_dir, teacher_cache=job.teacher_cache,
                          teacher_cache_mib=job.teacher_cache_mib, curve_every=job.curve_every)
-        measured = report.setdefault("memory_measured", {})
+        measured = report.memory_measured
         name, given = job.teacher or job.model, job.teacher is not None
         if r.distills:
             _check_student_groups(model, r)
@@ -377,14 +390,11 @@ def compress(job: CompressJob) -> dict:
             recovered = recover_model(model, tokenizer, r, run)
         del run
         model = recovered.model
-        report["recovery"] = recovered.info
+        report.recovery = recovered.info
         if job.eval_ppl:
-            for name, result in _quick_ppl(model, tokenizer, job, device).items():
-                report["ppl"][name]["recovered"] = result
-    report["time_s"]["total_s"] = time.perf_counter() - t0
-    report["peak_memory_mib"] = peak_memory_mib(device)
-    report["processes"] = procs.world
-    report["memory_estimate"] = {st.stage: st.as_dict() for st in memory}
+            report.add_recovered_ppl(_quick_ppl(model, tokenizer, job, device))
+    report.time_s["total_s"] = time.perf_counter() - t0
+    report.close(peak_memory_mib(device), procs.world, memory)
     procs.barrier()  # every process is done with the checkpoints before they go
     if procs.main:
         with atomic_dir(job.out, job.overwrite) as tmp:
@@ -474,8 +484,7 @@ def _check_recover_memory(job: "RecoverJob", r: RecoverSettings, dry_run: bool =
         return []
     teacher = None
     if r.distills:
-        report = Path(job.source) / REPORT_FILE
-        recorded = (read_json(report, "report").get("model") or {}) if report.exists() else {}
+        recorded = getattr(RunReport.read_if_any(Path(job.source) / REPORT_FILE), "model", None) or {}
         name = job.teacher or recorded.get("path") or recorded.get("model") or job.source
         teacher = _shape_of(name, False)
     device = planned_device(job.run, dry_run)
@@ -530,9 +539,9 @@ class RecoverJob:
     memory_text: str | None = field(default=None, repr=False)  # the memory count to print once loading passed
 
 
-def _recorded_source(report: dict, source: str) -> str:
-    """The dense model a pruned directory was made from (report.json), for distillation."""
-    recorded = report.get("model") or {}
+def _recorded_source(recorded: dict, source: str) -> str:
+    """The dense model a pruned directory was made from (report.json's `model`), for distillation."""
+    recorded = recorded or {}
     given = recorded.get("path") or recorded.get("model")
     if not given:
         raise UserError(f"{source} records no source model (report.json); give the dense teacher with --teacher PATH")
@@ -544,7 +553,7 @@ def recover_dry_run(job: RecoverJob) -> list:
     return _check_recover_memory(job, job.recover.validate(), dry_run=True)
 
 
-def recover_dir(job: RecoverJob) -> dict:
+def recover_dir(job: RecoverJob) -> RunReport:
     """Recover `job.source` into `job.out` (model, plan, report with a `recovery` section)."""
     from saap_edge.prune.groups import discover, total_params
 
@@ -567,18 +576,16 @@ def recover_dir(job: RecoverJob) -> dict:
     pruned_input = source.is_dir() and (source / PLAN_FILE).exists()
     if pruned_input:
         plan = PrunePlan.load(source / PLAN_FILE)
-        report = read_json(source / REPORT_FILE, "report") if (source / REPORT_FILE).exists() else {}
+        report = RunReport.read_if_any(source / REPORT_FILE) or RunReport()
     else:
         plan = PrunePlan.keep_all(discover(model))
         params = total_params(model)
         plan.params = {"before": params, "after": params, "removed_share": 0.0}
-        report = {}
-    source_report = dict(report)
-    report.setdefault("model", loaded.source)
-    report.setdefault("params", plan.params)
-    report.setdefault("settings", {"method": plan.method or "none", "ratio": plan.ratio or 0.0})
-    report.setdefault("ppl", {})
-    report.setdefault("time_s", {})
+        report = RunReport()
+    recorded_model = dict(report.model)
+    report.model = report.model or loaded.source
+    report.params = report.params or plan.params
+    report.settings = report.settings or {"method": plan.method or "none", "ratio": plan.ratio or 0.0}
     before = _quick_ppl(model, tokenizer, job, device) if job.eval_ppl else {}
     ckpt = checkpoint_dir(job.out) if r.recovery != "none" else None
     if ckpt is not None and not job.resume and procs.main:
@@ -586,11 +593,11 @@ def recover_dir(job: RecoverJob) -> dict:
     run = RecoverRun(ckpt_dir=ckpt, save_every=job.save_every, resume=job.resume, progress=job.run.progress,
                      data_dir=job.run.data_dir, teacher_cache=job.teacher_cache,
                      teacher_cache_mib=job.teacher_cache_mib, curve_every=job.curve_every)
-    measured = report.setdefault("memory_measured", {})
+    measured = report.memory_measured
     if r.distills or _generates(r):
         # a pruned directory learns from the model it was pruned from; any other model from
         # its own fp weights (int4 recovery of an unpruned model)
-        name = job.teacher or (_recorded_source(source_report, job.source) if pruned_input else job.source)
+        name = job.teacher or (_recorded_source(recorded_model, job.source) if pruned_input else job.source)
         _check_student_groups(model, r)
         if _uses_teacher_pass(run, r):
             config = model.config
@@ -605,20 +612,15 @@ def recover_dir(job: RecoverJob) -> dict:
     with stage_peak(measured, "recovery", device):
         recovered = recover_model(model, tokenizer, r, run)
     del run
-    report["recovery"] = recovered.info
-    for name, result in (_quick_ppl(recovered.model, tokenizer, job, device) if job.eval_ppl else {}).items():
-        # "before" (the dense model) is kept from the pruning report only if scored the same way
-        old = report["ppl"].get(name, {})
-        same = old.get("after", {}).get("windows") == before[name]["windows"] and old["after"].get("window") == before[name]["window"]
-        report["ppl"][name] = {"before": old["before"] if same else None, "after": before[name], "recovered": result}
-    report["time_s"]["recover_total_s"] = time.perf_counter() - t0
-    report["peak_memory_mib"] = peak_memory_mib(device)
-    report["processes"] = procs.world
-    report["memory_estimate"] = {st.stage: st.as_dict() for st in memory}
+    report.recovery = recovered.info
+    if job.eval_ppl:
+        report.add_recovered_ppl(_quick_ppl(recovered.model, tokenizer, job, device), before)
+    report.time_s["recover_total_s"] = time.perf_counter() - t0
+    report.close(peak_memory_mib(device), procs.world, memory)
     procs.barrier()
     if procs.main:
         with atomic_dir(job.out, job.overwrite) as tmp:
-            _save(tmp, recovered.model, tokenizer, plan, report, f"{report['settings']['method']} + {r.recovery}",
+            _save(tmp, recovered.model, tokenizer, plan, report, f"{report.settings['method']} + {r.recovery}",
                   job.out.name)
         if not job.keep_checkpoints:
             clear_checkpoints(ckpt)

@@ -10,6 +10,7 @@ from pathlib import Path
 from saap_edge.outputs import write_file, write_json
 from saap_edge.prune.groups import ATTN, HEAD, MLP
 from saap_edge.prune.plan import PrunePlan
+from saap_edge.run_report import RunReport
 
 
 def save_figure(fig, path: Path, dpi: int = 110) -> None:
@@ -46,20 +47,20 @@ def _fmt(value) -> str:
     return "-" if value is None else str(value)
 
 
-def before_after_table(report: dict) -> str:
-    params = report["params"]
+def before_after_table(report: RunReport) -> str:
+    params = report.params
     rows = [["parameters", params["before"], params["after"]]]
-    rows.append(["removed share", None, f"{params['removed_share']:.2%} (asked {report['settings']['ratio']:.0%})"])
-    recovery = report.get("recovery")
-    for name, result in report.get("ppl", {}).items():
+    rows.append(["removed share", None, f"{params['removed_share']:.2%} (asked {report.settings['ratio']:.0%})"])
+    recovery = report.recovery
+    for name, result in report.ppl.items():
         dense = result["before"]["ppl"] if result.get("before") else None
         row = [f"PPL {name} ({result['after']['windows']} x {result['after']['window']} tok)", dense, result["after"]["ppl"]]
         if recovery:
             row.append(result["recovered"]["ppl"] if "recovered" in result else None)
         rows.append(row)
-    recon = report.get("reconstruction") or {}
+    recon = report.reconstruction or {}
     refit = recon.get("method", "none") != "none"
-    headers = ["", "dense", report["settings"]["method"] + (" + refit" if refit else "")]
+    headers = ["", "dense", report.settings["method"] + (" + refit" if refit else "")]
     if recovery:
         rows[0].append(rows[0][2])
         rows[1].append(_recovery_label(recovery))
