@@ -137,18 +137,16 @@ class Report:
         return PruneSettings(ratio=ratio, calib_samples=calib or self.a.calib_samples, **overrides).validate()
 
     def pruned(self, s: PruneSettings):
+        """`compress`'s prune stage (rank, search, slice, refit) with the dense model kept for the next row."""
+        from saap_edge.compress import prune_keeping_dense
         from saap_edge.data import calibration_samples
-        from saap_edge.prune import prune
-        from saap_edge.reconstruct import reconstruct
 
         samples, stats = self.samples(s.calib_samples)
         torch.manual_seed(0)
-        result = prune(self.model, samples, s, progress=False, stats=stats)
         r = ReconstructSettings()
         if self.recon_windows is None:  # one draw serves every row, as `samples` does
             self.recon_windows, _ = calibration_samples(self.tok, "books", r.samples, r.seq_len, 0, self.a.data_dir)
-        reconstruct(self.model, result.model, result.plan, self.recon_windows, r, progress=False)
-        return result
+        return prune_keeping_dense(self.model, samples, s, r, self.recon_windows, stats=stats)
 
     def pruned_row(self, table: str, label: str, ratio: float, overrides: dict, calib: int | None = None) -> dict:
         s = self.settings(ratio, overrides, calib)

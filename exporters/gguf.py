@@ -251,99 +251,116 @@ def write_gguf(
         raise UserError(f"--quant must be one of {', '.join(QUANTS)} and --embed-type one of {', '.join(EMBED_TYPES)}")
     config = _slim_config(model)
     _check_layers(config)
-    uniform = config.is_uniform
-    arch = "llama" if uniform else "deci"
-    n = config.num_hidden_layers
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    arch = "llama" if config.is_uniform else "deci"
     writer = GGUFWriter(str(path), arch, use_temp_file=True)
     # gguf writes the header first and the tensor data after, so each tensor goes to a temporary
     # file as it is made (the writer's own spooling) and the model is never held whole; the file
     # lies beside the output, not in /tmp, which may be small or in RAM
     writer.temp_file = tempfile.TemporaryFile(dir=Path(path).parent, prefix=f".{Path(path).name}.tensors-")
+    _add_metadata(writer, config, name, quant)
+    token_source = _add_tokenizer(writer, tokenizer_dir, source_gguf, config.vocab_size)
+    for key, value in (provenance or {}).items():
+        writer.add_string(f"saap.{key}", str(value))
+    writer.add_string("saap.tokenizer", token_source)
+    _add_sampling(writer, getattr(model, "generation_config", None))
+    info = GGUFInfo(Path(path), arch, quant, embed_type=embed_type)
+    _Tensors(writer, info, model, embed_type).add_model(config, quant, progress)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file(progress=False)
+    writer.close()
+    return info
+
+
+def _add_metadata(writer: GGUFWriter, config, name: str, quant: str) -> None:
+    """The architecture's keys: sizes (per layer for a heterogeneous `deci` model), rope, norms."""
+    n = config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer.add_name(name)
     writer.add_file_type(FILE_TYPES[quant])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(n)
-    heads = [config.layer_sizes(i)[0] for i in range(n)]
-    kv_heads = [config.layer_sizes(i)[1] for i in range(n)]
-    ffn = [config.layer_sizes(i)[2] for i in range(n)]
-    if uniform:
+    heads, kv_heads, ffn = zip(*(config.layer_sizes(i)[:3] for i in range(n)))
+    if config.is_uniform:
         writer.add_feed_forward_length(ffn[0])
         writer.add_head_count(heads[0])
         writer.add_head_count_kv(kv_heads[0])
     else:
-        writer.add_feed_forward_length(ffn)
-        writer.add_head_count(heads)
-        writer.add_head_count_kv(kv_heads)
+        writer.add_feed_forward_length(list(ffn))
+        writer.add_head_count(list(heads))
+        writer.add_head_count_kv(list(kv_heads))
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(head_dim)
     writer.add_rope_freq_base(float(config.rope_theta))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(config.vocab_size)
-    token_source = _add_tokenizer(writer, tokenizer_dir, source_gguf, config.vocab_size)
-    for key, value in (provenance or {}).items():
-        writer.add_string(f"saap.{key}", str(value))
-    writer.add_string("saap.tokenizer", token_source)
-    _add_sampling(writer, getattr(model, "generation_config", None))
 
-    info = GGUFInfo(Path(path), arch, quant, embed_type=embed_type)
-    sd_model = model
 
-    def add(name_: str, array: np.ndarray, raw: QT | None = None, kind: str | None = None):
+@dataclass
+class _Tensors:
+    """The tensors of a model added to a GGUFWriter one at a time, each recorded in `info` (its
+    type, and what the read-back check needs to re-derive it)."""
+    writer: GGUFWriter
+    info: GGUFInfo
+    model: Any
+    embed_type: str
+
+    def add(self, name: str, array: np.ndarray, raw: QT | None = None) -> None:
         if raw is None:
-            writer.add_tensor(name_, array)
+            self.writer.add_tensor(name, array)
         else:
-            writer.add_tensor(name_, array, raw_dtype=raw)
-        info.tensor_types[name_] = kind or (raw.name if raw is not None else {np.float32: "F32", np.float16: "F16"}[array.dtype.type])
+            self.writer.add_tensor(name, array, raw_dtype=raw)
+        self.info.tensor_types[name] = raw.name if raw is not None else {np.float32: "F32", np.float16: "F16"}[array.dtype.type]
 
-    def embedding(name_: str, module: torch.nn.Module):
+    def embedding(self, name: str, module: torch.nn.Module) -> None:
+        """The embedding or output matrix as --embed-type says."""
         n_rows, cols = module.weight.shape
-        if embed_type == "q8_0":  # gguf's own Q8_0 quantizer: d = max|x| / 127 per block of 32 (f16), q = round(x / d)
+        if self.embed_type == "q8_0":  # gguf's own Q8_0 quantizer: d = max|x| / 127 per block of 32 (f16), q = round(x / d)
             if cols % BLOCK:
                 raise UserError(f"--embed-type q8_0 needs a hidden size divisible by {BLOCK}, not {cols}")
-            streamed = streamed_weights(model)
-            add(name_, q8_0_blocks(lambda lo, hi: weight_rows(module, lo, hi, streamed).numpy(), n_rows), QT.Q8_0)
-            info.q8_tensors[name_] = (module, streamed)
+            streamed = streamed_weights(self.model)
+            self.add(name, q8_0_blocks(lambda lo, hi: weight_rows(module, lo, hi, streamed).numpy(), n_rows), QT.Q8_0)
+            self.info.q8_tensors[name] = (module, streamed)
             return
         w = float_weight(module).numpy()
-        if embed_type == "q4_1":
+        if self.embed_type == "q4_1":
             g = quantize_groups(torch.from_numpy(w), BLOCK)
-            add(name_, q4_1_blocks(g.codes.numpy(), g.scales.numpy(), g.offsets.numpy()), QT.Q4_1)
+            self.add(name, q4_1_blocks(g.codes.numpy(), g.scales.numpy(), g.offsets.numpy()), QT.Q4_1)
         else:
-            add(name_, w.astype(np.float16 if embed_type == "f16" else np.float32))
+            self.add(name, w.astype(np.float16 if self.embed_type == "f16" else np.float32))
 
-    inner = sd_model.model
-    embedding("token_embd.weight", inner.embed_tokens)
-    add("output_norm.weight", float_weight(inner.norm).numpy())
-    if not config.tie_word_embeddings:
-        embedding("output.weight", sd_model.lm_head)
-    factors = llama3_rope_factors(config)
-    if factors is not None:
-        add("rope_freqs.weight", factors)
-    for i, layer in enumerate(tqdm(inner.layers, desc="GGUF layers", unit="layer", disable=not progress)):
+    def add_model(self, config, quant: str, progress: bool) -> None:
+        inner = self.model.model
+        self.embedding("token_embd.weight", inner.embed_tokens)
+        self.add("output_norm.weight", float_weight(inner.norm).numpy())
+        if not config.tie_word_embeddings:
+            self.embedding("output.weight", self.model.lm_head)
+        factors = llama3_rope_factors(config)
+        if factors is not None:
+            self.add("rope_freqs.weight", factors)
+        for i, layer in enumerate(tqdm(inner.layers, desc="GGUF layers", unit="layer", disable=not progress)):
+            self.add_layer(i, layer, config.layer_sizes(i), quant)
+
+    def add_layer(self, i: int, layer, sizes, quant: str) -> None:
+        heads, kv_heads = sizes[0], sizes[1]
         for hf, gg in LAYER_NAMES.items():
-            if heads[i] == 0 and gg in ATTENTION_TENSORS:
+            if heads == 0 and gg in ATTENTION_TENSORS:
                 continue  # an attention-free layer: llama.cpp's deci loader reads no attention tensor there
             module = layer.get_submodule(hf)
             tname = f"blk.{i}.{gg}.weight"
             if gg in NORMS:
-                add(tname, float_weight(module).numpy())
+                self.add(tname, float_weight(module).numpy())
                 continue
-            permute = heads[i] if gg == "attn_q" else kv_heads[i] if gg == "attn_k" else None
-            name_ = f"model.layers.{i}.{hf}"
-            array, raw, int4 = _projection(module, name_, quant, permute)
-            add(tname, array, raw)
+            permute = heads if gg == "attn_q" else kv_heads if gg == "attn_k" else None
+            name = f"model.layers.{i}.{hf}"
+            array, raw, int4 = _projection(module, name, quant, permute)
+            self.add(tname, array, raw)
             del array
             if int4:
-                info.int4_tensors[tname] = partial(_q4_1_parts, module, name_, permute)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file(progress=False)
-    writer.close()
-    return info
+                self.info.int4_tensors[tname] = partial(_q4_1_parts, module, name, permute)
 
 
 # ---------------------------------------------------------------------- reader

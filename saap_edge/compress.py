@@ -208,6 +208,23 @@ def _slice_stage(dense, plan: PrunePlan, samples, r: ReconstructSettings, device
     return out.model, out.info
 
 
+def prune_keeping_dense(dense, samples, s: PruneSettings, r: ReconstructSettings, recon_samples, stats=None,
+                        progress: bool = False):
+    """The prune stage for a caller that keeps the dense model for more plans (benchmarks that
+    compare many methods on one loaded model and share its calibration statistics): rank,
+    search, slice a copy, and refit it from the intact dense model. The slim model equals the
+    one compress's streamed stage (`_slice_stage`) builds while it uses the dense model up
+    (tests/test_reconstruct.py holds the two equal). Returns the PruneResult, refit record in
+    `details["reconstruction"]`."""
+    result = prune(dense, samples, s, progress=progress, stats=stats)
+    result.details["reconstruction"] = {"method": "none"}
+    if r.active:
+        out = reconstruct(dense, result.model, result.plan, recon_samples, r, progress=progress)
+        result.model, result.details["reconstruction"] = out.model, out.info
+        result.plan.reconstruction = r.to_dict()
+    return result
+
+
 def _free(device) -> None:
     """Give the memory of freed tensors back (CUDA's cache; the C heap on Linux)."""
     import gc

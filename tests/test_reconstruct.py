@@ -244,3 +244,32 @@ def test_obs_quota_keeps_families_equal():
     assert set(obs_select(w, x.T @ x, 1, 3, 1e-6)) <= {0, 1, 2, 3}
     picked = obs_select(w, x.T @ x, 1, 6, 1e-6, families=families, quota=2)
     assert torch.bincount(families[picked], minlength=3).tolist() == [2, 2, 2]
+
+
+@pytest.mark.parametrize("select", ["global", "local"])
+def test_the_streamed_stage_and_the_kept_dense_stage_build_the_same_slim_model(select):
+    """compress slices the dense model into the refit layer by layer and uses it up; benchmarks
+    that compare many plans keep it (compress.prune_keeping_dense). Both give the same weights."""
+    import copy
+
+    from saap_edge.compress import _slice_stage, prune_keeping_dense
+    from saap_edge.config import PruneSettings, RunSettings
+
+    model = tiny_llama(seed=3).eval()
+    calib, windows = _samples(8, 32, seed=1), _samples()
+    s = PruneSettings(ratio=0.3, calib_samples=8, seq_len=32, keep_first=1, align=8).validate()
+    r = _settings(select=select)
+    kept = prune_keeping_dense(model, calib, s, r, windows)
+    dense = copy.deepcopy(model)
+    plan = PrunePlan.from_dict(kept.plan.to_dict()) if select == "global" else None
+    if plan is None:  # local selection rewrites the plan: stream from the ranking's own plan
+        from saap_edge.prune import prune
+
+        plan = prune(dense, calib, s, progress=False, slice_now=False).plan
+    streamed, info = _slice_stage(dense, plan, windows, r, torch.device("cpu"), RunSettings(device="cpu", progress=False))
+    assert kept.details["reconstruction"]["method"] == info["method"] == r.method
+    assert kept.plan.to_dict()["layers"] == plan.to_dict()["layers"]
+    a, b = kept.model.state_dict(), streamed.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)

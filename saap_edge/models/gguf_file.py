@@ -102,6 +102,24 @@ def read_gguf(path: str | os.PathLike) -> tuple[SlimLlamaForCausalLM, dict]:
     if arch not in ("llama", "deci"):
         raise UserError(f"{path}: GGUF architecture {arch!r} is not a LLaMA decoder (llama or deci)")
     tensors = {t.name: t for t in reader.tensors}
+    config = _config_of(reader, arch, tensors)
+    if "rope_freqs.weight" in tensors:
+        raise UserError(f"{path}: rope_freqs (LLaMA-3.1 rope scaling) is not read back yet")
+    from transformers.modeling_utils import no_init_weights
+
+    with no_init_weights():
+        model = SlimLlamaForCausalLM(config)
+    _load_tensors(model, config, tensors, path)
+    if any(isinstance(m, Int4Linear) for m in model.modules()):
+        config.quantization = quantization_section(BLOCK)
+    model.eval()
+    meta = {key: gguf_field(reader, key) for key in reader.fields if key.startswith(("general.", "saap."))}
+    meta["arch"] = arch
+    return model, meta
+
+
+def _config_of(reader: GGUFReader, arch: str, tensors: dict) -> SlimLlamaConfig:
+    """The model's config from the GGUF's keys (per-layer lists for `deci`) and tensor shapes."""
     n = int(gguf_field(reader, f"{arch}.block_count"))
 
     def per_layer(key: str) -> list[int]:
@@ -113,40 +131,41 @@ def read_gguf(path: str | os.PathLike) -> tuple[SlimLlamaForCausalLM, dict]:
     head_dim = int(gguf_field(reader, f"{arch}.attention.key_length", 0) or gguf_field(reader, f"{arch}.rope.dimension_count", 0)
                    or hidden // max(heads))
     vocab = tensors["token_embd.weight"].shape.tolist()[1]
-    tie = "output.weight" not in tensors
     bos, eos = gguf_field(reader, "tokenizer.ggml.bos_token_id"), gguf_field(reader, "tokenizer.ggml.eos_token_id")
     pad = gguf_field(reader, "tokenizer.ggml.padding_token_id")
-    config = SlimLlamaConfig(
+    return SlimLlamaConfig(
         vocab_size=vocab, hidden_size=hidden, num_hidden_layers=n, num_attention_heads=max(heads),
         num_key_value_heads=max(kv_heads), intermediate_size=max(ffn), head_dim=head_dim,
         num_attention_heads_per_layer=heads, num_key_value_heads_per_layer=kv_heads, intermediate_size_per_layer=ffn,
         max_position_embeddings=int(gguf_field(reader, f"{arch}.context_length", 2048)),
         rms_norm_eps=float(gguf_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(gguf_field(reader, f"{arch}.rope.freq_base", 10000.0)), tie_word_embeddings=tie,
+        rope_theta=float(gguf_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        tie_word_embeddings="output.weight" not in tensors,
         bos_token_id=int(bos) if bos is not None else None, eos_token_id=int(eos) if eos is not None else None,
         pad_token_id=int(pad) if pad is not None and int(pad) < vocab else None,
     )
-    if "rope_freqs.weight" in tensors:
-        raise UserError(f"{path}: rope_freqs (LLaMA-3.1 rope scaling) is not read back yet")
-    from transformers.modeling_utils import no_init_weights
 
-    with no_init_weights():
-        model = SlimLlamaForCausalLM(config)
+
+def _load_tensors(model: SlimLlamaForCausalLM, config: SlimLlamaConfig, tensors: dict, path: Path) -> None:
+    """The file's tensors into `model`: float tensors un-permuted (llama.cpp's q / k row order)
+    into the state dict, Q4_1 projections as Int4Linear with the file's exact codes, d and m."""
+    tie = config.tie_word_embeddings
     state: dict[str, torch.Tensor] = {
         "model.embed_tokens.weight": torch.from_numpy(_tensor(tensors["token_embd.weight"])),
         "model.norm.weight": torch.from_numpy(_tensor(tensors["output_norm.weight"])),
     }
     if not tie:
         state["lm_head.weight"] = torch.from_numpy(_tensor(tensors["output.weight"]))
-    for i in range(n):
+    for i in range(config.num_hidden_layers):
         layer = model.model.layers[i]
+        heads, kv_heads = config.layer_sizes(i)[:2]
         for hf, gg in LAYER_NAMES.items():
-            if heads[i] == 0 and gg in ATTENTION_TENSORS:
+            if heads == 0 and gg in ATTENTION_TENSORS:
                 continue
             t = tensors.get(f"blk.{i}.{gg}.weight")
             if t is None:
                 raise UserError(f"{path}: tensor blk.{i}.{gg}.weight is missing; the file is incomplete")
-            permute = heads[i] if gg == "attn_q" else kv_heads[i] if gg == "attn_k" else None
+            permute = heads if gg == "attn_q" else kv_heads if gg == "attn_k" else None
             if t.tensor_type == QT.Q4_1 and gg not in NORMS:
                 rows = t.shape.tolist()[1]
                 codes, d, m = q4_1_parts(np.asarray(t.data, dtype=np.uint8).reshape(rows, -1))
@@ -166,9 +185,3 @@ def read_gguf(path: str | os.PathLike) -> tuple[SlimLlamaForCausalLM, dict]:
         raise UserError(f"{path}: tensors do not match the architecture (missing {missing[:3]}, unexpected {unexpected[:3]})")
     if tie:
         model.tie_weights()
-    if any(isinstance(m, Int4Linear) for m in model.modules()):
-        config.quantization = quantization_section(BLOCK)
-    model.eval()
-    meta = {key: gguf_field(reader, key) for key in reader.fields if key.startswith(("general.", "saap."))}
-    meta["arch"] = arch
-    return model, meta

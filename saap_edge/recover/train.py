@@ -37,6 +37,7 @@ import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import PeftModel, set_peft_model_state_dict
@@ -221,6 +222,83 @@ def _heldout_ppl(model, data: RecoveryData) -> float:
     return window_perplexity(model, data.heldout, progress=False)["ppl"]
 
 
+@dataclass
+class _Loop:
+    """One optimizer step of the training loop: what every step reads, and the step itself."""
+    model: Any
+    optimizer: torch.optim.Optimizer
+    data: RecoveryData
+    s: RecoverSettings
+    teacher: Teacher | None
+    n_steps: int
+    procs: Any
+    device: torch.device
+    trained: list = field(default_factory=list)
+
+    def __post_init__(self):
+        self.n_train = len(self.data.train)
+        cuda = self.device.type == "cuda"
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+
+    def step(self, step: int, last_good: Path | None) -> tuple[float, int]:
+        """Step `step` (lr schedule, micro-batches, the processes' summed gradients, the update):
+        (its loss, tokens trained). A non-finite loss on any process stops the run, naming the
+        last good checkpoint."""
+        s = self.s
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(step, s, self.n_steps) * group["lr_share"]
+        step_loss, bad, tokens = 0.0, None, 0
+        for micro in self.procs.share(s.grad_accum):
+            torch.manual_seed((s.seed * 1_000_003 + step) * 1_009 + micro)
+            batch = self.data.train[batch_indices(step, micro, s, self.n_train)].to(self.device)
+            with self.autocast:
+                loss = step_loss_of(self.model, batch, s, self.teacher, batch_start(step, micro, s))
+            if not torch.isfinite(loss):
+                bad = loss.item()
+                break
+            (loss / s.grad_accum).backward()
+            step_loss += loss.item() / s.grad_accum
+            tokens += batch.numel()
+        if self.procs.parallel:  # the step's loss, whether any process diverged, and the summed gradients
+            shared = torch.tensor([step_loss, 0.0 if bad is None else 1.0], dtype=torch.float64)
+            self.procs.sum_(shared)
+            step_loss, diverged = float(shared[0]), shared[1] > 0
+            for p in self.trained:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            self.procs.sum_(*(p.grad for p in self.trained))
+        else:
+            diverged = bad is not None
+        if diverged:
+            where = f"{last_good} (step {int(last_good.name[5:])})" if last_good else "none was written yet"
+            raise LossDiverged(
+                f"recovery loss became {bad if bad is not None else 'NaN or inf (on another process)'} at step {step}; "
+                f"training stopped. Last good checkpoint: {where}. Lower --lr (now {s.lr:g}) and resume or restart"
+            )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return step_loss, tokens
+
+
+def _resume(model, optimizer, ckpt_dir: Path | None, s: RecoverSettings, data: RecoveryData, device,
+            result: TrainResult) -> int:
+    """Model, optimizer and result as the latest checkpoint in `ckpt_dir` left them; the step to go on from."""
+    last = latest_checkpoint(ckpt_dir)
+    if last is None:
+        raise UserError(f"--resume: no checkpoint in {ckpt_dir}; run without --resume to start afresh")
+    state = check_resumable(last, s, data.sha256)
+    if isinstance(model, PeftModel):
+        set_peft_model_state_dict(model, _tensors(last / ADAPTER_WEIGHTS, "adapter weights", device))
+    if (last / PARAMS_FILE).exists() or direct_parameters(model):
+        _load_direct(model, last / PARAMS_FILE)
+    with reading(last / OPTIMIZER_FILE, "optimizer state", DAMAGED_FIX):
+        _load_optimizer(optimizer, _tensors(last / OPTIMIZER_FILE, "optimizer state", device))
+    result.resumed_from = state["step"]
+    result.losses = list(state.get("losses", []))
+    result.curve = list(state.get("curve", []))
+    return state["step"]
+
+
 def train(
     model,
     data: RecoveryData,
@@ -249,28 +327,12 @@ def train(
         raise UserError(f"{procs.world} processes do not divide the global batch of --grad-accum {s.grad_accum} "
                         f"micro-batches of {s.batch_size}; give --grad-accum a multiple of {procs.world} "
                         "(--batch-size times --grad-accum is the global batch) or launch fewer processes")
-    trained = [p for p in model.parameters() if p.requires_grad]
-    n_train = len(data.train)
-    n_steps = total_steps(s, n_train)
+    n_steps = total_steps(s, len(data.train))
     optimizer = torch.optim.AdamW(param_groups(model, s), lr=s.lr, weight_decay=s.weight_decay)
+    loop = _Loop(model, optimizer, data, s, teacher, n_steps, procs, device, [p for p in model.parameters() if p.requires_grad])
     meta = {"settings": s.to_dict(), "data_sha256": data.sha256, "total_steps": n_steps}
     result = TrainResult(steps=n_steps)
-    start = 0
-    if resume:
-        last = latest_checkpoint(ckpt_dir)
-        if last is None:
-            raise UserError(f"--resume: no checkpoint in {ckpt_dir}; run without --resume to start afresh")
-        state = check_resumable(last, s, data.sha256)
-        if isinstance(model, PeftModel):
-            set_peft_model_state_dict(model, _tensors(last / ADAPTER_WEIGHTS, "adapter weights", device))
-        if (last / PARAMS_FILE).exists() or direct_parameters(model):
-            _load_direct(model, last / PARAMS_FILE)
-        with reading(last / OPTIMIZER_FILE, "optimizer state", DAMAGED_FIX):
-            _load_optimizer(optimizer, _tensors(last / OPTIMIZER_FILE, "optimizer state", device))
-        start = result.resumed_from = state["step"]
-        result.losses = list(state.get("losses", []))
-        result.curve = list(state.get("curve", []))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    start = _resume(model, optimizer, ckpt_dir, s, data, device, result) if resume else 0
     model.train()
     last_good = latest_checkpoint(ckpt_dir) if ckpt_dir else None
     bar = tqdm(range(start, n_steps), desc=f"recover {'+'.join(s.trained)} ({s.loss})",
@@ -278,41 +340,10 @@ def train(
     t0 = time.perf_counter()
     try:
         for step in bar:
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, s, n_steps) * group["lr_share"]
-            step_loss, bad = 0.0, None
-            for micro in procs.share(s.grad_accum):
-                torch.manual_seed((s.seed * 1_000_003 + step) * 1_009 + micro)
-                batch = data.train[batch_indices(step, micro, s, n_train)].to(device)
-                with autocast:
-                    loss = step_loss_of(model, batch, s, teacher, batch_start(step, micro, s))
-                if not torch.isfinite(loss):
-                    bad = loss.item()
-                    break
-                (loss / s.grad_accum).backward()
-                step_loss += loss.item() / s.grad_accum
-                result.tokens += batch.numel()
-            if procs.parallel:  # the step's loss, whether any process diverged, and the summed gradients
-                shared = torch.tensor([step_loss, 0.0 if bad is None else 1.0], dtype=torch.float64)
-                procs.sum_(shared)
-                step_loss, diverged = float(shared[0]), shared[1] > 0
-                for p in trained:
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                procs.sum_(*(p.grad for p in trained))
-            else:
-                diverged = bad is not None
-            if diverged:
-                where = f"{last_good} (step {int(last_good.name[5:])})" if last_good else "none was written yet"
-                raise LossDiverged(
-                    f"recovery loss became {bad if bad is not None else 'NaN or inf (on another process)'} at step {step}; "
-                    f"training stopped. Last good checkpoint: {where}. Lower --lr (now {s.lr:g}) and resume or restart"
-                )
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            step_loss, tokens = loop.step(step, last_good)
             result.losses.append(step_loss)
-            elapsed = time.perf_counter() - t0
-            bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{result.tokens / max(elapsed, 1e-9):.0f}")
+            result.tokens += tokens
+            bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{result.tokens / max(time.perf_counter() - t0, 1e-9):.0f}")
             done = step + 1
             if curve_every > 0 and (done % curve_every == 0 or done == n_steps):
                 result.curve.append([done, _heldout_ppl(model, data)])
