@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from runtime.base import ONNX_NAMES  # noqa: F401  (the graph's names; re-exported)
 from saap_edge.errors import UserError
 from saap_edge.models.int4_linear import Int4Linear, unpack_nibbles
 
@@ -45,15 +46,6 @@ IR_VERSION = 10  # onnx 1.23 writes 14; onnxruntime 1.2x-1.3x read at most 10-13
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"  # baked into the graph by the exporter: never rename it
 
-# optimum's names for a decoder with past (text-generation-with-past)
-ONNX_NAMES = {
-    "inputs": ("input_ids", "attention_mask", "position_ids"),
-    "past_key": "past_key_values.{i}.key",
-    "past_value": "past_key_values.{i}.value",
-    "logits": "logits",
-    "present_key": "present.{i}.key",
-    "present_value": "present.{i}.value",
-}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -468,6 +468,10 @@ def write_genai_config(model: nn.Module, folder: Path, tokenizer=None) -> Path:
         ids = list(eos) if isinstance(eos, list) else [eos] if eos is not None else []
         eos = ids + [turn] if turn not in ids else (ids if len(ids) > 1 else ids[0])
     context = int(cfg.max_position_embeddings)
+
+    def per_layer(name: str) -> str:  # onnxruntime-genai spells the layer index printf-style
+        return ONNX_NAMES[name].replace("{i}", "%d")
+
     data = {
         "model": {
             "bos_token_id": special("bos_token_id"),
@@ -477,10 +481,10 @@ def write_genai_config(model: nn.Module, folder: Path, tokenizer=None) -> Path:
                 "filename": MODEL_FILE,
                 "head_size": kv[0][1],
                 "hidden_size": int(cfg.hidden_size),
-                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
-                           "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
-                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
-                            "present_value_names": "present.%d.value"},
+                "inputs": {"input_ids": ONNX_NAMES["inputs"][0], "attention_mask": ONNX_NAMES["inputs"][1],
+                           "past_key_names": per_layer("past_key"), "past_value_names": per_layer("past_value")},
+                "outputs": {"logits": ONNX_NAMES["logits"], "present_key_names": per_layer("present_key"),
+                            "present_value_names": per_layer("present_value")},
                 "num_attention_heads": max(heads),
                 "num_hidden_layers": int(cfg.num_hidden_layers),
                 "num_key_value_heads": max(h for h, _ in kv),

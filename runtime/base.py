@@ -14,6 +14,18 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
+# The exported ONNX decoder's input and output names (optimum's text-generation-with-past), which
+# the exporters write and the runtimes feed: one spelling for both.
+ONNX_NAMES = {
+    "inputs": ("input_ids", "attention_mask", "position_ids"),
+    "past_key": "past_key_values.{i}.key",
+    "past_value": "past_key_values.{i}.value",
+    "logits": "logits",
+    "present_key": "present.{i}.key",
+    "present_value": "present.{i}.value",
+}
+
+
 class RuntimeLoadError(ValueError):
     """The artifact cannot be loaded (missing, truncated, not a model the runtime reads)."""
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.base import Runtime, RuntimeLoadError
+from runtime.base import ONNX_NAMES, Runtime, RuntimeLoadError
 
 PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)$")
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -173,9 +173,10 @@ class OrtRuntime(OnnxFolder):
                 "attention_mask": np.ones((batch, n_past + seq), np.int64),
                 "position_ids": np.broadcast_to(np.arange(n_past, n_past + seq, dtype=np.int64), (batch, seq)).copy()}
         for i, (k, v) in enumerate(past):
-            feed[f"past_key_values.{i}.key"], feed[f"past_key_values.{i}.value"] = k, v
+            feed[ONNX_NAMES["past_key"].format(i=i)], feed[ONNX_NAMES["past_value"].format(i=i)] = k, v
         out = dict(zip(self.outputs, self.session.run(None, {k: v for k, v in feed.items() if k in self.inputs})))
-        present = [(out[f"present.{i}.key"], out[f"present.{i}.value"]) for i in range(len(self.kv))]
+        present = [(out[ONNX_NAMES["present_key"].format(i=i)], out[ONNX_NAMES["present_value"].format(i=i)])
+                   for i in range(len(self.kv))]
         return out["logits"], present
 
     def logits(self, new_ids: list[int]) -> np.ndarray:
@@ -209,8 +210,8 @@ class OrtRuntime(OnnxFolder):
         self._io.bind_output("logits")
         for i, (k, v) in enumerate(self.buffers):
             for kind, value in (("key", k), ("value", v)):
-                self._io.bind_ortvalue_input(f"past_key_values.{i}.{kind}", value)
-                self._io.bind_ortvalue_output(f"present.{i}.{kind}", value)
+                self._io.bind_ortvalue_input(ONNX_NAMES[f"past_{kind}"].format(i=i), value)
+                self._io.bind_ortvalue_output(ONNX_NAMES[f"present_{kind}"].format(i=i), value)
 
     def _shared_step(self, new_ids: list[int]) -> np.ndarray:
         """One step with each layer's past and present bound to the same buffer (the mask's width,

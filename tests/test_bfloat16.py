@@ -16,13 +16,14 @@ from tests.conftest import DATA_DIR, save_tiny32
 def bf16_run(tmp_path_factory, tiny_tokenizer):
     """One bfloat16 compress with kd recovery training offsets and norms, stage calls spied on."""
     import saap_edge.compress as compress_mod
-    import saap_edge.recover as recover_mod
+    import saap_edge.recover as recover_pkg
+    import saap_edge.recover.stage as recover_mod
     from saap_edge.cli import main
 
     root = tmp_path_factory.mktemp("bf16")
     model = save_tiny32(root / "dense", tiny_tokenizer)
     seen: dict[str, list] = {"train": [], "placement": []}
-    real_train, real_recover, real_pass = recover_mod.train, compress_mod.recover_model, recover_mod.teacher_pass
+    real_train, real_recover, real_pass = recover_mod.train, compress_mod.recover_model, recover_pkg.teacher_pass
 
     def devices(m) -> set[str]:
         return {str(p.device) for p in m.parameters()} | {str(b.device) for b in m.buffers()}
@@ -49,7 +50,7 @@ def bf16_run(tmp_path_factory, tiny_tokenizer):
     mp = pytest.MonkeyPatch()
     mp.setattr(recover_mod, "train", spy_train)
     mp.setattr(compress_mod, "recover_model", spy_recover)
-    mp.setattr(recover_mod, "teacher_pass", spy_pass)
+    mp.setattr(recover_pkg, "teacher_pass", spy_pass)
     out = root / "out"
     try:
         rc = main(["compress", "--model", str(model), "--out", str(out), "--data-dir", str(DATA_DIR), "--dtype", "bfloat16",
