@@ -29,11 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from saap_edge.errors import UserError
+from saap_edge.outputs import write_safetensors
 from saap_edge.prune.estimate import TaylorStats, backward_each
 from saap_edge.prune.groups import MEMBERS, LayerShape, decoder_layers, submodule, unit_reduce
 from saap_edge.prune.importance import Scores
@@ -63,9 +64,7 @@ class PoolStats:
     def save(self, path: Path) -> None:
         flat = {f"{i}.{kind}.{name}": t.contiguous() for (i, kind), d in self.stats.items() for name, t in d.items()}
         flat["losses"] = torch.tensor(self.losses, dtype=torch.float64)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(flat, tmp)
-        tmp.replace(path)
+        write_safetensors(path, flat)
 
     @classmethod
     def load(cls, path: Path) -> "PoolStats":

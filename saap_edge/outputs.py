@@ -96,6 +96,19 @@ def write_file(path: Path, data: str | bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def write_safetensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
+    """`tensors` as a safetensors file at `path`, written whole or not at all (as write_file)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_json(path: Path, data: dict) -> None:
     write_file(path, json.dumps(data, indent=1, default=str) + "\n")
 

@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 from saap_edge.errors import UserError
+from saap_edge.outputs import write_file
 from saap_edge.eval.zeroshot import Item, load_tasks
 
 PREFIX = "saap_"
@@ -58,9 +59,7 @@ def write_task_configs(names, data_dir, folder: str | os.PathLike, limit: int | 
         data = folder / f"{PREFIX}{task}.jsonl"
         for path, text in ((data, "".join(json.dumps(_row(task, it)) + "\n" for it in items)),
                            (folder / f"{PREFIX}{task}.yaml", _config(task, data.resolve()))):
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(text, encoding="utf-8")
-            tmp.replace(path)
+            write_file(path, text)
         written.append(f"{PREFIX}{task}")
     return written
 

@@ -30,11 +30,12 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from saap_edge.config import default_cache_dir  # noqa: F401 (re-exported: where the teacher cache lives)
 from saap_edge.errors import UserError
+from saap_edge.outputs import write_file, write_safetensors
 
 CHUNK = 256  # window positions per cache file
 
@@ -127,9 +128,7 @@ class Teacher:
             key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:24]
             self.cache = Path(cache_dir) / key
             self.cache.mkdir(parents=True, exist_ok=True)
-            tmp = self.cache / f".meta.json.{os.getpid()}.tmp"
-            tmp.write_text(json.dumps(meta, indent=1) + "\n")
-            tmp.replace(self.cache / "meta.json")  # also marks it recently used
+            write_file(self.cache / "meta.json", json.dumps(meta, indent=1) + "\n")  # also marks it recently used
             self.key = key
 
     def chunk_bytes(self) -> int:
@@ -190,9 +189,7 @@ class Teacher:
         t = self._compute(windows)
         self.computed += 1
         if self._room_for(t):
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            save_file({"logp": t.logp, "ids": t.ids}, tmp)
-            tmp.rename(path)
+            write_safetensors(path, {"logp": t.logp, "ids": t.ids})
         return t
 
     def _room_for(self, t: Targets) -> bool:

@@ -27,11 +27,12 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from saap_edge.errors import UserError
+from saap_edge.outputs import write_safetensors
 from saap_edge.files import check_safetensors
 
 from saap_edge.config import DEFAULT_TOKENS, GENERATED, MAX_TOKENS, generated_tokens, split_sources  # noqa: F401
@@ -97,8 +98,6 @@ def generated_windows(model: nn.Module | None, tokens: int, seq_len: int, seed: 
     windows = sample_windows(model, -(-tokens // seq_len), seq_len, seed, progress=progress)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".windows.{os.getpid()}.tmp")
-        save_file({"windows": windows.to(torch.int32).contiguous()}, tmp,
-                  metadata={"tokens": str(tokens), "seq_len": str(seq_len), "seed": str(seed)})
-        tmp.replace(path)
+        write_safetensors(path, {"windows": windows.to(torch.int32).contiguous()},
+                          metadata={"tokens": str(tokens), "seq_len": str(seq_len), "seed": str(seed)})
     return windows, key
