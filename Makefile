@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 DATA_DIR ?= $(if $(SAAP_EDGE_DATA_DIR),$(SAAP_EDGE_DATA_DIR),$(abspath $(ROOT)/../shared/data))
 export SAAP_EDGE_DATA_DIR := $(DATA_DIR)
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test bench smoke clean
 
 venv: $(STAMP)
 
@@ -41,6 +41,10 @@ bench: venv
 	cd $(ROOT) && $(VENV)/bin/saap-edge bench benchmarks/work/report/recovered-0.20-qalora benchmarks/work/report/recovered-0.50-qalora \
 		--dense smollm2-135m --runtimes torch gguf-f16 gguf-q4_1 gguf-q4_1-embq4 gguf-q4_1-embq8 onnx-f32 onnx-int4 onnx-int4-emb8 \
 		--out benchmarks/results/table3 --artifacts benchmarks/work/table3 --no-progress
+
+# Every script above (and chat.py, reconstruct_precision.py) through its --smoke run: tiny sizes, results in temporary folders.
+smoke: venv
+	cd $(ROOT) && $(VENV)/bin/python -m pytest -q -m smoke tests/test_benchmark_smoke.py
 
 clean:
 	cd $(ROOT) && rm -rf saap-out .saap-out.tmp-* .saap-out.old-* build .pytest_cache *.egg-info

@@ -18,6 +18,7 @@ AdaPruner row pays for them and later rows reuse them; both are reported. Finish
 cached under --work, so an interrupted run resumes.
 
     python benchmarks/adapruner.py --data-dir ../shared/data
+    python benchmarks/adapruner.py --smoke --data-dir ../shared/data   # every row on a tiny model (adapruner_smoke.*)
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import (compress_and_score, copy_chart, dense_rows, machine, main_of, main_rows,  # noqa: E402
-                     method_row, quality_arguments, quality_table, recovered_rows, task_arguments)
+                     method_row, quality_arguments, quality_smoke, quality_table, reconstruct_settings, recovered_rows,
+                     task_arguments)
 
 from saap_edge.compress import CompressJob, versions  # noqa: E402
-from saap_edge.config import PruneSettings, ReconstructSettings, RunSettings, SearchSettings  # noqa: E402
+from saap_edge.config import PruneSettings, RunSettings, SearchSettings  # noqa: E402
 from saap_edge.render import format_table  # noqa: E402
 
 ABLATIONS = [
@@ -53,7 +55,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--trials", type=int, default=SearchSettings().trials)
     p.add_argument("--startup", type=int, default=SearchSettings().startup)
     task_arguments(p)
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    if a.smoke:  # and a pool of 16 windows, 3 trials (2 random first); no rows shared unless --baselines is given
+        quality_smoke(a, "adapruner")
+        a.pool_size, a.trials, a.startup = 16, 3, 2
+        a.baselines = None if a.baselines == Path("benchmarks/work/hywia") else a.baselines
+    return a
 
 
 def _measure(a, key: str, table: str, label: str, method: str, ratio: float, limit: int, search: dict | None = None,
@@ -66,7 +73,7 @@ def _measure(a, key: str, table: str, label: str, method: str, ratio: float, lim
         shutil.copyfile(a.work / "models" / f"{reuse}.search.db", db)
     s = PruneSettings(method=method, ratio=ratio, calib_samples=a.calib_samples)
     q = SearchSettings(pool_size=a.pool_size, trials=a.trials, startup=a.startup, **(search or {}))
-    job = CompressJob(a.model, a.work / "models" / key, s, ReconstructSettings(),
+    job = CompressJob(a.model, a.work / "models" / key, s, reconstruct_settings(a),
                       RunSettings(device="cpu", data_dir=a.data_dir, progress=False), overwrite=True, eval_ppl=[],
                       recover=None, search=q)
     row, report = compress_and_score(a, key, job, limit)
@@ -86,7 +93,7 @@ def run(a: argparse.Namespace) -> dict:
     rows = dense_rows(a) + main_rows(a, METHODS, lambda key, label, method, ratio:
                                      _measure(a, key, "main", label, method, ratio, a.limit))
     for ratio in a.ratios:
-        copy_chart(a, f"main-{ratio:.2f}-adapruner", "search.png", f"adapruner_search_{ratio:.2f}.png")
+        copy_chart(a, f"main-{ratio:.2f}-adapruner", "search.png", f"adapruner{'_smoke' if a.smoke else ''}_search_{ratio:.2f}.png")
     if not a.no_ablations:
         for ratio in a.ablation_ratios:
             for label, overrides in ABLATIONS:
@@ -99,7 +106,7 @@ def run(a: argparse.Namespace) -> dict:
     return {"benchmark": "adapruner", "model": a.model, "command": "python benchmarks/adapruner.py " + " ".join(sys.argv[1:]),
             "protocol": {"pool_size": a.pool_size, "calib_samples": a.calib_samples, "trials": a.trials,
                          "startup": a.startup, "objective": "wikitext2 validation, 32 windows of 128 tokens",
-                         "reconstruction": ReconstructSettings().to_dict(), "task_limit": a.task_limit,
+                         "reconstruction": reconstruct_settings(a).to_dict(), "task_limit": a.task_limit,
                          "recover_steps": a.recover_steps},
             "machine": machine(), "versions": versions(), "rows": [r for r in rows if r]}
 

@@ -9,6 +9,7 @@ of answers that repeat a 4-word sequence more than 3 times, mean answer length) 
 Models are cached under --work, so a rerun only answers again; --rebuild makes them anew.
 
     python benchmarks/chat.py --data-dir ../shared/data
+    python benchmarks/chat.py --smoke --data-dir ../shared/data   # a tiny model, 20%, 2 prompts (chat_smoke.*)
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.harness import machine, write_file  # noqa: E402
+from benchmarks.harness import machine, smoke_model, smoke_work, write_file  # noqa: E402
 
 PROMPTS = [
     "What are three things that make a healthy diet?",
@@ -44,8 +45,8 @@ def cli() -> list[str]:
     return [sys.executable, "-m", "saap_edge.cli"]
 
 
-def build(ratio: float, work: Path, data_dir: str | None, rebuild: bool) -> tuple[Path, dict]:
-    """The default pipeline at `ratio`: compress, then the default GGUF export (cached)."""
+def build(ratio: float, work: Path, data_dir: str | None, rebuild: bool, extra: tuple[str, ...] = ()) -> tuple[Path, dict]:
+    """The default pipeline at `ratio`: compress (with `extra` flags), then the default GGUF export (cached)."""
     out = work / f"saap-{ratio:.2f}"
     gguf = out / "model-q4_1.gguf"
     info = {"ratio": ratio, "dir": str(out.relative_to(ROOT) if out.is_relative_to(ROOT) else out)}
@@ -53,7 +54,7 @@ def build(ratio: float, work: Path, data_dir: str | None, rebuild: bool) -> tupl
         return out, {**info, "cached": True}
     env = {**os.environ, **({"SAAP_EDGE_DATA_DIR": data_dir} if data_dir else {})}
     t0 = time.perf_counter()
-    for cmd in (cli() + ["compress", "--ratio", str(ratio), "--out", str(out), "--overwrite", "--no-progress"],
+    for cmd in (cli() + ["compress", "--ratio", str(ratio), "--out", str(out), "--overwrite", "--no-progress", *extra],
                 cli() + ["export", str(out), "--format", "gguf", "--overwrite"]):
         print("$", " ".join(cmd[2:]), flush=True)
         subprocess.run(cmd, check=True, env=env, cwd=ROOT)
@@ -69,13 +70,28 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--rebuild", action="store_true")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--smoke", action="store_true",
+                   help="the tiny random-weight model of benchmarks/harness.py (its own default GGUF export as the dense "
+                        "row) at 20%% with 4 calibration / 16 reconstruction windows and 2 recovery steps, the first 2 "
+                        "prompts, 16 new tokens: a check of this script; results chat_smoke.*, work files under <work>/smoke")
     a = p.parse_args(argv)
     from saap_edge.compare import compare, repeats
 
+    dense, extra, prompts, name = "smollm2-135m", (), PROMPTS, "chat"
+    if a.smoke:
+        smoke_work(a, ROOT / "benchmarks" / "work" / "chat")
+        a.ratios, a.max_new_tokens, prompts, name = [0.2], 16, PROMPTS[:2], "chat_smoke"
+        model = smoke_model(a.work, a.data_dir)
+        dense = str(model / "model-q4_1.gguf")
+        if not Path(dense).is_file():
+            subprocess.run(cli() + ["export", str(model), "--format", "gguf", "--overwrite", "--no-progress"], check=True,
+                           cwd=ROOT)
+        extra = ("--model", str(model), "--calib-samples", "4", "--recon-samples", "16", "--recover-steps", "2",
+                 "--eval-limit", "4")
     a.work.mkdir(parents=True, exist_ok=True)
-    builds = [build(r, a.work, a.data_dir, a.rebuild) for r in a.ratios]
-    names = ["smollm2-135m"] + [str(out) for out, _ in builds]
-    models, text = compare(names, PROMPTS, chat=True, max_new_tokens=a.max_new_tokens, threads=a.threads)
+    builds = [build(r, a.work, a.data_dir, a.rebuild, extra) for r in a.ratios]
+    names = [dense] + [str(out) for out, _ in builds]
+    models, text = compare(names, prompts, chat=True, max_new_tokens=a.max_new_tokens, threads=a.threads)
     rows = []
     for m in models:
         loops = sum(repeats(x.text) for x in m.answers)
@@ -85,17 +101,20 @@ def main(argv=None) -> int:
                      "answers": [x.__dict__ for x in m.answers]})
     summary = ["| model | answers looping (a 4-word sequence > 3 times) | mean answer tokens |", "|---|---|---|"]
     summary += [f"| {r['model']} | {r['looping_share']:.0%} | {r['mean_answer_tokens']:.0f} |" for r in rows]
-    command = "python benchmarks/chat.py" + (f" --data-dir {a.data_dir}" if a.data_dir else "")
+    command = "python benchmarks/chat.py" + (" --smoke" if a.smoke else "") + (f" --data-dir {a.data_dir}" if a.data_dir else "")
     header = ("# Chat: SmolLM2-135M dense against the default pipeline at 20% and 50%\n\n"
               "Dense: the SmolLM2-135M-Instruct Q4_1 GGUF (`smollm2-135m`). Compressed: `saap-edge compress --ratio R` "
               "with every default (SAAP, refit, int4 groups + kd distillation at the CPU's budget), exported by "
               "`saap-edge export --format gguf` (Q4_1, Q8_0 embedding). Ten fixed chat prompts, each its own one-turn "
               f"conversation through the model's chat template on llama.cpp, greedy, at most {a.max_new_tokens} new "
               f"tokens. Machine: {machine()}.\n\n" + "\n".join(summary) + f"\n\nCommand: `{command}`\n\n")
+    if a.smoke:
+        header = header.replace("\n\n", f"\n\nA check of this script (--smoke): dense is `{dense}`, a random-weight model, "
+                                f"compressed with `{' '.join(extra)}`; the first {len(prompts)} prompts.\n\n", 1)
     a.out.mkdir(parents=True, exist_ok=True)
-    write_file(a.out / "chat.md", header + text.split("\n", 2)[2])
-    write_file(a.out / "chat.json", json.dumps({"prompts": PROMPTS, "builds": [b for _, b in builds], "models": rows,
-                                                 "machine": machine(), "command": command}, indent=1) + "\n")
+    write_file(a.out / f"{name}.md", header + text.split("\n", 2)[2])
+    write_file(a.out / f"{name}.json", json.dumps({"prompts": prompts, "builds": [b for _, b in builds], "models": rows,
+                                                    "machine": machine(), "command": command}, indent=1) + "\n")
     print(header + "\n".join(summary))
     return 0
 

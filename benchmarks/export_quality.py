@@ -24,6 +24,7 @@ predictions, no BOS), NLL summed in float64. The bar (issue: exporters): each ru
 2% of the torch int4 perplexity.
 
     python benchmarks/export_quality.py --data-dir ../shared/data
+    python benchmarks/export_quality.py --smoke --data-dir ../shared/data   # a tiny model, 4 windows (export_quality_smoke.*)
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import machine, write_results  # noqa: E402
+from harness import machine, smoke_model, smoke_work, write_results  # noqa: E402
 
 from saap_edge.bench.weights import artifact_bytes  # noqa: E402
 from saap_edge.compress import versions  # noqa: E402
@@ -62,7 +63,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--only", nargs="+", default=None, metavar="LABEL",
                    help="score only the rows whose runtime label contains one of these, keeping the other rows of an "
                         "existing results/export_quality.json made on the same model and windows (its torch row included)")
-    return p.parse_args(argv)
+    p.add_argument("--smoke", action="store_true",
+                   help="the tiny random-weight model of benchmarks/harness.py compressed the same way (unless --model is "
+                        "given), 4 windows: a check of this script; results export_quality_smoke.*, work files under "
+                        "<work>/smoke")
+    a = p.parse_args(argv)
+    a.name = "export_quality"
+    if a.smoke:
+        a.name += "_smoke"
+        a.windows = a.windows or 4
+        smoke_work(a, Path("benchmarks/work/export"))
+    return a
 
 
 def _cli(args: list[str], log: Path) -> None:
@@ -72,11 +83,11 @@ def _cli(args: list[str], log: Path) -> None:
         raise SystemExit(f"{' '.join(args[:2])} failed; see {log}")
 
 
-def make_model(a) -> Path:
-    model = a.work / "smollm2-saap20-int4"
+def make_model(a, base: str = "smollm2-135m") -> Path:
+    model = a.work / ("smollm2-saap20-int4" if base == "smollm2-135m" else f"{Path(base).name}-saap20-int4")
     if not (model / "config.json").exists():
         data = ["--data-dir", a.data_dir] if a.data_dir else []
-        _cli(["compress", "--model", "smollm2-135m", "--ratio", "0.2", "--recovery", "none", "--out", str(model),
+        _cli(["compress", "--model", base, "--ratio", "0.2", "--recovery", "none", "--out", str(model),
               "--overwrite", "--no-progress"] + data, a.work / "compress.log")
     return model
 
@@ -139,7 +150,7 @@ def ppl_ort(folder: Path, w: np.ndarray, threads: int | None) -> float:
 
 def previous_rows(a, data: dict) -> list[dict]:
     """The rows of an earlier run on the same model and windows, torch first ([] if none matches)."""
-    path = a.out / "export_quality.json"
+    path = a.out / f"{a.name}.json"
     if not path.exists():
         return []
     old = json.loads(path.read_text())
@@ -225,7 +236,7 @@ def markdown(d: dict) -> str:
 def main(argv=None) -> int:
     a = parse_args(argv)
     a.work.mkdir(parents=True, exist_ok=True)
-    model_dir = a.model or make_model(a)
+    model_dir = a.model or (make_model(a, str(smoke_model(a.work, a.data_dir))) if a.smoke else make_model(a))
     cfg = json.loads((model_dir / "config.json").read_text())
     if not cfg.get("quantization"):
         raise SystemExit(f"{model_dir} has no int4 groups; give a recovered (int4) directory")
@@ -260,10 +271,10 @@ def main(argv=None) -> int:
         ppl = score(path, w, a.threads)
         data["rows"].append({"runtime": label, "artifact": path.name, "ppl": ppl, "vs_torch": ppl / ref - 1,
                              "time_s": time.perf_counter() - t0, "gated": embed == "f16" and accuracy == "fp32", **info})
-        write_results(a.out, "export_quality", data, markdown(data))
+        write_results(a.out, a.name, data, markdown(data))
     data["embedding_default"] = embedding_verdict(data["rows"])
     data["activations_default"] = activations_verdict(data["rows"])
-    write_results(a.out, "export_quality", data, markdown(data))
+    write_results(a.out, a.name, data, markdown(data))
     print(markdown(data))
     return 0 if all(abs(r["vs_torch"]) <= BAR for r in data["rows"] if r.get("gated", True)) else 1
 

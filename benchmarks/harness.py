@@ -1,4 +1,5 @@
-"""Shared benchmark plumbing: a peak-RSS sampler, timing, and JSON + Markdown output."""
+"""Shared benchmark plumbing: a peak-RSS sampler, timing, JSON + Markdown output, and the tiny
+model and sizes of the scripts' --smoke runs."""
 
 from __future__ import annotations
 
@@ -44,6 +45,11 @@ def quality_arguments(p, name: str) -> None:
     p.add_argument("--no-ablations", action="store_true")
     p.add_argument("--work", type=Path, default=Path("benchmarks/work") / name)
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    p.add_argument("--smoke", action="store_true",
+                   help="every row on the tiny random-weight model of benchmarks/harness.py (unless --model is given): 20%% "
+                        "only, WikiText-2 only, 4 windows, 4 calibration and 16 reconstruction windows (and where the "
+                        "script has them 4 items per task, 2 recovery steps): a check of this script; results "
+                        "<name>_smoke.*, work files under <work>/smoke")
 
 
 # The seven zero-shot tasks of the paper's tables, with the column and the metric each reports.
@@ -244,8 +250,12 @@ def write_results(out_dir: Path, name: str, data: dict, markdown: str) -> tuple[
 
 
 def main_of(name: str, parse_args, run, markdown, argv=None) -> None:
-    """A benchmark's entry point: arguments, rows, then results/<name>.json and .md."""
+    """A benchmark's entry point: arguments, rows, then results/<name>.json and .md (<name>_smoke.* under --smoke)."""
     a = parse_args(argv)
+    if a.smoke:
+        name += "_smoke"
+        if a.model == "smollm2-135m":
+            a.model = str(smoke_model(a.work, a.data_dir))
     data = run(a)
     paths = write_results(a.out, name, data, markdown(data))
     print(markdown(data))
@@ -257,3 +267,85 @@ def copy_chart(a, key: str, chart: str, name: str) -> None:
     src = a.work / "models" / key / chart
     if src.exists():
         write_file(a.out / name, src.read_bytes())
+
+
+# ---------------------------------------------------------------------- --smoke
+
+# The tiny model of the --smoke runs: LLaMA widths that int4 groups, GGUF blocks and the
+# default alignment (32) divide, and 8 layers so the default --keep-first 3 / --keep-last 1
+# leave four layers to prune. Random weights: the numbers check the scripts, not the methods.
+SMOKE_MODEL = {"hidden": 128, "ffn": 256, "heads": 4, "kv_heads": 2, "layers": 8, "vocab": 1024, "seed": 0,
+               "tokenizer_text_chars": 300_000}
+# </s> ends a turn, as the tokenizer's eos token
+SMOKE_CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+                       "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+SMOKE_RECON_SAMPLES = 16  # the reconstruct stage's windows under --smoke (default 128)
+
+
+def reconstruct_settings(a):
+    """The reconstruct stage's default settings; under --smoke, SMOKE_RECON_SAMPLES windows."""
+    from saap_edge.config import ReconstructSettings
+
+    return ReconstructSettings(samples=SMOKE_RECON_SAMPLES) if getattr(a, "smoke", False) else ReconstructSettings()
+
+
+def quality_smoke(a, name: str) -> None:
+    """--smoke of the quality benchmarks (quality_arguments): 20% only, WikiText-2 only, 4 windows,
+    4 calibration windows, and where the script has them 4 items per zero-shot task, 2 recovery
+    steps, ablations at 20%; work files under <work>/smoke."""
+    a.ratios, a.datasets, a.limit, a.ablation_limit, a.calib_samples = [0.2], ["wikitext2"], 4, 4, 4
+    for key, value in (("task_limit", 4), ("recover_steps", 2), ("ablation_ratios", [0.2])):
+        if hasattr(a, key):
+            setattr(a, key, value)
+    smoke_work(a, Path("benchmarks/work") / name)
+
+
+def smoke_work(a, default: Path) -> None:
+    """--smoke: work files under <work>/smoke when --work is the default (a --work the caller gives
+    is used as it is), and the teacher / pool caches inside them."""
+    import os
+
+    if Path(a.work) == Path(default):
+        a.work = Path(a.work) / "smoke"
+    os.environ["SAAP_EDGE_CACHE"] = str(Path(a.work).resolve() / "cache")
+
+
+def smoke_model(work: Path, data_dir=None) -> Path:
+    """The --smoke model: a random-weight LlamaForCausalLM of SMOKE_MODEL's shape (tied embedding,
+    like SmolLM2) with a byte-level BPE tokenizer trained on the first characters of the book
+    text and a chat template, saved as an HF directory <work>/tiny-llama (built once)."""
+    import shutil
+
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from saap_edge.data import load_text
+
+    out = Path(work) / "tiny-llama"
+    spec = dict(SMOKE_MODEL, chat_template=SMOKE_CHAT_TEMPLATE)
+    record = out / "smoke_model.json"
+    if record.exists() and json.loads(record.read_text()) == spec:
+        return out.resolve()
+    s = SMOKE_MODEL
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=s["vocab"], special_tokens=["<unk>", "<s>", "</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([load_text("books", "train", data_dir)[: s["tokenizer_text_chars"]]], trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    tokenizer.chat_template = SMOKE_CHAT_TEMPLATE
+    torch.manual_seed(s["seed"])
+    config = LlamaConfig(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["ffn"],
+                         num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
+                         max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    LlamaForCausalLM(config).eval().save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "smoke_model.json").write_text(json.dumps(spec, indent=1) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out.resolve()

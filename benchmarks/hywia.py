@@ -15,6 +15,7 @@ calibration windows). The dense, SAAP and LLM-Pruner rows are the AdaPruner benc
 otherwise). Finished rows are cached under --work, so an interrupted run resumes.
 
     python benchmarks/hywia.py --data-dir ../shared/data
+    python benchmarks/hywia.py --smoke --data-dir ../shared/data   # every row on a tiny model (hywia_smoke.*)
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import (compress_and_score, copy_chart, dense_rows, load, machine, main_of, main_rows,  # noqa: E402
-                     method_row, quality_arguments, quality_table, read_row, recovered_rows, score_ppl, task_arguments)
+                     method_row, quality_arguments, quality_smoke, quality_table, read_row, reconstruct_settings,
+                     recovered_rows, score_ppl, task_arguments)
 
 from saap_edge.compress import CompressJob, versions  # noqa: E402
-from saap_edge.config import HywiaSettings, PruneSettings, ReconstructSettings, RunSettings  # noqa: E402
+from saap_edge.config import HywiaSettings, PruneSettings, RunSettings  # noqa: E402
 from saap_edge.render import format_table  # noqa: E402
 
 METHODS = (("hywia", "hywia"), ("saap (default)", "saap"), ("llm-pruner (param_mix)", "llm-pruner"))
@@ -43,7 +45,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="work folder of benchmarks/adapruner.py whose dense / saap / llm-pruner rows this one shares")
     p.add_argument("--hywia-steps", type=int, default=HywiaSettings().steps)
     p.add_argument("--hywia-batch", type=int, default=HywiaSettings().batch)
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    if a.smoke:  # and 4 fusion-learning steps of 2 windows; no rows shared unless --baselines is given
+        quality_smoke(a, "hywia")
+        a.hywia_steps, a.hywia_batch = 4, 2
+        a.baselines = None if a.baselines == Path("benchmarks/work/adapruner") else a.baselines
+    return a
 
 
 def _rescore(a, key: str, main: str, table: str, label: str, limit: int) -> dict:
@@ -59,7 +66,7 @@ def _measure(a, key: str, table: str, label: str, method: str, ratio: float, lim
         return _rescore(a, key, main, table, label, limit)  # the main row's compress, same settings
     s = PruneSettings(method=method, ratio=ratio, calib_samples=a.calib_samples)
     h = HywiaSettings(blend=blend, steps=a.hywia_steps, batch=a.hywia_batch)
-    job = CompressJob(a.model, a.work / "models" / key, s, ReconstructSettings(),
+    job = CompressJob(a.model, a.work / "models" / key, s, reconstruct_settings(a),
                       RunSettings(device="cpu", data_dir=a.data_dir, progress=False), overwrite=True, eval_ppl=[],
                       recover=None, hywia=h)
     row, report = compress_and_score(a, key, job, limit)
@@ -75,7 +82,7 @@ def run(a: argparse.Namespace) -> dict:
     rows = dense_rows(a, a.baselines) + main_rows(a, METHODS, lambda key, label, method, ratio:
                                                   _measure(a, key, "main", label, method, ratio, a.limit), a.baselines)
     for ratio in a.ratios:
-        copy_chart(a, f"main-{ratio:.2f}-hywia", "hywia_blend.png", f"hywia_blend_{ratio:.2f}.png")
+        copy_chart(a, f"main-{ratio:.2f}-hywia", "hywia_blend.png", f"hywia{'_smoke' if a.smoke else ''}_blend_{ratio:.2f}.png")
     if not a.no_ablations:
         for ratio in a.ablation_ratios:
             for label, blend in ABLATIONS:
@@ -85,7 +92,7 @@ def run(a: argparse.Namespace) -> dict:
     rows += recovered_rows(a, METHODS, a.baselines)
     h = HywiaSettings(steps=a.hywia_steps, batch=a.hywia_batch)
     return {"benchmark": "hywia", "model": a.model, "command": "python benchmarks/hywia.py " + " ".join(sys.argv[1:]),
-            "protocol": {"calib_samples": a.calib_samples, "hywia": h.to_dict(), "reconstruction": ReconstructSettings().to_dict(),
+            "protocol": {"calib_samples": a.calib_samples, "hywia": h.to_dict(), "reconstruction": reconstruct_settings(a).to_dict(),
                          "task_limit": a.task_limit, "recover_steps": a.recover_steps},
             "machine": machine(), "versions": versions(), "rows": [r for r in rows if r]}
 

@@ -5,6 +5,7 @@ Protocol: one node, batch 1 (decode), a SmolLM2 MLP shape N=1536 x K=576, G=32, 
 provider, --threads intra-op threads, 5 warm-up runs then the mean of --runs runs.
 
     python benchmarks/matmulnbits_zero_points.py
+    python benchmarks/matmulnbits_zero_points.py --smoke   # N=256, K=128, 20 runs (matmulnbits_zero_points_smoke.*)
 """
 
 from __future__ import annotations
@@ -67,7 +68,11 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--runs", type=int, default=300)
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    p.add_argument("--smoke", action="store_true", help="N=256, K=128, 20 runs: a check of this script; results "
+                                                        "matmulnbits_zero_points_smoke.*")
     a = p.parse_args(argv)
+    if a.smoke:
+        a.n, a.k, a.runs = 256, 128, 20
     rng = np.random.default_rng(0)
     rows = []
     for kind, acc in (("float zero points", 0), ("uint8 zero points", 0), ("uint8 zero points", 4), ("fp32 MatMul", 0)):
@@ -84,7 +89,7 @@ def main(argv=None) -> int:
                     f"onnxruntime {ort.__version__}, {machine()}. accuracy_level 4 quantizes activations to int8 "
                     "(not what saap-edge exports: it keeps float32 activations, level 0).", "", table, "",
                     f"Command: `{data['command']}`", ""])
-    write_results(a.out, "matmulnbits_zero_points", data, md)
+    write_results(a.out, "matmulnbits_zero_points" + ("_smoke" if a.smoke else ""), data, md)
     print(md)
     return 0
 

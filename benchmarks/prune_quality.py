@@ -22,6 +22,7 @@ Peak memory: RSS sampled every 10 ms while the row pruned / reconstructed (one p
 dense model loaded). Finished rows are cached under --work, so an interrupted run resumes.
 
     python benchmarks/prune_quality.py --data-dir ../shared/data
+    python benchmarks/prune_quality.py --smoke --data-dir ../shared/data   # every row on a tiny model (prune_quality_smoke.*)
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import PeakRSS, cached_row, machine, quality_arguments, timed, write_results  # noqa: E402
+from harness import (PeakRSS, cached_row, machine, quality_arguments, quality_smoke,  # noqa: E402
+                     reconstruct_settings, smoke_model, timed, write_results)
 
 from saap_edge.compress import versions  # noqa: E402
 from saap_edge.config import PruneSettings, ReconstructSettings  # noqa: E402
@@ -88,7 +90,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--units-main", nargs="*", default=[], help="UNIT_VARIANTS labels to measure on the full test sets too")
     p.add_argument("--cached-only", action="store_true", help="write the results from the rows cached under --work; run nothing")
     p.add_argument("--name", default="prune_quality")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    if a.smoke:
+        a.name += "_smoke"
+        quality_smoke(a, "prune_quality")
+    return a
 
 
 class Bench:
@@ -190,7 +196,7 @@ def _mean_errors(layers: list[dict]) -> dict:
 def run(a: argparse.Namespace) -> dict:
     b = Bench(a)
     b.dense_row()
-    default = ReconstructSettings()
+    default = reconstruct_settings(a)
     none = replace(default, method="none")
     # most telling rows first, so an interrupted run (rows are cached) has the headline numbers
     def main_rows(methods, recons):
@@ -341,6 +347,8 @@ def _targets(main: list[dict], ds: str) -> list[str]:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.smoke and args.model == "smollm2-135m":
+        args.model = str(smoke_model(args.work, args.data_dir))
     data = run(args)
     paths = write_results(args.out, args.name, data, markdown(data))
     print(markdown(data))

@@ -20,6 +20,7 @@ of --layers. For each projection:
     float32 end to end. Times are medians of --repeats calls on this CPU.
 
     python benchmarks/reconstruct_precision.py --data-dir ../shared/data
+    python benchmarks/reconstruct_precision.py --smoke --data-dir ../shared/data   # 4 windows, layer 3, 20% (reconstruct_precision_smoke.*)
 """
 
 from __future__ import annotations
@@ -55,7 +56,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed calls per variant (median)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    return p.parse_args(argv)
+    p.add_argument("--smoke", action="store_true", help="4 windows, layer 3, 20%% removed, one timed call: a check of this "
+                                                        "script; results reconstruct_precision_smoke.*")
+    a = p.parse_args(argv)
+    if a.smoke:
+        a.samples, a.layers, a.shares, a.repeats = 4, [3], [0.2], 1
+    return a
 
 
 def timed(fn, repeats: int):
@@ -313,7 +319,7 @@ def main(argv=None) -> None:
     data = run(a)
     data["verdicts"] = verdicts(data)
     text = markdown(data)
-    paths = write_results(a.out, "reconstruct_precision", data, text)
+    paths = write_results(a.out, "reconstruct_precision" + ("_smoke" if a.smoke else ""), data, text)
     print(text)
     print("wrote", *paths)
 

@@ -26,6 +26,7 @@ tail bucket, kd+lm weight 0.5. The teacher's targets are cached under --work and
 every kd row. Rows are cached under --work/rows, so an interrupted run continues.
 
     python benchmarks/recovery.py --data-dir ../shared/data
+    python benchmarks/recovery.py --smoke --data-dir ../shared/data   # a few rows, tiny model (recovery_smoke.*)
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import cached_row, machine, run_child, write_results  # noqa: E402
+from harness import cached_row, machine, run_child, smoke_model, smoke_work, write_results  # noqa: E402
 
 from saap_edge.compress import versions  # noqa: E402
 from saap_edge.render import format_table  # noqa: E402
@@ -68,7 +69,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "recovery_<these>.json / .md")
     p.add_argument("--cached-only", action="store_true", help="write results from the cached rows; run nothing")
     p.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: its own)")
-    return p.parse_args(argv)
+    p.add_argument("--smoke", action="store_true",
+                   help="the tiny random-weight model of benchmarks/harness.py (unless --model is given), 2 steps, 4 "
+                        "windows for every score, the rows grid kd / offsets, main-best-long, main-dense and the llama.cpp "
+                        "table (or those --only names): a check of this script; results recovery_smoke.*, charts and work "
+                        "files under <work>/smoke")
+    a = p.parse_args(argv)
+    if a.smoke:
+        a.steps = a.default_steps = a.long_steps = 2
+        a.grid_trains, a.grid_limit, a.llama_limit = ["offsets"], 4, 4
+        a.only = a.only or [f"grid-kd-{a.grid_trains[0]}-", "main-best-long", "main-dense", "llama"]
+        smoke_work(a, Path("benchmarks/work/recovery"))
+    return a
 
 
 def _common(a) -> list[str]:
@@ -362,14 +374,37 @@ def targets(main: list[dict]) -> list[str]:
              ("gen-0.2-300", 90, "20% + int4, 30-minute CPU budget (generated text)"),
              ("main-0.5-default", 400, "50% + int4, the demo's default budget (books)"),
              ("gen-0.5-300", 400, "50% + int4, 30-minute CPU budget (generated text)")]
+    shorter = {"main-best-long": "main-best", "gen-0.2-300": "gen-0.2-60"}  # the same setting at the default budget
     by_key = {r["key"]: r for r in main}
     for key, goal, what in goals:
         r = by_key.get(key)
         if r and "ppl" in r:
             got = r["ppl"]["wikitext2"]
-            lines.append(f"- Target {what}: WikiText-2 <= {goal}; measured {got:.1f} "
-                         + ("(met)." if got <= goal else f"(missed by {got - goal:.1f})."))
+            line = f"- Target {what}: WikiText-2 <= {goal}; measured {got:.1f} " + (
+                "(met)." if got <= goal else f"(missed by {got - goal:.1f}).")
+            short = by_key.get(shorter.get(key, ""))
+            if got > goal and short and "ppl" in short:
+                line += " " + _predict(short, r, goal)
+            lines.append(line)
     return lines
+
+
+def _predict(a: dict, b: dict, goal: float) -> str:
+    """What a line in log(steps) through two rows of one setting predicts: the steps (and CPU
+    time at row b's rate) to reach `goal`, and the perplexity at twice b's budget. Two points
+    make a crude curve; it is what the measurements support, no more."""
+    import math
+
+    s1, s2, p1, p2 = a["steps"], b["steps"], a["ppl"]["wikitext2"], b["ppl"]["wikitext2"]
+    if not (s2 > s1 > 0) or p2 >= p1:
+        return f"No improvement from {s1} to {s2} steps: the curve predicts no budget that reaches it."
+    slope = (p2 - p1) / math.log(s2 / s1)  # perplexity per e-fold of steps (negative)
+    steps = s1 * math.exp((goal - p1) / slope)
+    rate = (b.get("train_s") or 0) / s2  # s per step
+    at_double = p2 + slope * math.log(2)
+    return (f"A line in log(steps) through {s1} and {s2} steps ({p1:.1f} -> {p2:.1f}) reaches it at about "
+            f"{steps:,.0f} steps ({steps * rate / 3600:,.1f} CPU-hours at this row's rate) and predicts "
+            f"{at_double:.1f} at {2 * s2} steps (about {2 * s2 * rate / 60:.0f} CPU-minutes).")
 
 
 def verdict(llama: dict | None) -> list[str]:
@@ -445,6 +480,10 @@ def plots(data: dict, out_dir: Path) -> list[str]:
 def main(argv=None) -> int:
     a = parse_args(argv)
     b = Bench(a)
+    if a.smoke:  # the rows of the full test sets scored on the first --grid-limit windows too
+        a.model = str(smoke_model(a.work, a.data_dir)) if a.model == "smollm2-135m" else a.model
+        full_sets = b.evaluate
+        b.evaluate = lambda model, limit, datasets: full_sets(model, limit or a.grid_limit, datasets)
     p20 = b.pruned(0.2)
     for train in a.grid_trains:
         for loss in LOSSES:
@@ -482,9 +521,10 @@ def main(argv=None) -> int:
     }
     data["targets"] = targets([r for r in rows if r.get("table") == "main"])
     data["verdict"] = verdict(llama)
-    data["plots"] = plots(data, a.out)
+    data["plots"] = plots(data, a.work if a.smoke else a.out)
     # a partial run (--only) writes its own results files beside the full run's
-    write_results(a.out, "recovery" + "".join(f"_{o}" for o in a.only or []), data, markdown(data))
+    write_results(a.out, "recovery_smoke" if a.smoke else "recovery" + "".join(f"_{o}" for o in a.only or []), data,
+                  markdown(data))
     print(markdown(data))
     return 0
 

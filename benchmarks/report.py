@@ -23,6 +23,7 @@ with its defaults and --recover-steps K (books text, batch 8 x 128 tokens, lr 1e
 Each finished row is cached in --work/rows/, so an interrupted run resumes where it stopped.
 
     python benchmarks/report.py --data-dir ../shared/data
+    python benchmarks/report.py --smoke --data-dir ../shared/data   # every row on a tiny model, 20% (report_smoke.*)
 """
 
 from __future__ import annotations
@@ -38,13 +39,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import TASK_COLUMNS, TASKS, machine, write_results  # noqa: E402
+from harness import TASK_COLUMNS, TASKS, machine, smoke_model, smoke_work, write_results  # noqa: E402
+from harness import reconstruct_settings as recon  # noqa: E402
 from harness import task_average as _average  # noqa: E402
 
 from saap_edge.bench.probe import run_child  # noqa: E402
 from saap_edge.bench.weights import torch_weights  # noqa: E402  (int4 projections count their logical weights)
 from saap_edge.compress import versions  # noqa: E402
-from saap_edge.config import PruneSettings, ReconstructSettings  # noqa: E402
+from saap_edge.config import PruneSettings  # noqa: E402
 from saap_edge.render import format_table  # noqa: E402
 
 METHODS = [  # Table I: (label, overrides)
@@ -75,7 +77,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--work", type=Path, default=Path("benchmarks/work/report"))
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     p.add_argument("--skip-bench", action="store_true", help="Table XII without memory / tokens/s rows")
-    return p.parse_args(argv)
+    p.add_argument("--smoke", action="store_true",
+                   help="every row on the tiny random-weight model of benchmarks/harness.py (unless --model is given), 20%% "
+                        "only, 4 windows per test set, 4 items per task, 4 calibration and 16 reconstruction windows, 2 "
+                        "recovery steps: a check of this script; results report_smoke.*, charts and work files under "
+                        "<work>/smoke")
+    a = p.parse_args(argv)
+    a.name = "report"
+    if a.smoke:
+        a.name += "_smoke"
+        a.ratios, a.limit, a.ppl_windows, a.calib_samples, a.recover_steps = [0.2], 4, 4, 4, 2
+        smoke_work(a, Path("benchmarks/work/report"))
+    return a
 
 
 class Report:
@@ -120,7 +133,7 @@ class Report:
         row = {**row, **(relabel or {})}
         print(f"[{time.strftime('%H:%M:%S')}] {key}: ppl {row.get('ppl')} avg {row.get('average')}", flush=True)
         self.data["rows"].append(row)
-        write_results(self.a.out, "report", self.data, markdown(self.data))
+        write_results(self.a.out, self.a.name, self.data, markdown(self.data))
         return row
 
     # ------------------------------------------------------------------ pruning
@@ -143,7 +156,7 @@ class Report:
 
         samples, stats = self.samples(s.calib_samples)
         torch.manual_seed(0)
-        r = ReconstructSettings()
+        r = recon(self.a)
         if self.recon_windows is None:  # one draw serves every row, as `samples` does
             self.recon_windows, _ = calibration_samples(self.tok, "books", r.samples, r.seq_len, 0, self.a.data_dir)
         return prune_keeping_dense(self.model, samples, s, r, self.recon_windows, stats=stats)
@@ -156,7 +169,7 @@ class Report:
             return {"table": table, "label": label, "ratio": ratio, "recovery": "none", "settings": s.to_dict(),
                     "params": result.plan.params["after"], "removed_share": result.plan.params["removed_share"],
                     **self.quality(result.model)}
-        identity = [s.to_dict(), ReconstructSettings().to_dict(), self.a.ppl_windows]
+        identity = [s.to_dict(), recon(self.a).to_dict(), self.a.ppl_windows]
         key = "pruned-" + hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
         return self.row(key, make, {"table": table, "label": label})
 
@@ -166,13 +179,15 @@ class Report:
             from saap_edge.outputs import PLAN_FILE, save_model
             from saap_edge.models.load import load_model
 
-            pruned_dir = self.a.work / f"pruned-{ratio:.2f}-{ReconstructSettings().method}"
+            pruned_dir = self.a.work / f"pruned-{ratio:.2f}-{recon(self.a).method}"
             if not (pruned_dir / "config.json").exists():
                 result = self.pruned(self.settings(ratio, {"method": "saap"}))
                 save_model(pruned_dir, result.model, self.tok)
                 result.plan.save(pruned_dir / PLAN_FILE)
             out = self.a.work / f"recovered-{ratio:.2f}-{recovery}"
-            cmd = CLI + ["recover", str(pruned_dir), "--recovery", recovery, "--recover-steps", str(self.a.recover_steps),
+            # the pruned directory holds no report.json naming its source: the teacher is given
+            cmd = CLI + ["recover", str(pruned_dir), "--teacher", str(self.a.model), "--recovery", recovery,
+                         "--recover-steps", str(self.a.recover_steps),
                          "--out", str(out), "--overwrite", "--eval-ppl", "--no-progress", "--device", "cpu"]
             cmd += ["--data-dir", self.a.data_dir] if self.a.data_dir else []
             child = run_child(cmd, self.a.work / f"recover-{ratio:.2f}-{recovery}.log")
@@ -187,8 +202,8 @@ class Report:
             if not self.a.skip_bench:
                 row["bench"] = self.bench(out, recovery)
             return row
-        recon = hashlib.sha256(json.dumps(ReconstructSettings().to_dict(), sort_keys=True).encode()).hexdigest()[:8]
-        return self.row(f"recovered-{ratio:.2f}-{recovery}-k{self.a.recover_steps}-{recon}-{self.a.ppl_windows}", make, {"table": table})
+        digest = hashlib.sha256(json.dumps(recon(self.a).to_dict(), sort_keys=True).encode()).hexdigest()[:8]
+        return self.row(f"recovered-{ratio:.2f}-{recovery}-k{self.a.recover_steps}-{digest}-{self.a.ppl_windows}", make, {"table": table})
 
     def bench(self, directory: Path, recovery: str) -> list[dict]:
         from saap_edge.bench import BenchModel, bench_row
@@ -291,7 +306,11 @@ def charts(d: dict, out_dir: Path) -> None:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    if a.smoke and a.model == "smollm2-135m":
+        a.model = str(smoke_model(a.work, a.data_dir))
     r = Report(a)
+    if a.smoke:
+        r.data["protocol"]["recon_samples"] = recon(a).samples
     r.row("dense", lambda: {"table": "dense", "label": "dense", "ratio": 0.0, "recovery": "none",
                             "params": sum(p.numel() for p in r.model.parameters()), **r.quality(r.model)})
     for ratio in a.ratios:
@@ -308,8 +327,8 @@ def main(argv=None) -> int:
     for ratio in a.ratios:
         if ratio != 0.2:
             r.recovered_row("I", ratio, "qalora")
-    charts(r.data, a.out)
-    write_results(a.out, "report", r.data, markdown(r.data))
+    charts(r.data, a.work if a.smoke else a.out)
+    write_results(a.out, a.name, r.data, markdown(r.data))
     print(markdown(r.data))
     return 0
 
