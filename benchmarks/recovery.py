@@ -403,8 +403,8 @@ def _predict(a: dict, b: dict, goal: float) -> str:
     rate = (b.get("train_s") or 0) / s2  # s per step
     at_double = p2 + slope * math.log(2)
     return (f"A line in log(steps) through {s1} and {s2} steps ({p1:.1f} -> {p2:.1f}) reaches it at about "
-            f"{steps:,.0f} steps ({steps * rate / 3600:,.1f} CPU-hours at this row's rate) and predicts "
-            f"{at_double:.1f} at {2 * s2} steps (about {2 * s2 * rate / 60:.0f} CPU-minutes).")
+            f"{steps:,.0f} steps ({steps * rate / 3600:,.1f} hours at this row's measured rate) and predicts "
+            f"{at_double:.1f} at {2 * s2} steps.")
 
 
 def verdict(llama: dict | None) -> list[str]:
