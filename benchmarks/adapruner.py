@@ -57,9 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     task_arguments(p)
     a = p.parse_args(argv)
     if a.smoke:  # and a pool of 16 windows, 3 trials (2 random first); no rows shared unless --baselines is given
-        quality_smoke(a, "adapruner")
+        quality_smoke(a, p)
         a.pool_size, a.trials, a.startup = 16, 3, 2
-        a.baselines = None if a.baselines == Path("benchmarks/work/hywia") else a.baselines
+        a.baselines = None if a.baselines == p.get_default("baselines") else a.baselines
     return a
 
 

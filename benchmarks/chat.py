@@ -79,7 +79,7 @@ def main(argv=None) -> int:
 
     dense, extra, prompts, name = "smollm2-135m", (), PROMPTS, "chat"
     if a.smoke:
-        smoke_work(a, ROOT / "benchmarks" / "work" / "chat")
+        smoke_work(a, p)
         a.ratios, a.max_new_tokens, prompts, name = [0.2], 16, PROMPTS[:2], "chat_smoke"
         model = smoke_model(a.work, a.data_dir)
         dense = str(model / "model-q4_1.gguf")

@@ -72,7 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if a.smoke:
         a.name += "_smoke"
         a.windows = a.windows or 4
-        smoke_work(a, Path("benchmarks/work/export"))
+        smoke_work(a, p)
     return a
 
 

@@ -254,8 +254,6 @@ def main_of(name: str, parse_args, run, markdown, argv=None) -> None:
     a = parse_args(argv)
     if a.smoke:
         name += "_smoke"
-        if a.model == "smollm2-135m":
-            a.model = str(smoke_model(a.work, a.data_dir))
     data = run(a)
     paths = write_results(a.out, name, data, markdown(data))
     print(markdown(data))
@@ -289,7 +287,7 @@ def reconstruct_settings(a):
     return ReconstructSettings(samples=SMOKE_RECON_SAMPLES) if getattr(a, "smoke", False) else ReconstructSettings()
 
 
-def quality_smoke(a, name: str) -> None:
+def quality_smoke(a, p) -> None:
     """--smoke of the quality benchmarks (quality_arguments): 20% only, WikiText-2 only, 4 windows,
     4 calibration windows, and where the script has them 4 items per zero-shot task, 2 recovery
     steps, ablations at 20%; work files under <work>/smoke."""
@@ -297,17 +295,22 @@ def quality_smoke(a, name: str) -> None:
     for key, value in (("task_limit", 4), ("recover_steps", 2), ("ablation_ratios", [0.2])):
         if hasattr(a, key):
             setattr(a, key, value)
-    smoke_work(a, Path("benchmarks/work") / name)
+    smoke_work(a, p)
 
 
-def smoke_work(a, default: Path) -> None:
-    """--smoke: work files under <work>/smoke when --work is the default (a --work the caller gives
-    is used as it is), and the teacher / pool caches inside them."""
+def smoke_work(a, p) -> None:
+    """--smoke: work files under <work>/smoke when --work is the parser `p`'s default (a --work the
+    caller gives is used as it is), the teacher / pool caches inside them, and the tiny model in
+    place of a --model left at the default SmolLM2."""
     import os
 
-    if Path(a.work) == Path(default):
+    from saap_edge.models.load import DEFAULT_MODEL
+
+    if Path(a.work) == Path(p.get_default("work")):
         a.work = Path(a.work) / "smoke"
     os.environ["SAAP_EDGE_CACHE"] = str(Path(a.work).resolve() / "cache")
+    if getattr(a, "model", None) == DEFAULT_MODEL:
+        a.model = str(smoke_model(a.work, a.data_dir))
 
 
 def smoke_model(work: Path, data_dir=None) -> Path:

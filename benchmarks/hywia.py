@@ -47,9 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hywia-batch", type=int, default=HywiaSettings().batch)
     a = p.parse_args(argv)
     if a.smoke:  # and 4 fusion-learning steps of 2 windows; no rows shared unless --baselines is given
-        quality_smoke(a, "hywia")
+        quality_smoke(a, p)
         a.hywia_steps, a.hywia_batch = 4, 2
-        a.baselines = None if a.baselines == Path("benchmarks/work/adapruner") else a.baselines
+        a.baselines = None if a.baselines == p.get_default("baselines") else a.baselines
     return a
 
 

@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import (PeakRSS, cached_row, machine, quality_arguments, quality_smoke,  # noqa: E402
-                     reconstruct_settings, smoke_model, timed, write_results)
+                     reconstruct_settings, timed, write_results)
 
 from saap_edge.compress import versions  # noqa: E402
 from saap_edge.config import PruneSettings, ReconstructSettings  # noqa: E402
@@ -93,7 +93,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.smoke:
         a.name += "_smoke"
-        quality_smoke(a, "prune_quality")
+        quality_smoke(a, p)
     return a
 
 
@@ -347,8 +347,6 @@ def _targets(main: list[dict], ds: str) -> list[str]:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.smoke and args.model == "smollm2-135m":
-        args.model = str(smoke_model(args.work, args.data_dir))
     data = run(args)
     paths = write_results(args.out, args.name, data, markdown(data))
     print(markdown(data))

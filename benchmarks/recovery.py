@@ -41,7 +41,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import cached_row, machine, run_child, smoke_model, smoke_work, write_results  # noqa: E402
+from harness import cached_row, machine, run_child, smoke_work, write_results  # noqa: E402
 
 from saap_edge.compress import versions  # noqa: E402
 from saap_edge.render import format_table  # noqa: E402
@@ -79,7 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         a.steps = a.default_steps = a.long_steps = 2
         a.grid_trains, a.grid_limit, a.llama_limit = ["offsets"], 4, 4
         a.only = a.only or [f"grid-kd-{a.grid_trains[0]}-", "main-best-long", "main-dense", "llama"]
-        smoke_work(a, Path("benchmarks/work/recovery"))
+        smoke_work(a, p)
     return a
 
 
@@ -481,7 +481,6 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     b = Bench(a)
     if a.smoke:  # the rows of the full test sets scored on the first --grid-limit windows too
-        a.model = str(smoke_model(a.work, a.data_dir)) if a.model == "smollm2-135m" else a.model
         full_sets = b.evaluate
         b.evaluate = lambda model, limit, datasets: full_sets(model, limit or a.grid_limit, datasets)
     p20 = b.pruned(0.2)

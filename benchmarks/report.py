@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import TASK_COLUMNS, TASKS, machine, smoke_model, smoke_work, write_results  # noqa: E402
+from harness import TASK_COLUMNS, TASKS, machine, smoke_work, write_results  # noqa: E402
 from harness import reconstruct_settings as recon  # noqa: E402
 from harness import task_average as _average  # noqa: E402
 
@@ -87,7 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if a.smoke:
         a.name += "_smoke"
         a.ratios, a.limit, a.ppl_windows, a.calib_samples, a.recover_steps = [0.2], 4, 4, 4, 2
-        smoke_work(a, Path("benchmarks/work/report"))
+        smoke_work(a, p)
     return a
 
 
@@ -306,8 +306,6 @@ def charts(d: dict, out_dir: Path) -> None:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    if a.smoke and a.model == "smollm2-135m":
-        a.model = str(smoke_model(a.work, a.data_dir))
     r = Report(a)
     if a.smoke:
         r.data["protocol"]["recon_samples"] = recon(a).samples
