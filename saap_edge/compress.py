@@ -501,8 +501,8 @@ def _check_recover_memory(job: "RecoverJob", r: RecoverSettings, dry_run: bool =
         return []
     teacher = None
     if r.distills:
-        recorded = getattr(RunReport.read_if_any(Path(job.source) / REPORT_FILE), "model", None) or {}
-        name = job.teacher or recorded.get("path") or recorded.get("model") or job.source
+        recorded = RunReport.read_if_any(Path(job.source) / REPORT_FILE)
+        name = job.teacher or (recorded and recorded.source_name()) or job.source
         teacher = _shape_of(name, False)
     device = planned_device(job.run, dry_run)
     cache = job.teacher_cache_mib if job.teacher_cache is not None else None
@@ -556,13 +556,11 @@ class RecoverJob:
     memory_text: str | None = field(default=None, repr=False)  # the memory count to print once loading passed
 
 
-def _recorded_source(recorded: dict, source: str) -> str:
+def _recorded_source(recorded: str | None, source: str) -> str:
     """The dense model a pruned directory was made from (report.json's `model`), for distillation."""
-    recorded = recorded or {}
-    given = recorded.get("path") or recorded.get("model")
-    if not given:
+    if not recorded:
         raise UserError(f"{source} records no source model (report.json); give the dense teacher with --teacher PATH")
-    return given
+    return recorded
 
 
 def recover_dry_run(job: RecoverJob) -> list:
@@ -599,7 +597,7 @@ def recover_dir(job: RecoverJob) -> RunReport:
         params = total_params(model)
         plan.params = {"before": params, "after": params, "removed_share": 0.0}
         report = RunReport()
-    recorded_model = dict(report.model)
+    recorded_model = report.source_name()
     report.model = report.model or loaded.source
     report.params = report.params or plan.params
     report.settings = report.settings or {"method": plan.method or "none", "ratio": plan.ratio or 0.0}

@@ -83,30 +83,32 @@ def replace_path(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def write_file(path: Path, data: str | bytes) -> None:
-    """`data` (UTF-8 text or bytes) into `path` whole or not at all: a temporary name beside it,
-    renamed when written, so no reader ever sees half a file."""
+@contextmanager
+def written_whole(path: Path):
+    """A temporary name beside `path` for the block to write; renamed onto `path` when the block
+    ends, removed if it fails, so no reader ever sees half a file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_bytes(data) if isinstance(data, bytes) else tmp.write_text(data, encoding="utf-8")
+        yield tmp
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_file(path: Path, data: str | bytes) -> None:
+    """`data` (UTF-8 text or bytes) into `path` whole or not at all (its folder made if missing)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with written_whole(path) as tmp:
+        tmp.write_bytes(data) if isinstance(data, bytes) else tmp.write_text(data, encoding="utf-8")
 
 
 def write_safetensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
-    """`tensors` as a safetensors file at `path`, written whole or not at all (as write_file)."""
+    """`tensors` as a safetensors file at `path`, written whole or not at all."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with written_whole(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_json(path: Path, data: dict) -> None:

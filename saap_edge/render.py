@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from saap_edge.outputs import write_file, write_json
+from saap_edge.outputs import write_file, write_json, written_whole
 from saap_edge.prune.groups import ATTN, HEAD, MLP
 from saap_edge.prune.plan import PrunePlan
 from saap_edge.run_report import RunReport
@@ -17,14 +17,11 @@ def save_figure(fig, path: Path, dpi: int = 110) -> None:
     """`fig` as a PNG at `path`, written whole, and closed."""
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     try:
-        fig.savefig(tmp, dpi=dpi, format="png")
-        tmp.replace(path)
+        with written_whole(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------ compress

@@ -57,6 +57,10 @@ class RunReport:
         """The report at `path`, or None where the directory has none (a model not made here)."""
         return cls.read(path) if Path(path).is_file() else None
 
+    def source_name(self) -> str | None:
+        """The model this run was made from, as it loads again (its path, else its name); None if unrecorded."""
+        return self.model.get("path") or self.model.get("model") or None
+
     def write(self, path: Path) -> None:
         from saap_edge.outputs import write_json
 
