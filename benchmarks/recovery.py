@@ -13,10 +13,15 @@ Sections (every row is a child process, so its peak RSS and wall time are its ow
    same at 50%, pruned 20% int4 round-to-nearest (no training); then, as references, the
    previous default (lm + QA-LoRA), dense fp32 and pruned 20% fp32.
 3. Equal bytes (llama.cpp): the dense model exported as F16 GGUF and quantized by llama.cpp's
-   own quantizer (Q4_1, Q3_K_M, Q2_K) beside our int4 artifacts (the embedding / output
-   matrix f16 as exported by default, and Q4_1 like llama.cpp's): MiB, perplexity on the
-   first --llama-limit WikiText-2 windows through llama.cpp, decode tok/s (128-token prompt,
-   64 greedy steps, median of 3, all rows in one process run one after another).
+   own quantizer (Q4_1, Q3_K_M, Q2_K, and Q3_K_M / Q2_K with a Q4_1 or Q2_K embedding) beside
+   our int4 artifacts (the embedding / output matrix f16 as exported by default, and Q4_1):
+   MiB, perplexity on the first --llama-limit WikiText-2 windows through llama.cpp, decode
+   tok/s (128-token prompt, 64 greedy steps, median of 3, all rows in one process run one
+   after another), and which artifacts are on the Pareto front of size against perplexity.
+4. WikiText-2 against training tokens: the full-test-set rows of one setting (trained set,
+   data, ratio) at 60, 300 and 600 steps, with the line in log(steps) through them.
+5. Zero-shot: the seven tasks (first --task-limit items of each, the protocol of
+   benchmarks/adapruner.py and hywia.py) for dense, pruned 20% fp32 and the generated-text rows.
 
 Protocol: 128-token non-overlapping windows of the raw test text joined by blank lines;
 recovery on `books`, 128-token windows, batch 8, AdamW (lr 1e-4 for LoRA; 1e-3 for
@@ -41,15 +46,28 @@ from pathlib import Path
 from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import cached_row, machine, run_child, smoke_work, write_results  # noqa: E402
+from harness import (TASK_COLUMNS, TASKS, cached_row, load, machine, run_child, smoke_work, task_columns,  # noqa: E402
+                     write_results)
 
 from saap_edge.compress import versions  # noqa: E402
-from saap_edge.render import format_table  # noqa: E402
+from saap_edge.render import format_table, save_figure  # noqa: E402
 
 CLI = [sys.executable, "-m", "saap_edge.cli"]
 LOSSES = ("lm", "kd", "kd+lm")
 TRAINS = ("lora", "offsets", "offsets,scales,norms")  # --grid-trains adds offsets,scales etc.
-LLAMA_QUANTS = ("Q4_1", "Q3_K_M", "Q2_K")
+# llama.cpp's quantizer on the dense model: (file stem, label, file type, embedding type or None for
+# the type's own choice). The embedding is tied to the output and is a fifth of SmolLM2-135M's
+# weights, so a smaller embedding type is the first thing a user shrinking the file would try.
+LLAMA_QUANTS = (
+    ("Q4_1", "dense Q4_1 (llama.cpp quantizer)", "Q4_1", None),
+    ("Q3_K_M", "dense Q3_K_M (llama.cpp quantizer)", "Q3_K_M", None),
+    ("Q2_K", "dense Q2_K (llama.cpp quantizer)", "Q2_K", None),
+    ("Q3_K_M-embQ4_1", "dense Q3_K_M, Q4_1 embeddings (llama.cpp quantizer)", "Q3_K_M", "Q4_1"),
+    ("Q2_K-embQ4_1", "dense Q2_K, Q4_1 embeddings (llama.cpp quantizer)", "Q2_K", "Q4_1"),
+    ("Q2_K-embQ2_K", "dense Q2_K, Q2_K embeddings (llama.cpp quantizer)", "Q2_K", "Q2_K"),
+)
+# our artifacts in that table, when their model directories exist
+LLAMA_OF = ("main-best", "main-best-long", "main-0.5-default", "gen-0.2-300", "gen-0.2-600", "gen-0.5-300")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -69,6 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "recovery_<these>.json / .md")
     p.add_argument("--cached-only", action="store_true", help="write results from the cached rows; run nothing")
     p.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: its own)")
+    p.add_argument("--task-limit", type=int, default=300, help="items of each zero-shot task (0: every item)")
     p.add_argument("--smoke", action="store_true",
                    help="the tiny random-weight model of benchmarks/harness.py (unless --model is given), 2 steps, 4 "
                         "windows for every score, the rows grid kd / offsets, main-best-long, main-dense and the llama.cpp "
@@ -77,8 +96,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.smoke:
         a.steps = a.default_steps = a.long_steps = 2
-        a.grid_trains, a.grid_limit, a.llama_limit = ["offsets"], 4, 4
-        a.only = a.only or [f"grid-kd-{a.grid_trains[0]}-", "main-best-long", "main-dense", "llama"]
+        a.grid_trains, a.grid_limit, a.llama_limit, a.task_limit = ["offsets"], 4, 4, 4
+        a.only = a.only or [f"grid-kd-{a.grid_trains[0]}-", "main-best-long", "main-dense", "llama", "zeroshot-main-best-long"]
         smoke_work(a, p)
     return a
 
@@ -220,6 +239,41 @@ def best_grid(rows: list[dict]) -> list[dict]:
     return sorted(ok, key=lambda r: r["ppl"]["wikitext2"])
 
 
+# One setting (ratio, trained set, data) at several budgets: the main rows of the curve of
+# WikiText-2 against training tokens, and of what a missed target's curve predicts.
+SETTINGS = (
+    ("20%, kd / offsets, books", ("main-best", "main-best-long")),
+    ("20%, kd / offsets, 200k generated tokens", ("gen-0.2-60", "gen-0.2-300", "gen-0.2-600")),
+    ("50%, kd / offsets, books", ("main-0.5-default",)),
+    ("50%, kd / offsets, 200k generated tokens", ("gen-0.5-300",)),
+)
+TOKENS_PER_STEP = 8 * 128  # batch 8 windows of 128 tokens
+
+# The zero-shot rows: (row key, label of a model that is not a recovered row's)
+ZEROSHOT_OF = ("main-dense", "main-pruned", "main-best-long", "gen-0.2-60", "gen-0.2-300", "gen-0.2-600")
+
+
+def zeroshot_rows(b: Bench, p20: Path) -> None:
+    """The seven tasks, first --task-limit items each, for dense, pruned 20% fp32 and the
+    recovered rows of ZEROSHOT_OF whose model directories are kept (scored in this process,
+    torch float32, as benchmarks/adapruner.py and hywia.py score theirs)."""
+    a = b.a
+    fixed = {"main-dense": (a.model, "dense fp32"), "main-pruned": (str(p20), "pruned 20% fp32 (reconstructed)")}
+    for key in ZEROSHOT_OF:
+        r = b.rows.get(key)
+        model, label = fixed.get(key) or ((r.get("model_dir"), r.get("label")) if r else (None, None))
+        if model is None:
+            continue
+
+        def make(model=model, label=label):
+            if not (model == a.model or Path(model).exists()):
+                return {"failed": f"{model} is gone"}
+            return {"table": "zeroshot", "label": label, "model": str(model), "task_limit": a.task_limit,
+                    **task_columns(a, load(model))}
+
+        b.cached(f"zeroshot-{key}", make)
+
+
 # ------------------------------------------------------------------ llama.cpp at equal bytes
 
 
@@ -258,7 +312,7 @@ def _llama_ppl_and_speed(path: Path, w, threads: int | None) -> dict:
 
 def llama_rows(b: Bench) -> dict | None:
     a = b.a
-    ours = {k: r for k, r in b.rows.items() if k in ("main-best", "main-best-long", "main-0.5-default") and r.get("model_dir")}
+    ours = {k: r for k, r in b.rows.items() if k in LLAMA_OF and r.get("model_dir") and Path(r["model_dir"]).exists()}
 
     def make():
         import llama_cpp
@@ -272,16 +326,18 @@ def llama_rows(b: Bench) -> dict | None:
             if run["rc"]:
                 return {"failed": f"dense F16 export failed, see {work / 'export-dense.log'}"}
         files = {"dense F16 (llama.cpp)": f16}
-        for q in LLAMA_QUANTS:
-            path = work / f"dense-{q}.gguf"
+        for stem, label, q, embed in LLAMA_QUANTS:
+            path = work / f"dense-{stem}.gguf"
             if not path.exists():
                 params = llama_cpp.llama_model_quantize_default_params()
                 params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{q}")
+                if embed:  # the tied embedding is also the output matrix
+                    params.token_embedding_type = params.output_tensor_type = getattr(llama_cpp, f"GGML_TYPE_{embed}")
                 tmp = path.with_suffix(".tmp")
                 if llama_cpp.llama_model_quantize(str(f16).encode(), str(tmp).encode(), params) != 0:
-                    return {"failed": f"llama.cpp could not quantize to {q}"}
+                    return {"failed": f"llama.cpp could not quantize to {stem}"}
                 tmp.rename(path)
-            files[f"dense {q} (llama.cpp quantizer)"] = path
+            files[label] = path
         for key, r in ours.items():
             # the default export keeps the tied embedding / output matrix f16; llama.cpp's
             # quantizer also quantizes it, so ours is measured with a Q4_1 one as well
@@ -351,6 +407,19 @@ def markdown(data: dict) -> str:
         out.append(format_table(["row", *[f"{ds} PPL" for ds in p["datasets"]], "trainable params", "train s",
                                  "peak RSS MiB", "safetensors MiB"], rows) + "\n")
         out.append("\n".join(data.get("targets", [])) + "\n")
+    curves = curve_rows(data["rows"])
+    if curves:
+        out.append("## WikiText-2 against training tokens (full test sets)\n")
+        out.append(f"One setting at several budgets; a step is {TOKENS_PER_STEP} tokens (8 windows of 128), with the "
+                   "learning-rate schedule (warm-up 10%, then linear decay) stretched to each row's steps. Chart: "
+                   "recovery_tokens.png.\n")
+        body = [[name, r["steps"], f"{r['steps'] * TOKENS_PER_STEP:,}", _fmt(r["ppl"].get("wikitext2")),
+                 _fmt(r["ppl"].get("ptb")), _fmt(r.get("train_s"), 0)] for name, pts in curves for r in pts]
+        out.append(format_table(["setting", "steps", "training tokens", "WikiText-2 PPL", "PTB PPL", "train s"], body) + "\n")
+        fits = [f"- {name}: {log_fit(pts)[1]:.1f} WikiText-2 PPL per e-fold of steps (least squares through "
+                f"{len(pts)} points)." for name, pts in curves if len(pts) > 1]
+        if fits:
+            out.append("\n".join(fits) + "\n")
     llama = next((r for r in data["rows"] if r.get("table") == "llama"), None)
     if llama:
         out.append("## Equal bytes: pruning + int4 against llama.cpp's quantizer on the dense model\n")
@@ -361,6 +430,15 @@ def markdown(data: dict) -> str:
                 for label, e in sorted(llama["entries"].items(), key=lambda kv: kv[1]["mib"])]
         out.append(format_table(["artifact", "MiB", "WikiText-2 PPL", "decode tok/s"], rows) + "\n")
         out.append("\n".join(data.get("verdict", [])) + "\n")
+    zs = [r for r in data["rows"] if r.get("table") == "zeroshot"]
+    if zs:
+        out.append("## Zero-shot: the seven tasks\n")
+        out.append(f"First {p.get('task_limit')} items of each task (or the whole set if smaller), torch float32, acc for "
+                   "BoolQ, PIQA, WinoGrande, ARC-e, acc_norm for HellaSwag, ARC-c, OBQA, in %; ± is one standard error "
+                   "(benchmarks/adapruner.py's protocol).\n")
+        body = [[r["label"]] + [f"{100 * r['tasks'][t][TASK_COLUMNS[t][1]]:.1f}" for t in TASKS]
+                + [f"{100 * r['average']:.2f} ± {100 * r['average_stderr']:.2f}", _fmt(r.get("tasks_s"), 0)] for r in zs]
+        out.append(format_table(["model"] + [TASK_COLUMNS[t][0] for t in TASKS] + ["Average", "s"], body) + "\n")
     if data.get("missing"):
         out.append("Not measured in this run: " + ", ".join(data["missing"]) + "\n")
     out.append(f"Command: `{data['command']}`\n")
@@ -373,54 +451,94 @@ def targets(main: list[dict]) -> list[str]:
              ("main-best-long", 90, "20% + int4, 30-minute CPU budget (books)"),
              ("gen-0.2-60", 100, "20% + int4, the demo's default budget (generated text)"),
              ("gen-0.2-300", 90, "20% + int4, 30-minute CPU budget (generated text)"),
+             ("gen-0.2-600", 80, "20% + int4, 60-minute CPU budget (generated text)"),
              ("main-0.5-default", 400, "50% + int4, the demo's default budget (books)"),
              ("gen-0.5-300", 400, "50% + int4, 30-minute CPU budget (generated text)")]
-    shorter = {"main-best-long": "main-best", "gen-0.2-300": "gen-0.2-60"}  # the same setting at the default budget
-    by_key = {r["key"]: r for r in main}
+    by_key = {r["key"]: r for r in main if "ppl" in r}
     for key, goal, what in goals:
         r = by_key.get(key)
-        if r and "ppl" in r:
+        if r:
             got = r["ppl"]["wikitext2"]
             line = f"- Target {what}: WikiText-2 <= {goal}; measured {got:.1f} " + (
                 "(met)." if got <= goal else f"(missed by {got - goal:.1f}).")
-            short = by_key.get(shorter.get(key, ""))
-            if got > goal and short and "ppl" in short:
-                line += " " + _predict(short, r, goal)
+            # the same setting at this budget and the smaller ones
+            keys = next((ks for _, ks in SETTINGS if key in ks), (key,))
+            points = [by_key[k] for k in keys[: keys.index(key) + 1] if k in by_key]
+            if got > goal and len(points) > 1:
+                line += " " + _predict(points, goal)
             lines.append(line)
     return lines
 
 
-def _predict(a: dict, b: dict, goal: float) -> str:
-    """What a line in log(steps) through two rows of one setting predicts: the steps (and CPU
-    time at row b's rate) to reach `goal`, and the perplexity at twice b's budget. Two points
-    make a crude curve; it is what the measurements support, no more."""
+def log_fit(points: list[dict]) -> tuple[float, float]:
+    """Least squares WikiText-2 PPL = c + m ln(steps) through rows of one setting: (c, m)."""
+    import numpy as np
+
+    x = np.log([r["steps"] for r in points])
+    y = np.array([r["ppl"]["wikitext2"] for r in points])
+    m, c = np.polyfit(x, y, 1)
+    return float(c), float(m)
+
+
+def _predict(points: list[dict], goal: float) -> str:
+    """What a line in log(steps) through rows of one setting predicts: the steps (and CPU time
+    at the last row's rate) to reach `goal`, and the perplexity at twice the last budget. A line
+    through two or three points is a crude curve; it is what the measurements support, no more."""
     import math
 
-    s1, s2, p1, p2 = a["steps"], b["steps"], a["ppl"]["wikitext2"], b["ppl"]["wikitext2"]
-    if not (s2 > s1 > 0) or p2 >= p1:
-        return f"No improvement from {s1} to {s2} steps: the curve predicts no budget that reaches it."
-    slope = (p2 - p1) / math.log(s2 / s1)  # perplexity per e-fold of steps (negative)
-    steps = s1 * math.exp((goal - p1) / slope)
-    rate = (b.get("train_s") or 0) / s2  # s per step
-    at_double = p2 + slope * math.log(2)
-    return (f"A line in log(steps) through {s1} and {s2} steps ({p1:.1f} -> {p2:.1f}) reaches it at about "
-            f"{steps:,.0f} steps ({steps * rate / 3600:,.1f} hours at this row's measured rate) and predicts "
-            f"{at_double:.1f} at {2 * s2} steps.")
+    last = points[-1]
+    c, m = log_fit(points)
+    through = ", ".join(f"{r['steps']} ({r['ppl']['wikitext2']:.1f})" for r in points)
+    if m >= 0:
+        return f"No improvement with steps through {through}: the curve predicts no budget that reaches it."
+    steps = math.exp((goal - c) / m)
+    rate = (last.get("train_s") or 0) / last["steps"]  # s per step
+    at_double = c + m * math.log(2 * last["steps"])
+    return (f"A line in log(steps) through {through} ({m:.1f} PPL per e-fold of steps) reaches it at about "
+            f"{steps:,.0f} steps ({steps * rate / 3600:,.1f} hours at the last row's measured rate) and predicts "
+            f"{at_double:.1f} at {2 * last['steps']} steps.")
+
+
+def curve_rows(rows: list[dict]) -> list[tuple[str, list[dict]]]:
+    """SETTINGS with their measured full-test-set rows, fewest steps first."""
+    by_key = {r["key"]: r for r in rows if r.get("table") == "main" and "ppl" in r}
+    out = [(name, sorted((by_key[k] for k in keys if k in by_key), key=lambda r: r["steps"])) for name, keys in SETTINGS]
+    return [(name, pts) for name, pts in out if pts]
+
+
+def dominated_by(entries: dict, label: str) -> list[str]:
+    """The artifacts no larger than `label`'s with lower perplexity, or smaller with no higher
+    (what puts it off the Pareto front of size against perplexity)."""
+    x = entries[label]
+    return [k for k, y in entries.items() if k != label and (
+        (y["mib"] <= x["mib"] and y["ppl"] < x["ppl"]) or (y["mib"] < x["mib"] and y["ppl"] <= x["ppl"]))]
 
 
 def verdict(llama: dict | None) -> list[str]:
+    """Each of our artifacts: on the Pareto front or not (and by which dense quant, the smallest
+    that dominates it); then the target's verdict."""
     if not llama:
         return []
     e = llama["entries"]
-    q2 = e.get("dense Q2_K (llama.cpp quantizer)")
-    lines = []
-    for label, x in e.items():
-        if not label.startswith("saap-edge") or q2 is None:
+    dense = {k: v for k, v in e.items() if not k.startswith("saap-edge")}
+    smallest_dense = min(dense.values(), key=lambda v: v["mib"]) if dense else None
+    lines, front = [], []
+    for label in sorted(e, key=lambda k: e[k]["mib"]):
+        if not label.startswith("saap-edge"):
             continue
-        smaller, better, faster = x["mib"] < q2["mib"], x["ppl"] < q2["ppl"], x["decode_tok_s"] > q2["decode_tok_s"]
-        lines.append(f"- {label}: {x['mib']:.1f} MiB vs dense Q2_K {q2['mib']:.1f} MiB ({'smaller' if smaller else 'larger'}), "
-                     f"PPL {x['ppl']:.1f} vs {q2['ppl']:.1f} ({'better' if better else 'worse'}), "
-                     f"{x['decode_tok_s']:.0f} vs {q2['decode_tok_s']:.0f} tok/s ({'faster' if faster else 'slower'}).")
+        x, over = e[label], dominated_by(e, label)
+        if not over:
+            front.append(label)
+            alone = smallest_dense is not None and x["mib"] < smallest_dense["mib"]
+            lines.append(f"- {label} ({x['mib']:.1f} MiB, PPL {x['ppl']:.1f}): on the front"
+                         + (f"; it is smaller than every dense quant here (the smallest: {smallest_dense['mib']:.1f} MiB)"
+                            if alone else "") + ".")
+        else:
+            by = min(over, key=lambda k: e[k]["mib"])
+            lines.append(f"- {label} ({x['mib']:.1f} MiB, PPL {x['ppl']:.1f}): off the front; {by} is "
+                         f"{e[by]['mib']:.1f} MiB at PPL {e[by]['ppl']:.1f}.")
+    lines.append("- Target at least one saap-edge artifact on llama.cpp's Pareto front: "
+                 + (f"met by {len(front)} ({'; '.join(front)})." if front else "missed: a dense quant dominates each of ours."))
     return lines
 
 
@@ -430,7 +548,8 @@ def _short(label: str) -> str:
         return label.replace(" (llama.cpp quantizer)", "").replace(" (llama.cpp)", "")
     ratio = label.split("pruned ", 1)[1].split(" ", 1)[0]
     steps = label.split(" steps", 1)[0].rsplit(" ", 1)[1]
-    return f"ours {ratio}, {steps} st" + (", Q4_1 emb" if "Q4_1 embeddings" in label else "")
+    return (f"ours {ratio}, {steps} st" + (", gen" if "generated" in label else "")
+            + (", Q4_1 emb" if "Q4_1 embeddings" in label else ""))
 
 
 def plots(data: dict, out_dir: Path) -> list[str]:
@@ -440,6 +559,7 @@ def plots(data: dict, out_dir: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     made = []
+    out_dir.mkdir(parents=True, exist_ok=True)
     curves = [r for r in data["rows"] if r.get("heldout_curve")]
     best = best_grid(data["rows"])[:2]
     chosen = best + [r for r in curves if r.get("key") in ("main-best", "main-best-long")]
@@ -454,9 +574,33 @@ def plots(data: dict, out_dir: Path) -> list[str]:
         ax.set_title("Recovery of the 20% pruned int4 model")
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(out_dir / "recovery_curve.png", dpi=120)
-        plt.close(fig)
+        save_figure(fig, out_dir / "recovery_curve.png", dpi=120)
         made.append("recovery_curve.png")
+    curves = curve_rows(data["rows"])
+    if curves:
+        import numpy as np
+
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for ax, ratio in zip(axes, ("20%", "50%")):
+            for name, pts in curves:
+                if not name.startswith(ratio):
+                    continue
+                x = [r["steps"] * TOKENS_PER_STEP for r in pts]
+                line, = ax.plot(x, [r["ppl"]["wikitext2"] for r in pts], marker="o", label=name.split(", ", 1)[1])
+                if len(pts) > 1:  # the least-squares line in log(steps), drawn to twice the last budget
+                    c, m = log_fit(pts)
+                    steps = np.geomspace(pts[0]["steps"], 2 * pts[-1]["steps"], 30)
+                    ax.plot(steps * TOKENS_PER_STEP, c + m * np.log(steps), linestyle=":", color=line.get_color())
+            ax.set_xscale("log")
+            ax.set_xlabel("training tokens")
+            ax.set_ylabel("WikiText-2 perplexity (full test set)")
+            ax.set_title(f"pruned {ratio} + int4")
+            if ax.lines:
+                ax.legend(fontsize=8)
+        fig.suptitle("Recovery against training tokens (dotted: the line in log(steps))")
+        fig.tight_layout()
+        save_figure(fig, out_dir / "recovery_tokens.png", dpi=120)
+        made.append("recovery_tokens.png")
     llama = next((r for r in data["rows"] if r.get("table") == "llama"), None)
     if llama:
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -472,8 +616,7 @@ def plots(data: dict, out_dir: Path) -> list[str]:
             ax.set_xlabel("file size (MiB)")
         fig.suptitle("Pruning + int4 (circles) vs llama.cpp quantizing the dense model (squares)")
         fig.tight_layout()
-        fig.savefig(out_dir / "recovery_equal_bytes.png", dpi=120)
-        plt.close(fig)
+        save_figure(fig, out_dir / "recovery_equal_bytes.png", dpi=120)
         made.append("recovery_equal_bytes.png")
     return made
 
@@ -510,11 +653,13 @@ def main(argv=None) -> int:
                lambda: b.recover(p20, "main-lm-lora", "qalora", "lm", "lora", a.default_steps))
     b.main_row("main-dense", "dense fp32", lambda: (a.model, {}))
     b.main_row("main-pruned", "pruned 20% fp32 (reconstructed)", lambda: (p20, {}))
+    zeroshot_rows(b, p20)
     rows = list(b.rows.values())
     full = next((r["windows"] for r in rows if r.get("table") == "main" and "windows" in r), {})
     data = {
         "model": a.model, "device": machine(), "versions": versions(),
-        "protocol": {"steps": a.steps, "default_steps": a.default_steps, "long_steps": a.long_steps, "grid_limit": a.grid_limit, "llama_limit": a.llama_limit,
+        "protocol": {"steps": a.steps, "default_steps": a.default_steps, "long_steps": a.long_steps, "grid_limit": a.grid_limit,
+                     "llama_limit": a.llama_limit, "task_limit": a.task_limit,
                      "datasets": a.datasets, "full_windows": full, "text": __doc__.split("Protocol: ", 1)[1].split("\n\n")[0]},
         "command": "python benchmarks/recovery.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "rows": rows, "missing": b.missing,
