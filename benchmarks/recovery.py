@@ -13,7 +13,7 @@ Sections (every row is a child process, so its peak RSS and wall time are its ow
    same at 50%, pruned 20% int4 round-to-nearest (no training); then, as references, the
    previous default (lm + QA-LoRA), dense fp32 and pruned 20% fp32.
 3. Equal bytes (llama.cpp): the dense model exported as F16 GGUF and quantized by llama.cpp's
-   own quantizer (Q4_1, Q3_K_M, Q2_K, and Q3_K_M / Q2_K with a Q4_1 or Q2_K embedding) beside
+   own quantizer (Q4_1, Q3_K_M, Q2_K, and Q3_K_M / Q2_K with a Q4_1 or Q4_0 embedding) beside
    our int4 artifacts (the embedding / output matrix f16 as exported by default, and Q4_1):
    MiB, perplexity on the first --llama-limit WikiText-2 windows through llama.cpp, decode
    tok/s (128-token prompt, 64 greedy steps, median of 3, all rows in one process run one
@@ -57,14 +57,15 @@ LOSSES = ("lm", "kd", "kd+lm")
 TRAINS = ("lora", "offsets", "offsets,scales,norms")  # --grid-trains adds offsets,scales etc.
 # llama.cpp's quantizer on the dense model: (file stem, label, file type, embedding type or None for
 # the type's own choice). The embedding is tied to the output and is a fifth of SmolLM2-135M's
-# weights, so a smaller embedding type is the first thing a user shrinking the file would try.
+# weights, so a smaller embedding type is the first thing a user shrinking the file would try
+# (Q4_0 is the smallest whose 32-wide blocks divide SmolLM2's 576; k-quants need 256).
 LLAMA_QUANTS = (
     ("Q4_1", "dense Q4_1 (llama.cpp quantizer)", "Q4_1", None),
     ("Q3_K_M", "dense Q3_K_M (llama.cpp quantizer)", "Q3_K_M", None),
     ("Q2_K", "dense Q2_K (llama.cpp quantizer)", "Q2_K", None),
     ("Q3_K_M-embQ4_1", "dense Q3_K_M, Q4_1 embeddings (llama.cpp quantizer)", "Q3_K_M", "Q4_1"),
     ("Q2_K-embQ4_1", "dense Q2_K, Q4_1 embeddings (llama.cpp quantizer)", "Q2_K", "Q4_1"),
-    ("Q2_K-embQ2_K", "dense Q2_K, Q2_K embeddings (llama.cpp quantizer)", "Q2_K", "Q2_K"),
+    ("Q2_K-embQ4_0", "dense Q2_K, Q4_0 embeddings (llama.cpp quantizer)", "Q2_K", "Q4_0"),
 )
 # our artifacts in that table, when their model directories exist
 LLAMA_OF = ("main-best", "main-best-long", "main-0.5-default", "gen-0.2-300", "gen-0.2-600", "gen-0.5-300")
@@ -310,6 +311,20 @@ def _llama_ppl_and_speed(path: Path, w, threads: int | None) -> dict:
             "decode_tok_s": statistics.median(speeds), "ppl_s": ppl_s, "mib": path.stat().st_size / 2**20}
 
 
+def _embedding_width(path: Path) -> int:
+    """The row length of a GGUF file's token embedding (the model's hidden size)."""
+    import gguf
+
+    tensor = next(t for t in gguf.GGUFReader(path).tensors if t.name == "token_embd.weight")
+    return int(tensor.shape[0])  # GGUF lists the fastest-varying dimension first
+
+
+def _block_size(type_name: str) -> int:
+    import gguf
+
+    return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]][0]
+
+
 def llama_rows(b: Bench) -> dict | None:
     a = b.a
     ours = {k: r for k, r in b.rows.items() if k in LLAMA_OF and r.get("model_dir") and Path(r["model_dir"]).exists()}
@@ -326,8 +341,11 @@ def llama_rows(b: Bench) -> dict | None:
             if run["rc"]:
                 return {"failed": f"dense F16 export failed, see {work / 'export-dense.log'}"}
         files = {"dense F16 (llama.cpp)": f16}
+        width = _embedding_width(f16)
         for stem, label, q, embed in LLAMA_QUANTS:
             path = work / f"dense-{stem}.gguf"
+            if embed and width % _block_size(embed):  # llama.cpp aborts rather than fall back for a forced type
+                continue
             if not path.exists():
                 params = llama_cpp.llama_model_quantize_default_params()
                 params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{q}")

@@ -43,6 +43,11 @@ def check_recovery(data: dict) -> None:
     rows = _ppl_rows(data)
     assert any(r.get("table") == "grid" for r in rows)
     assert any(r.get("table") == "main" and r.get("steps", 0) > 0 and finite(r.get("train_s")) for r in rows)
+    assert any(r.get("table") == "zeroshot" and 0 <= r["average"] <= 1 for r in data["rows"])
+    llama = next(r for r in data["rows"] if r.get("table") == "llama")
+    assert any("Q4_1 embeddings (llama.cpp" in k for k in llama["entries"])  # a dense quant with a forced embedding type
+    assert all(finite(e["ppl"]) and e["mib"] > 0 for e in llama["entries"].values())
+    assert data["verdict"][-1].startswith("- Target at least one saap-edge artifact on llama.cpp's Pareto front")
     assert not [r for r in data["rows"] if "failed" in r]
 
 
