@@ -28,7 +28,8 @@ recovery on `books`, 128-token windows, batch 8, AdamW (lr 1e-4 for LoRA; 1e-3 f
 offsets and norms, 1e-4 for scales), warm-up 10% then linear
 decay, seed 0 (QA-LoRA rank 8, alpha 16, dropout 0.05); kd: T = 1, top-64 teacher tokens + a
 tail bucket, kd+lm weight 0.5. The teacher's targets are cached under --work and shared by
-every kd row. Rows are cached under --work/rows, so an interrupted run continues.
+every kd row. Rows are cached under --work/rows, so an interrupted run continues (a row
+interrupted mid-training resumes from its last checkpoint).
 
     python benchmarks/recovery.py --data-dir ../shared/data
     python benchmarks/recovery.py --smoke --data-dir ../shared/data   # a few rows, tiny model (recovery_smoke.*)
@@ -152,6 +153,8 @@ class Bench:
         if recovery != "none":
             cmd += ["--recover-loss", loss, "--train", train, "--recover-steps", str(steps),
                     "--heldout-every", str(max(1, steps // 10))]
+            if any(out.with_name(out.name + ".checkpoints").glob("step-*")):  # a row interrupted mid-training goes on
+                cmd.append("--resume")
         run = run_child(cmd, log=self.a.work / f"{name}.log")
         if run["rc"]:
             return out, {"failed": f"recover exit {run['rc']}, see {self.a.work / (name + '.log')}"}

@@ -71,7 +71,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)  # mean loss of each optimizer step
     curve: list[list[float]] = field(default_factory=list)  # [step, held-out perplexity] every curve_every steps
     tokens: int = 0  # tokens trained on by this process
-    train_s: float = 0.0
+    train_s: float = 0.0  # seconds of training, across resumes (each checkpoint keeps the time before it)
     resumed_from: int = 0
 
 
@@ -294,6 +294,7 @@ def _resume(model, optimizer, ckpt_dir: Path | None, s: RecoverSettings, data: R
     with reading(last / OPTIMIZER_FILE, "optimizer state", DAMAGED_FIX):
         _load_optimizer(optimizer, _tensors(last / OPTIMIZER_FILE, "optimizer state", device))
     result.resumed_from = state["step"]
+    result.train_s = float(state.get("train_s", 0.0))  # 0 for a checkpoint older than the field
     result.losses = list(state.get("losses", []))
     result.curve = list(state.get("curve", []))
     return state["step"]
@@ -337,7 +338,7 @@ def train(
     last_good = latest_checkpoint(ckpt_dir) if ckpt_dir else None
     bar = tqdm(range(start, n_steps), desc=f"recover {'+'.join(s.trained)} ({s.loss})",
                disable=not progress or not procs.main, initial=start, total=n_steps)
-    t0 = time.perf_counter()
+    before_s, t0 = result.train_s, time.perf_counter()
     try:
         for step in bar:
             step_loss, tokens = loop.step(step, last_good)
@@ -351,7 +352,8 @@ def train(
             if ckpt_dir is not None and save_every > 0 and (done % save_every == 0 or done == n_steps):
                 if procs.main:
                     last_good = save_checkpoint(ckpt_dir, model, optimizer, done,
-                                                {**meta, "losses": result.losses, "curve": result.curve})
+                                                {**meta, "losses": result.losses, "curve": result.curve,
+                                                 "train_s": before_s + time.perf_counter() - t0})
                 else:
                     last_good = ckpt_dir / f"step-{done:06d}"
             if stop_after is not None and done >= stop_after:
@@ -359,5 +361,5 @@ def train(
     finally:
         bar.close()
         model.eval()
-        result.train_s = time.perf_counter() - t0
+        result.train_s = before_s + time.perf_counter() - t0
     return result
