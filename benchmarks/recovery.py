@@ -263,10 +263,16 @@ def zeroshot_rows(b: Bench, p20: Path) -> None:
     torch float32, as benchmarks/adapruner.py and hywia.py score theirs)."""
     a = b.a
     fixed = {"main-dense": (a.model, "dense fp32"), "main-pruned": (str(p20), "pruned 20% fp32 (reconstructed)")}
+    gen_labels = {key: label for key, label, _, _ in GEN_ROWS}
     for key in ZEROSHOT_OF:
-        r = b.rows.get(key)
-        model, label = fixed.get(key) or ((r.get("model_dir"), r.get("label")) if r else (None, None))
-        if model is None:
+        r, kept = b.rows.get(key), a.work / "models" / key
+        if key in fixed:
+            model, label = fixed[key]
+        elif r and r.get("model_dir"):
+            model, label = r["model_dir"], r["label"]
+        elif key in gen_labels and (kept / "config.json").exists():  # recovered, its row still being scored
+            model, label = str(kept), gen_labels[key]
+        else:
             continue
 
         def make(model=model, label=label):
