@@ -216,17 +216,26 @@ def dense_row(a) -> dict:
             **score_ppl(a, loaded, a.limit), **task_columns(a, loaded), "recovery": "none"}
 
 
+TASK_HEADERS = [TASK_COLUMNS[t][0] for t in TASKS] + ["Average"]
+
+
+def task_cells(r: dict, task_stderr: bool = True) -> list[str]:
+    """A row's seven task scores in % (each ± one standard error unless `task_stderr` is off)
+    and their average ± its standard error: the cells under TASK_HEADERS."""
+    def pct(metrics: dict, key: str) -> str:
+        return f"{100 * metrics[key]:.1f}" + (f" ± {100 * metrics[key + '_stderr']:.1f}" if task_stderr else "")
+
+    return ([pct(r["tasks"][t], TASK_COLUMNS[t][1]) for t in TASKS]
+            + [f"{100 * r['average']:.2f} ± {100 * r['average_stderr']:.2f}"])
+
+
 def quality_table(rows: list[dict], datasets: list[str]) -> str:
     """Markdown: ratio, variant, removed share, perplexities, the seven tasks and their average (± one standard error)."""
     from saap_edge.render import format_table
 
-    def pct(metrics: dict, key: str) -> str:
-        return f"{100 * metrics[key]:.1f} ± {100 * metrics[key + '_stderr']:.1f}"
-
-    head = ["ratio", "variant", "removed"] + datasets + [TASK_COLUMNS[t][0] for t in TASKS] + ["Average"]
+    head = ["ratio", "variant", "removed"] + datasets + TASK_HEADERS
     body = [[f"{r['ratio']:.0%}", r["label"], f"{r['removed_share']:.2%}"] + [r["ppl"][d] for d in datasets]
-            + ([pct(r["tasks"][t], TASK_COLUMNS[t][1]) for t in TASKS]
-               + [f"{100 * r['average']:.2f} ± {100 * r['average_stderr']:.2f}"] if "tasks" in r else ["-"] * (len(TASKS) + 1))
+            + (task_cells(r) if "tasks" in r else ["-"] * len(TASK_HEADERS))
             for r in rows]
     return format_table(head, body)
 

@@ -47,8 +47,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import (TASK_COLUMNS, TASKS, cached_row, load, machine, run_child, smoke_work, task_columns,  # noqa: E402
-                     write_results)
+from harness import (TASK_HEADERS, cached_row, load, machine, run_child, smoke_work, task_cells,  # noqa: E402
+                     task_columns, write_results)
 
 from saap_edge.compress import versions  # noqa: E402
 from saap_edge.render import format_table, save_figure  # noqa: E402
@@ -463,9 +463,8 @@ def markdown(data: dict) -> str:
         out.append(f"First {p.get('task_limit')} items of each task (or the whole set if smaller), torch float32, acc for "
                    "BoolQ, PIQA, WinoGrande, ARC-e, acc_norm for HellaSwag, ARC-c, OBQA, in %; ± is one standard error "
                    "(benchmarks/adapruner.py's protocol).\n")
-        body = [[r["label"]] + [f"{100 * r['tasks'][t][TASK_COLUMNS[t][1]]:.1f}" for t in TASKS]
-                + [f"{100 * r['average']:.2f} ± {100 * r['average_stderr']:.2f}", _fmt(r.get("tasks_s"), 0)] for r in zs]
-        out.append(format_table(["model"] + [TASK_COLUMNS[t][0] for t in TASKS] + ["Average", "s"], body) + "\n")
+        body = [[r["label"]] + task_cells(r, task_stderr=False) + [_fmt(r.get("tasks_s"), 0)] for r in zs]
+        out.append(format_table(["model"] + TASK_HEADERS + ["s"], body) + "\n")
     if data.get("missing"):
         out.append("Not measured in this run: " + ", ".join(data["missing"]) + "\n")
     out.append(f"Command: `{data['command']}`\n")
@@ -586,7 +585,6 @@ def plots(data: dict, out_dir: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     made = []
-    out_dir.mkdir(parents=True, exist_ok=True)
     curves = [r for r in data["rows"] if r.get("heldout_curve")]
     best = best_grid(data["rows"])[:2]
     chosen = best + [r for r in curves if r.get("key") in ("main-best", "main-best-long")]

@@ -14,10 +14,11 @@ from saap_edge.run_report import RunReport
 
 
 def save_figure(fig, path: Path, dpi: int = 110) -> None:
-    """`fig` as a PNG at `path`, written whole, and closed."""
+    """`fig` as a PNG at `path` (its folder made if missing, as write_file does), written whole, and closed."""
     import matplotlib.pyplot as plt
 
     try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         with written_whole(path) as tmp:
             fig.savefig(tmp, dpi=dpi, format="png")
     finally:
