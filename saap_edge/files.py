@@ -21,7 +21,7 @@ from saap_edge.errors import UserError
 
 JSON_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "adapter_config.json", "prune_plan.json", "report.json",
-              "trainer_state.json", "model.safetensors.index.json", "genai_config.json")
+              "trainer_state.json", "timing.json", "model.safetensors.index.json", "genai_config.json")
 
 
 class DamagedFile(UserError):

@@ -1,6 +1,7 @@
 """The same command with the same seed gives the same bytes, across processes: the plan, the
 weights, the adapters and optimizer state of every checkpoint, the GGUF and the ONNX files.
-(report.json differs only by its timings and memory readings, which are measurements.)
+(report.json and a checkpoint's timing.json differ only by timings and memory readings, which
+are measurements.)
 
 Runs the CLI twice in fresh processes: torch seeds its default generator differently in every
 process, so an unseeded draw (LoRA's initial A matrices were one) shows only this way.
@@ -23,7 +24,7 @@ def _cli(*argv: str) -> None:
 
 def _files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != "report.json"}
+            if p.is_file() and p.name not in ("report.json", "timing.json")}
 
 
 def test_two_runs_of_one_command_write_identical_bytes(tmp_path, tiny_tokenizer, data_dir):

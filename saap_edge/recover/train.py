@@ -25,7 +25,8 @@ Checkpoint `step-NNNNNN/` (written to a temporary name, then renamed):
 adapter_config.json + adapter_model.safetensors (peft's format, when LoRA trains),
 params.safetensors (directly trained group offsets / scales / norms, float32 masters),
 optimizer.safetensors (AdamW moments and step counts), trainer_state.json (step,
-settings, data hash, losses).
+settings, data hash, losses: the same bytes for the same command), timing.json (the seconds
+trained up to this checkpoint, a measurement kept apart so the state above stays reproducible).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ from saap_edge.recover.distill import Teacher, kd_loss
 from saap_edge.recover.params import direct_parameters
 
 STATE_FILE, OPTIMIZER_FILE, ADAPTER_WEIGHTS = "trainer_state.json", "optimizer.safetensors", "adapter_model.safetensors"
-PARAMS_FILE = "params.safetensors"
+PARAMS_FILE, TIMING_FILE = "params.safetensors", "timing.json"
 SCALE_LR_SHARE = 0.1
 KEEP_CHECKPOINTS = 2
 DAMAGED_FIX = "delete the checkpoint to resume from the one before"  # what to do about a damaged checkpoint file
@@ -146,7 +147,7 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.T
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
 
 
-def save_checkpoint(ckpt_dir: Path, model, optimizer, step: int, meta: dict) -> Path:
+def save_checkpoint(ckpt_dir: Path, model, optimizer, step: int, meta: dict, train_s: float | None = None) -> Path:
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"step-{step:06d}"
     tmp = ckpt_dir / f".step-{step:06d}.tmp"
@@ -159,6 +160,8 @@ def save_checkpoint(ckpt_dir: Path, model, optimizer, step: int, meta: dict) -> 
         save_file({k: v.detach().cpu().contiguous() for k, v in direct.items()}, tmp / PARAMS_FILE)
     save_file(_optimizer_tensors(optimizer), tmp / OPTIMIZER_FILE)
     (tmp / STATE_FILE).write_text(json.dumps({**meta, "step": step}, indent=1) + "\n")
+    if train_s is not None:
+        (tmp / TIMING_FILE).write_text(json.dumps({"train_s": train_s}) + "\n")
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     for old in _checkpoints(ckpt_dir)[:-KEEP_CHECKPOINTS]:
@@ -182,6 +185,13 @@ def check_resumable(checkpoint: Path, s: RecoverSettings, data_sha256: str) -> d
         raise UserError(f"cannot resume from {checkpoint}: settings differ ({'; '.join(diffs)}); "
                         "rerun with the checkpoint's settings or without --resume")
     return state
+
+
+def _trained_seconds(checkpoint: Path, state: dict) -> float:
+    """Seconds trained up to `checkpoint`: its timing file; 0 for a checkpoint older than the file."""
+    if (checkpoint / TIMING_FILE).exists():
+        return float(read_json(checkpoint / TIMING_FILE, "training time").get("train_s", 0.0))
+    return float(state.get("train_s", 0.0))
 
 
 def _tensors(path: Path, what: str, device=None) -> dict[str, torch.Tensor]:
@@ -294,7 +304,7 @@ def _resume(model, optimizer, ckpt_dir: Path | None, s: RecoverSettings, data: R
     with reading(last / OPTIMIZER_FILE, "optimizer state", DAMAGED_FIX):
         _load_optimizer(optimizer, _tensors(last / OPTIMIZER_FILE, "optimizer state", device))
     result.resumed_from = state["step"]
-    result.train_s = float(state.get("train_s", 0.0))  # 0 for a checkpoint older than the field
+    result.train_s = _trained_seconds(last, state)
     result.losses = list(state.get("losses", []))
     result.curve = list(state.get("curve", []))
     return state["step"]
@@ -352,8 +362,8 @@ def train(
             if ckpt_dir is not None and save_every > 0 and (done % save_every == 0 or done == n_steps):
                 if procs.main:
                     last_good = save_checkpoint(ckpt_dir, model, optimizer, done,
-                                                {**meta, "losses": result.losses, "curve": result.curve,
-                                                 "train_s": before_s + time.perf_counter() - t0})
+                                                {**meta, "losses": result.losses, "curve": result.curve},
+                                                train_s=before_s + time.perf_counter() - t0)
                 else:
                     last_good = ckpt_dir / f"step-{done:06d}"
             if stop_after is not None and done >= stop_after:
