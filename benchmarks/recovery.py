@@ -22,6 +22,9 @@ Sections (every row is a child process, so its peak RSS and wall time are its ow
    data, ratio) at 60, 300 and 600 steps, with the line in log(steps) through them.
 5. Zero-shot: the seven tasks (first --task-limit items of each, the protocol of
    benchmarks/adapruner.py and hywia.py) for dense, pruned 20% fp32 and the generated-text rows.
+6. Equal CPU time: each kind of order-table row timed for a few steps (cost probes), then the
+   distil-quantize rows given the steps that fill the CPU time of 60 offsets steps (and 300 for
+   the generated-text one, on the full test sets), beside quantize-distil offsets at 60 / 300.
 
 Protocol: 128-token non-overlapping windows of the raw test text joined by blank lines;
 recovery on `books`, 128-token windows, batch 8, AdamW (lr 1e-4 for LoRA; 1e-3 for
@@ -39,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -149,13 +153,13 @@ class Bench:
                 "eval_wall_s": run["wall_s"]}
 
     def recover(self, pruned: Path, name: str, recovery: str, loss: str = "lm", train: str = "lora", steps: int = 0,
-                extra: tuple[str, ...] = ()) -> tuple[Path, dict]:
+                extra: tuple[str, ...] = (), curve: bool = True) -> tuple[Path, dict]:
         out = self.a.work / "models" / name
         cmd = CLI + ["recover", str(pruned), "--out", str(out), "--overwrite", "--recovery", recovery, "--eval-ppl",
                      "--teacher-cache", str(self.a.work / "teacher-cache")] + _common(self.a) + list(extra)
         if recovery != "none":
             cmd += ["--recover-loss", loss, "--train", train, "--recover-steps", str(steps),
-                    "--heldout-every", str(max(1, steps // 10))]
+                    "--heldout-every", str(max(1, steps // 10) if curve else 0)]
             if any(out.with_name(out.name + ".checkpoints").glob("step-*")):  # a row interrupted mid-training goes on
                 cmd.append("--resume")
         run = run_child(cmd, log=self.a.work / f"{name}.log")
@@ -200,6 +204,40 @@ class Bench:
 
         return self.cached(key, make)
 
+    def cost_probe(self, pruned: Path, suffix: str, train: str, extra: tuple[str, ...]) -> dict | None:
+        """Seconds per optimizer step and fixed seconds (GPTQ, the offsets pass) of one kind of row."""
+        key = f"cost-{suffix}"
+
+        def make():
+            out, info = self.recover(pruned, key, "qalora", "kd", train, PROBE_STEPS, extra, curve=False)
+            shutil.rmtree(out, ignore_errors=True)
+            if "failed" in info:
+                return info
+            return {"table": "cost", **info, "step_s": info["train_s"] / PROBE_STEPS,
+                    "fixed_s": (info.get("quantize_s") or 0) + (info.get("offsets_pass_s") or 0)}
+
+        return self.cached(key, make)
+
+    def equal_row(self, pruned: Path, suffix: str, label: str, train: str, extra: tuple[str, ...], budget: int,
+                  ref: dict, cost: dict) -> dict | None:
+        """A row at the CPU time of `budget` offsets steps; scored like the order table at the default
+        budget, on the full test sets beyond it (where its reference row was scored)."""
+        key, steps = f"equal-{suffix}-{budget}", equal_steps(budget, ref, cost)
+        full = budget != self.a.default_steps
+
+        def make():
+            if steps < 1:
+                return {"table": "equal", "label": label, "budget": budget, "steps": 0,
+                        "infeasible": "its fixed costs alone take longer than the budget"}
+            out, info = self.recover(pruned, key, "qalora", "kd", train, steps, extra)
+            if "failed" in info:
+                return info
+            scored = self.evaluate(str(out), None if full else self.a.grid_limit, self.a.datasets if full else ["wikitext2"])
+            shutil.rmtree(out, ignore_errors=True)
+            return {"table": "equal", "label": label, "budget": budget, "full_test": full, **info, **scored}
+
+        return self.cached(key, make)
+
     def main_row(self, key: str, label: str, model_of) -> dict | None:
         def make():
             model, info = model_of()
@@ -239,6 +277,41 @@ GEN_ROWS = (
     ("gen-0.2-600", "pruned 20% + int4, kd / offsets on 200k generated tokens, 600 steps", 0.2, 600),
     ("gen-0.5-300", "pruned 50% + int4, kd / offsets on 200k generated tokens, 300 steps", 0.5, 300),
 )
+
+
+# Equal CPU time. The order table gives each row the same optimizer steps; a step of full fp training
+# costs more than a step of offsets, and GPTQ and the offsets pass are fixed costs on top. A cost probe
+# times PROBE_STEPS steps of each kind (no held-out curve, so train_s is the steps alone) and its fixed
+# costs; a row at the CPU time of B offsets steps then gets steps = (B x offsets step - fixed) / its step.
+# The data source does not change a step's cost (same batch shapes; the teacher's targets are cached), so
+# the books probes price the generated-text rows too. (probe suffix, --train, extra flags)
+PROBE_STEPS = 8
+COST_PROBES = (
+    ("qd-offsets-rtn", "offsets", ()),
+    ("dq-full-rtn", "full", DQ),
+    ("dq-full-gptq-off", "full", DQ + ("--quantizer", "gptq", "--offset-steps", "10")),
+    ("dq-lora64-gptq", "lora", DQ + ("--quantizer", "gptq", "--rank", "64", "--lora-alpha", "128")),
+)
+EQUAL_REF = "qd-offsets-rtn"
+# (key suffix, label, probe that prices it, --train, extra flags, budgets in offsets steps, scored on the full test sets?)
+EQUAL_ROWS = (
+    ("dq-full-rtn", "distil-quantize: full fp, then int4 RTN", "dq-full-rtn", "full", DQ, (60,)),
+    ("dq-full-gptq-off", "distil-quantize: full fp, then int4 GPTQ + 10 offset steps", "dq-full-gptq-off", "full",
+     DQ + ("--quantizer", "gptq", "--offset-steps", "10"), (60,)),
+    ("dq-lora64-gptq", "distil-quantize: LoRA r64 fp, then int4 GPTQ", "dq-lora64-gptq", "lora",
+     DQ + ("--quantizer", "gptq", "--rank", "64", "--lora-alpha", "128"), (60,)),
+    ("dq-full-gptq-off-gen", "distil-quantize: full fp on 200k generated tokens, then int4 GPTQ + 10 offset steps",
+     "dq-full-gptq-off", "full", DQ + ("--quantizer", "gptq", "--offset-steps", "10") + GEN, (60, 300)),
+)
+# the references: quantize-distil offsets at exactly B steps, (budget, data) -> row key
+EQUAL_REFS = {(60, "books"): "order-qd-offsets-rtn-60", (60, "generated"): "order-qd-offsets-rtn-gen-60",
+              (300, "generated"): "gen-0.2-300"}
+
+
+def equal_steps(budget: int, ref: dict, cost: dict) -> int:
+    """Optimizer steps of a row priced by `cost` whose training + fixed costs take the CPU time of
+    `budget` steps of `ref` (0: its fixed costs alone exceed that time)."""
+    return max(0, math.floor((budget * ref["step_s"] - cost["fixed_s"]) / cost["step_s"]))
 
 
 def best_grid(rows: list[dict]) -> list[dict]:
@@ -435,6 +508,7 @@ def markdown(data: dict) -> str:
                          f"{cpu / ((base['train_s'] or 1)):.2f}x" if base else None, round(r.get("peak_rss_mib") or 0)])
         out.append(format_table(["row", "WikiText-2 PPL", "held-out PPL", "trainable params", "CPU time s", "vs first",
                                  "peak RSS MiB"], rows) + "\n")
+    out.extend(equal_time_section(data))
     main = [r for r in data["rows"] if r.get("table") == "main"]
     if main:
         out.append(f"## Full test sets ({', '.join(f'{k}: {v} windows' for k, v in p['full_windows'].items())})\n")
@@ -480,6 +554,42 @@ def markdown(data: dict) -> str:
     return "\n".join(out)
 
 
+def _cpu_s(r: dict) -> float:
+    return (r.get("train_s") or 0) + (r.get("quantize_s") or 0) + (r.get("offsets_pass_s") or 0)
+
+
+def equal_time_section(data: dict) -> list[str]:
+    """The cost probes, then per budget the rows at equal CPU time beside the offsets reference."""
+    p, rows = data["protocol"], data["rows"]
+    by_key = {r["key"]: r for r in rows}
+    costs = [r for r in rows if r.get("table") == "cost" and "step_s" in r]
+    equal = [r for r in rows if r.get("table") == "equal"]
+    if not equal:
+        return []
+    out = ["## Equal CPU time: the order table's settings at the CPU time of B offsets steps, 20% pruned\n",
+           f"Each kind of row was first timed for {PROBE_STEPS} optimizer steps (no held-out curve), with its fixed costs "
+           "(GPTQ's statistics and rounding, the offsets pass); a row then trains the steps that fill the CPU time of B "
+           "quantize-distil offsets steps: steps = (B x offsets step s - fixed s) / its step s. The probes ran one "
+           "after another at one thread, beside one other one-thread job.\n"]
+    out.append(format_table(["cost probe", "s per step", "fixed s", "step vs offsets"],
+                            [[r["key"].removeprefix("cost-"), _fmt(r["step_s"], 2), _fmt(r["fixed_s"], 0),
+                              f"{r['step_s'] / costs[0]['step_s']:.2f}x"] for r in costs]) + "\n")
+    for budget in sorted({r["budget"] for r in equal}):
+        at = [r for r in equal if r["budget"] == budget]
+        full = any(r.get("full_test") for r in at)
+        refs = [by_key[k] for (b, _), k in EQUAL_REFS.items() if b == budget and k in by_key and "ppl" in by_key[k]]
+        sets = p["datasets"] if full else ["wikitext2"]
+        scored = "full test sets" if full else f"first {p['grid_limit']} WikiText-2 windows"
+        out.append(f"### B = {budget} ({scored})\n")
+        body = [["reference: " + r["label"], r["steps"], *[_fmt(r["ppl"].get(ds)) for ds in sets], _fmt(_cpu_s(r), 0)]
+                for r in refs]
+        body += [[r["label"], r["steps"], *([_fmt(r["ppl"].get(ds)) for ds in sets] if "ppl" in r else
+                                            [r.get("infeasible") or r.get("failed")] * len(sets)),
+                  _fmt(_cpu_s(r), 0) if "ppl" in r else None] for r in at]
+        out.append(format_table(["row", "steps", *[f"{ds} PPL" for ds in sets], "CPU time s"], body) + "\n")
+    return out
+
+
 def targets(main: list[dict]) -> list[str]:
     lines = []
     goals = [("main-best", 100, "20% + int4, the demo's default budget (books)"),
@@ -519,8 +629,6 @@ def _predict(points: list[dict], goal: float) -> str:
     """What a line in log(steps) through rows of one setting predicts: the steps (and CPU time
     at the last row's rate) to reach `goal`, and the perplexity at twice the last budget. A line
     through two or three points is a crude curve; it is what the measurements support, no more."""
-    import math
-
     last = points[-1]
     c, m = log_fit(points)
     through = ", ".join(f"{r['steps']} ({r['ppl']['wikitext2']:.1f})" for r in points)
@@ -667,6 +775,14 @@ def main(argv=None) -> int:
             b.grid_row(p20, loss, train)
     for suffix, label, train, extra in ORDER_ROWS:
         b.order_row(p20, f"order-{suffix}-{a.default_steps}", label, train, extra, a.default_steps)
+    costs = {suffix: b.cost_probe(p20, suffix, train, extra) for suffix, train, extra in COST_PROBES}
+    ref = costs.get(EQUAL_REF)
+    for suffix, label, probe, train, extra, budgets in EQUAL_ROWS:
+        for budget in budgets:
+            if ref and "step_s" in ref and costs.get(probe) and "step_s" in costs[probe]:
+                b.equal_row(p20, suffix, label, train, extra, budget, ref, costs[probe])
+            else:
+                b.missing.append(f"equal-{suffix}-{budget} (no cost probe)")
     for key, label, ratio, steps in GEN_ROWS:
         b.main_row(key, label, lambda ratio=ratio, key=key, steps=steps:
                    b.recover(b.pruned(ratio), key, "qalora", "kd", "offsets", steps, GEN))
