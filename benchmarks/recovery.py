@@ -96,14 +96,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--task-limit", type=int, default=300, help="items of each zero-shot task (0: every item)")
     p.add_argument("--smoke", action="store_true",
                    help="the tiny random-weight model of benchmarks/harness.py (unless --model is given), 2 steps, 4 "
-                        "windows for every score, the rows grid kd / offsets, main-best-long, main-dense and the llama.cpp "
-                        "table (or those --only names): a check of this script; results recovery_smoke.*, charts and work "
+                        "windows for every score, the rows grid kd / offsets, main-best-long, main-dense, the llama.cpp "
+                        "table and one equal-CPU-time row with its cost probes (or those --only names): a check of this script; results recovery_smoke.*, charts and work "
                         "files under <work>/smoke")
     a = p.parse_args(argv)
     if a.smoke:
         a.steps = a.default_steps = a.long_steps = 2
         a.grid_trains, a.grid_limit, a.llama_limit, a.task_limit = ["offsets"], 4, 4, 4
-        a.only = a.only or [f"grid-kd-{a.grid_trains[0]}-", "main-best-long", "main-dense", "llama", "zeroshot-main-best-long"]
+        a.only = a.only or [f"grid-kd-{a.grid_trains[0]}-", "main-best-long", "main-dense", "llama", "zeroshot-main-best-long",
+                            "cost-qd-offsets-rtn", "cost-dq-full-rtn", "equal-dq-full-rtn"]
         smoke_work(a, p)
     return a
 
@@ -223,7 +224,7 @@ class Bench:
         """A row at the CPU time of `budget` offsets steps; scored like the order table at the default
         budget, on the full test sets beyond it (where its reference row was scored)."""
         key, steps = f"equal-{suffix}-{budget}", equal_steps(budget, ref, cost)
-        full = budget != self.a.default_steps
+        full = budget == self.a.long_steps and budget != self.a.default_steps
 
         def make():
             if steps < 1:
@@ -293,19 +294,24 @@ COST_PROBES = (
     ("dq-lora64-gptq", "lora", DQ + ("--quantizer", "gptq", "--rank", "64", "--lora-alpha", "128")),
 )
 EQUAL_REF = "qd-offsets-rtn"
-# (key suffix, label, probe that prices it, --train, extra flags, budgets in offsets steps, scored on the full test sets?)
+# (key suffix, label, probe that prices it, --train, extra flags, budgets: "default" is --default-steps offsets
+# steps, "long" --long-steps; a "long" row is scored on the full test sets, as the long reference rows are)
 EQUAL_ROWS = (
-    ("dq-full-rtn", "distil-quantize: full fp, then int4 RTN", "dq-full-rtn", "full", DQ, (60,)),
+    ("dq-full-rtn", "distil-quantize: full fp, then int4 RTN", "dq-full-rtn", "full", DQ, ("default",)),
     ("dq-full-gptq-off", "distil-quantize: full fp, then int4 GPTQ + 10 offset steps", "dq-full-gptq-off", "full",
-     DQ + ("--quantizer", "gptq", "--offset-steps", "10"), (60,)),
+     DQ + ("--quantizer", "gptq", "--offset-steps", "10"), ("default",)),
     ("dq-lora64-gptq", "distil-quantize: LoRA r64 fp, then int4 GPTQ", "dq-lora64-gptq", "lora",
-     DQ + ("--quantizer", "gptq", "--rank", "64", "--lora-alpha", "128"), (60,)),
+     DQ + ("--quantizer", "gptq", "--rank", "64", "--lora-alpha", "128"), ("default",)),
     ("dq-full-gptq-off-gen", "distil-quantize: full fp on 200k generated tokens, then int4 GPTQ + 10 offset steps",
-     "dq-full-gptq-off", "full", DQ + ("--quantizer", "gptq", "--offset-steps", "10") + GEN, (60, 300)),
+     "dq-full-gptq-off", "full", DQ + ("--quantizer", "gptq", "--offset-steps", "10") + GEN, ("default", "long")),
 )
-# the references: quantize-distil offsets at exactly B steps, (budget, data) -> row key
-EQUAL_REFS = {(60, "books"): "order-qd-offsets-rtn-60", (60, "generated"): "order-qd-offsets-rtn-gen-60",
-              (300, "generated"): "gen-0.2-300"}
+
+
+def equal_refs(budget: int) -> list[str]:
+    """The reference rows at `budget`: 20% quantize-distil RTN offsets trained exactly `budget` steps
+    (books and generated text in the order table, generated text among GEN_ROWS)."""
+    return [f"order-qd-offsets-rtn-{budget}", f"order-qd-offsets-rtn-gen-{budget}",
+            *(key for key, _, ratio, steps in GEN_ROWS if ratio == 0.2 and steps == budget)]
 
 
 def equal_steps(budget: int, ref: dict, cost: dict) -> int:
@@ -577,7 +583,7 @@ def equal_time_section(data: dict) -> list[str]:
     for budget in sorted({r["budget"] for r in equal}):
         at = [r for r in equal if r["budget"] == budget]
         full = any(r.get("full_test") for r in at)
-        refs = [by_key[k] for (b, _), k in EQUAL_REFS.items() if b == budget and k in by_key and "ppl" in by_key[k]]
+        refs = [by_key[k] for k in equal_refs(budget) if k in by_key and "ppl" in by_key[k]]
         sets = p["datasets"] if full else ["wikitext2"]
         scored = "full test sets" if full else f"first {p['grid_limit']} WikiText-2 windows"
         out.append(f"### B = {budget} ({scored})\n")
@@ -778,7 +784,7 @@ def main(argv=None) -> int:
     costs = {suffix: b.cost_probe(p20, suffix, train, extra) for suffix, train, extra in COST_PROBES}
     ref = costs.get(EQUAL_REF)
     for suffix, label, probe, train, extra, budgets in EQUAL_ROWS:
-        for budget in budgets:
+        for budget in ({"default": a.default_steps, "long": a.long_steps}[name] for name in budgets):
             if ref and "step_s" in ref and costs.get(probe) and "step_s" in costs[probe]:
                 b.equal_row(p20, suffix, label, train, extra, budget, ref, costs[probe])
             else:

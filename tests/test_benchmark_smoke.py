@@ -48,6 +48,11 @@ def check_recovery(data: dict) -> None:
     assert any("Q4_1 embeddings (llama.cpp" in k for k in llama["entries"])  # a dense quant with a forced embedding type
     assert all(finite(e["ppl"]) and e["mib"] > 0 for e in llama["entries"].values())
     assert data["verdict"][-1].startswith("- Target at least one saap-edge artifact on llama.cpp's Pareto front")
+    costs = [r for r in data["rows"] if r.get("table") == "cost"]
+    assert len(costs) == 2 and all(finite(r["step_s"]) and r["step_s"] > 0 for r in costs)
+    # the equal-CPU-time row trained the steps its probe priced (or says its fixed costs exceed the budget)
+    equal = next(r for r in data["rows"] if r.get("table") == "equal")
+    assert (equal["steps"] >= 1 and finite(equal["ppl"]["wikitext2"])) or (equal["steps"] == 0 and equal["infeasible"])
     assert not [r for r in data["rows"] if "failed" in r]
 
 

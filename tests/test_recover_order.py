@@ -104,8 +104,8 @@ def test_resume_after_a_kill_is_bit_exact_in_distil_quantize(tiny_tokenizer, tmp
     whole = _int4_state(_recover(student(), tiny_tokenizer, s, ckpt_dir=tmp_path / "a", save_every=1))
     real_save = train_mod.save_checkpoint
 
-    def killed_after_two(ckpt_dir, model, optimizer, step, meta):
-        path = real_save(ckpt_dir, model, optimizer, step, meta)
+    def killed_after_two(ckpt_dir, model, optimizer, step, meta, **kw):
+        path = real_save(ckpt_dir, model, optimizer, step, meta, **kw)
         if step == 2 and ckpt_dir.name != "offsets":
             raise KeyboardInterrupt
         return path
