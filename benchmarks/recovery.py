@@ -270,13 +270,16 @@ ORDER_ROWS = (
 
 
 # Teacher-written text at the budgets the targets name: kd into the int4 offsets (the order table's best),
-# scored on the full test sets. (key, label, ratio, steps); 300 steps is about 30 CPU-minutes here, 600 about 60.
+# scored on the full test sets. (key, label, ratio, steps, --train); 300 steps is about 30 CPU-minutes here, 600
+# about 60; a step of offsets, scales and norms costs what a step of offsets does (the grid's train s).
 GEN = ("--recover-data", "generated:200000")
 GEN_ROWS = (
-    ("gen-0.2-60", "pruned 20% + int4, kd / offsets on 200k generated tokens, 60 steps", 0.2, 60),
-    ("gen-0.2-300", "pruned 20% + int4, kd / offsets on 200k generated tokens, 300 steps", 0.2, 300),
-    ("gen-0.2-600", "pruned 20% + int4, kd / offsets on 200k generated tokens, 600 steps", 0.2, 600),
-    ("gen-0.5-300", "pruned 50% + int4, kd / offsets on 200k generated tokens, 300 steps", 0.5, 300),
+    ("gen-0.2-60", "pruned 20% + int4, kd / offsets on 200k generated tokens, 60 steps", 0.2, 60, "offsets"),
+    ("gen-0.2-300", "pruned 20% + int4, kd / offsets on 200k generated tokens, 300 steps", 0.2, 300, "offsets"),
+    ("gen-0.2-600", "pruned 20% + int4, kd / offsets on 200k generated tokens, 600 steps", 0.2, 600, "offsets"),
+    ("gen-0.5-300", "pruned 50% + int4, kd / offsets on 200k generated tokens, 300 steps", 0.5, 300, "offsets"),
+    ("gen-osn-0.2-300", "pruned 20% + int4, kd / offsets, scales, norms on 200k generated tokens, 300 steps", 0.2, 300,
+     "offsets,scales,norms"),
 )
 
 
@@ -311,7 +314,7 @@ def equal_refs(budget: int) -> list[str]:
     """The reference rows at `budget`: 20% quantize-distil RTN offsets trained exactly `budget` steps
     (books and generated text in the order table, generated text among GEN_ROWS)."""
     return [f"order-qd-offsets-rtn-{budget}", f"order-qd-offsets-rtn-gen-{budget}",
-            *(key for key, _, ratio, steps in GEN_ROWS if ratio == 0.2 and steps == budget)]
+            *(key for key, _, ratio, steps, train in GEN_ROWS if ratio == 0.2 and steps == budget and train == "offsets")]
 
 
 def equal_steps(budget: int, ref: dict, cost: dict) -> int:
@@ -330,6 +333,7 @@ def best_grid(rows: list[dict]) -> list[dict]:
 SETTINGS = (
     ("20%, kd / offsets, books", ("main-best", "main-best-long")),
     ("20%, kd / offsets, 200k generated tokens", ("gen-0.2-60", "gen-0.2-300", "gen-0.2-600")),
+    ("20%, kd / offsets, scales, norms, 200k generated tokens", ("gen-osn-0.2-300",)),
     ("50%, kd / offsets, books", ("main-0.5-default",)),
     ("50%, kd / offsets, 200k generated tokens", ("gen-0.5-300",)),
 )
@@ -345,7 +349,7 @@ def zeroshot_rows(b: Bench, p20: Path) -> None:
     torch float32, as benchmarks/adapruner.py and hywia.py score theirs)."""
     a = b.a
     fixed = {"main-dense": (a.model, "dense fp32"), "main-pruned": (str(p20), "pruned 20% fp32 (reconstructed)")}
-    gen_labels = {key: label for key, label, _, _ in GEN_ROWS}
+    gen_labels = {key: label for key, label, *_ in GEN_ROWS}
     for key in ZEROSHOT_OF:
         r, kept = b.rows.get(key), a.work / "models" / key
         if key in fixed:
@@ -603,6 +607,7 @@ def targets(main: list[dict]) -> list[str]:
              ("gen-0.2-60", 100, "20% + int4, the demo's default budget (generated text)"),
              ("gen-0.2-300", 90, "20% + int4, 30-minute CPU budget (generated text)"),
              ("gen-0.2-600", 80, "20% + int4, 60-minute CPU budget (generated text)"),
+             ("gen-osn-0.2-300", 90, "20% + int4, 30-minute CPU budget (generated text, offsets + scales + norms)"),
              ("main-0.5-default", 400, "50% + int4, the demo's default budget (books)"),
              ("gen-0.5-300", 400, "50% + int4, 30-minute CPU budget (generated text)")]
     by_key = {r["key"]: r for r in main if "ppl" in r}
@@ -789,9 +794,9 @@ def main(argv=None) -> int:
                 b.equal_row(p20, suffix, label, train, extra, budget, ref, costs[probe])
             else:
                 b.missing.append(f"equal-{suffix}-{budget} (no cost probe)")
-    for key, label, ratio, steps in GEN_ROWS:
-        b.main_row(key, label, lambda ratio=ratio, key=key, steps=steps:
-                   b.recover(b.pruned(ratio), key, "qalora", "kd", "offsets", steps, GEN))
+    for key, label, ratio, steps, train in GEN_ROWS:
+        b.main_row(key, label, lambda ratio=ratio, key=key, steps=steps, train=train:
+                   b.recover(b.pruned(ratio), key, "qalora", "kd", train, steps, GEN))
     ranked = best_grid(list(b.rows.values()))
     if ranked:  # the grid's best at the default budget, at the 30-minute budget, and at 50%
         best = ranked[0]
