@@ -580,7 +580,7 @@ def equal_time_section(data: dict) -> list[str]:
            f"Each kind of row was first timed for {PROBE_STEPS} optimizer steps (no held-out curve), with its fixed costs "
            "(GPTQ's statistics and rounding, the offsets pass); a row then trains the steps that fill the CPU time of B "
            "quantize-distil offsets steps: steps = (B x offsets step s - fixed s) / its step s. The probes ran one "
-           "after another at one thread, beside one other one-thread job.\n"]
+           "after another, each at one thread (OMP_NUM_THREADS=1); the first steps' warm-up is in every probe alike.\n"]
     out.append(format_table(["cost probe", "s per step", "fixed s", "step vs offsets"],
                             [[r["key"].removeprefix("cost-"), _fmt(r["step_s"], 2), _fmt(r["fixed_s"], 0),
                               f"{r['step_s'] / costs[0]['step_s']:.2f}x"] for r in costs]) + "\n")
