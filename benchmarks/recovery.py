@@ -144,11 +144,13 @@ class Bench:
         return out
 
     def evaluate(self, model: str, limit: int | None, datasets) -> dict:
-        js = self.a.work / "eval.json"
+        # one file per model: rows run by two jobs side by side never read each other's scores
+        name = Path(model).name
+        js, log = self.a.work / f"eval-{name}.json", self.a.work / f"eval-{name}.log"
         cmd = CLI + ["eval", model, "--ppl", *datasets, "--json", str(js)] + _common(self.a)
-        run = run_child(cmd + (["--limit", str(limit)] if limit else []), log=self.a.work / "eval.log")
+        run = run_child(cmd + (["--limit", str(limit)] if limit else []), log=log)
         if run["rc"]:
-            return {"failed": f"eval exit {run['rc']}, see {self.a.work / 'eval.log'}"}
+            return {"failed": f"eval exit {run['rc']}, see {log}"}
         ppl = json.loads(js.read_text())["ppl"]
         return {"ppl": {k: v["ppl"] for k, v in ppl.items()}, "windows": {k: v["windows"] for k, v in ppl.items()},
                 "eval_wall_s": run["wall_s"]}
