@@ -473,11 +473,13 @@ def llama_rows(b: Bench) -> dict | None:
             print(f"  {label}: {out[label]}", flush=True)
         return {"table": "llama", "threads": a.threads, "artifacts": sorted(ours), "entries": out}
 
-    # One table per window count, measured in one process; it is measured again when a run has
-    # artifacts it lacks (never under --cached-only, which shows it as measured).
+    # One table per window count, measured in one process; it is measured again when a run that
+    # measures it (not --cached-only, and --only names it) has artifacts it lacks; any other run
+    # shows the cached table as it is.
     key = f"llama-{a.llama_limit}"
     path = b.row_path(key)
-    if path.exists() and not a.cached_only and not set(ours) <= set(json.loads(path.read_text()).get("artifacts", ())):
+    measures = not a.cached_only and (not a.only or key.startswith(tuple(a.only)))
+    if path.exists() and measures and not set(ours) <= set(json.loads(path.read_text()).get("artifacts", ())):
         path.unlink()
     return b.cached(key, make) if ours or path.exists() else None
 
@@ -582,14 +584,18 @@ def equal_time_section(data: dict) -> list[str]:
            f"Each kind of row was first timed for {PROBE_STEPS} optimizer steps (no held-out curve), with its fixed costs "
            "(GPTQ's statistics and rounding, the offsets pass); a row then trains the steps that fill the CPU time of B "
            "quantize-distil offsets steps: steps = (B x offsets step s - fixed s) / its step s. The probes ran one "
-           "after another, each at one thread (OMP_NUM_THREADS=1); the first steps' warm-up is in every probe alike.\n"]
+           "after another, each at one thread (OMP_NUM_THREADS=1); the first steps' warm-up is in every probe alike. The "
+           "last column is the training + quantizing seconds each row measured as it ran: a row run beside other jobs "
+           "measures more than the budget it was priced at.\n"]
     out.append(format_table(["cost probe", "s per step", "fixed s", "step vs offsets"],
                             [[r["key"].removeprefix("cost-"), _fmt(r["step_s"], 2), _fmt(r["fixed_s"], 0),
                               f"{r['step_s'] / costs[0]['step_s']:.2f}x"] for r in costs]) + "\n")
     for budget in sorted({r["budget"] for r in equal}):
         at = [r for r in equal if r["budget"] == budget]
         full = any(r.get("full_test") for r in at)
-        refs = [by_key[k] for k in equal_refs(budget) if k in by_key and "ppl" in by_key[k]]
+        # references scored on the same windows: the order table's (first grid_limit) or the full test sets'
+        refs = [by_key[k] for k in equal_refs(budget) if k in by_key and "ppl" in by_key[k]
+                and by_key[k].get("table") == ("main" if full else "order")]
         sets = p["datasets"] if full else ["wikitext2"]
         scored = "full test sets" if full else f"first {p['grid_limit']} WikiText-2 windows"
         out.append(f"### B = {budget} ({scored})\n")
