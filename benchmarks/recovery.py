@@ -124,9 +124,13 @@ class Bench:
     def row_path(self, key: str) -> Path:
         return self.a.work / "rows" / f"{key.replace('/', '_').replace(',', '+')}.json"
 
+    def measures(self, key: str) -> bool:
+        """Does this run measure row `key` (not --cached-only, and --only, if given, names it)?"""
+        return not self.a.cached_only and (not self.a.only or key.startswith(tuple(self.a.only)))
+
     def cached(self, key: str, make) -> dict | None:
         path = self.row_path(key)
-        if not path.exists() and (self.a.cached_only or (self.a.only and not key.startswith(tuple(self.a.only)))):
+        if not path.exists() and not self.measures(key):
             self.missing.append(key)
             return None
         row = cached_row(path, lambda: {"key": key, **make()}, keep=lambda r: "failed" not in r)
@@ -255,15 +259,15 @@ class Bench:
 # The order table (--recover-order, --quantizer, --train full, generated text): kd loss, 20% pruned.
 # (key suffix, label, --train, extra flags)
 DQ = ("--recover-order", "distil-quantize")
+DQ_GPTQ_OFF = DQ + ("--quantizer", "gptq", "--offset-steps", "10")  # then GPTQ and a 10-step offsets pass
+DQ_LORA64 = DQ + ("--quantizer", "gptq", "--rank", "64", "--lora-alpha", "128")  # LoRA r64 fp, then GPTQ
 ORDER_ROWS = (
     ("qd-offsets-rtn", "quantize-distil: int4 RTN, then offsets", "offsets", ()),
     ("dq-full-rtn", "distil-quantize: full fp, then int4 RTN", "full", DQ),
-    ("dq-full-gptq-off", "distil-quantize: full fp, then int4 GPTQ + 10 offset steps", "full",
-     DQ + ("--quantizer", "gptq", "--offset-steps", "10")),
+    ("dq-full-gptq-off", "distil-quantize: full fp, then int4 GPTQ + 10 offset steps", "full", DQ_GPTQ_OFF),
     ("qd-offsets-gptq", "quantize-distil: int4 GPTQ, then offsets", "offsets", ("--quantizer", "gptq")),
     ("dq-full-gptq", "distil-quantize: full fp, then int4 GPTQ", "full", DQ + ("--quantizer", "gptq")),
-    ("dq-lora64-gptq", "distil-quantize: LoRA r64 fp, then int4 GPTQ", "lora", DQ + ("--quantizer", "gptq", "--rank", "64",
-                                                                                  "--lora-alpha", "128")),
+    ("dq-lora64-gptq", "distil-quantize: LoRA r64 fp, then int4 GPTQ", "lora", DQ_LORA64),
     ("dq-full-gptq-gen", "distil-quantize: full fp on books + 200k generated tokens, then int4 GPTQ", "full",
      DQ + ("--quantizer", "gptq", "--recover-data", "books+generated:200000")),
     ("qd-offsets-rtn-gen", "quantize-distil: int4 RTN, then offsets on 200k generated tokens", "offsets",
@@ -295,8 +299,8 @@ PROBE_STEPS = 8
 COST_PROBES = (
     ("qd-offsets-rtn", "offsets", ()),
     ("dq-full-rtn", "full", DQ),
-    ("dq-full-gptq-off", "full", DQ + ("--quantizer", "gptq", "--offset-steps", "10")),
-    ("dq-lora64-gptq", "lora", DQ + ("--quantizer", "gptq", "--rank", "64", "--lora-alpha", "128")),
+    ("dq-full-gptq-off", "full", DQ_GPTQ_OFF),
+    ("dq-lora64-gptq", "lora", DQ_LORA64),
 )
 EQUAL_REF = "qd-offsets-rtn"
 # (key suffix, label, probe that prices it, --train, extra flags, budgets: "default" is --default-steps offsets
@@ -304,11 +308,11 @@ EQUAL_REF = "qd-offsets-rtn"
 EQUAL_ROWS = (
     ("dq-full-rtn", "distil-quantize: full fp, then int4 RTN", "dq-full-rtn", "full", DQ, ("default",)),
     ("dq-full-gptq-off", "distil-quantize: full fp, then int4 GPTQ + 10 offset steps", "dq-full-gptq-off", "full",
-     DQ + ("--quantizer", "gptq", "--offset-steps", "10"), ("default",)),
+     DQ_GPTQ_OFF, ("default",)),
     ("dq-lora64-gptq", "distil-quantize: LoRA r64 fp, then int4 GPTQ", "dq-lora64-gptq", "lora",
-     DQ + ("--quantizer", "gptq", "--rank", "64", "--lora-alpha", "128"), ("default",)),
+     DQ_LORA64, ("default",)),
     ("dq-full-gptq-off-gen", "distil-quantize: full fp on 200k generated tokens, then int4 GPTQ + 10 offset steps",
-     "dq-full-gptq-off", "full", DQ + ("--quantizer", "gptq", "--offset-steps", "10") + GEN, ("default", "long")),
+     "dq-full-gptq-off", "full", DQ_GPTQ_OFF + GEN, ("default", "long")),
 )
 
 
@@ -478,8 +482,7 @@ def llama_rows(b: Bench) -> dict | None:
     # shows the cached table as it is.
     key = f"llama-{a.llama_limit}"
     path = b.row_path(key)
-    measures = not a.cached_only and (not a.only or key.startswith(tuple(a.only)))
-    if path.exists() and measures and not set(ours) <= set(json.loads(path.read_text()).get("artifacts", ())):
+    if path.exists() and b.measures(key) and not set(ours) <= set(json.loads(path.read_text()).get("artifacts", ())):
         path.unlink()
     return b.cached(key, make) if ours or path.exists() else None
 
@@ -515,7 +518,7 @@ def markdown(data: dict) -> str:
                    "(before training -> the int4 result).\n")
         rows = []
         for r in order:
-            cpu = (r.get("train_s") or 0) + (r.get("quantize_s") or 0) + (r.get("offsets_pass_s") or 0)
+            cpu = _cpu_s(r)
             rows.append([r["label"], _fmt(r["ppl"]["wikitext2"]) if "ppl" in r else "failed",
                          f"{r['heldout_ppl']['before']:.1f} -> {r['heldout_ppl']['after']:.1f}" if r.get("heldout_ppl") else None,
                          r.get("trainable_params"), _fmt(cpu, 0),
