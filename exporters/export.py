@@ -45,6 +45,7 @@ class ExportJob:
     onnx_graph: str = "fused"  # ONNX: fused (exporters.onnx_fused) or dynamo (exporters.onnx)
     matmul_accuracy: str | None = None  # ONNX fused: MatMulNBits activations, fp32, int8-head or int8 (None: DEFAULT_ACCURACY)
     progress: bool = True  # a bar over the decoder layers as they are written
+    tokenizer_pre: str | None = None  # GGUF: llama.cpp's pre-tokenizer name (None: recognised from the tokenizer)
 
 
 @dataclass
@@ -225,6 +226,7 @@ def _remove(path: Path) -> None:
 
 def _export_gguf(job: ExportJob, model, loaded, directory: Path | None, source: Path, tmp: Path) -> dict:
     from exporters.gguf import write_gguf
+    from exporters.token_check import check_gguf_tokenizer
     from exporters.validate import probe_tokens, validate_gguf
 
     info = write_gguf(
@@ -232,21 +234,31 @@ def _export_gguf(job: ExportJob, model, loaded, directory: Path | None, source: 
         tokenizer_dir=directory if directory and (directory / "tokenizer_config.json").exists() else None,
         source_gguf=_source_gguf(directory, loaded.source),
         name=(directory.name if directory else source.stem), provenance=_provenance(directory, model),
-        progress=job.progress,
+        progress=job.progress, tokenizer_pre=job.tokenizer_pre, tokenizer=loaded.tokenizer,
     )
     result = {"arch": info.arch, "quant": job.quant, "embed_type": job.embed_type,
               "int4_tensors": len(info.int4_tensors)}
     if job.validate:
         t1 = time.perf_counter()
+        result["tokenizer_check"] = _check_tokenizer(loaded.tokenizer, lambda tok: [check_gguf_tokenizer(tmp, tok)])
         ids = probe_tokens(model.config.vocab_size, model.config.bos_token_id)
         result["validation"] = validate_gguf(_reference(model, job.quant), info, ids).to_dict()
         result["validate_s"] = time.perf_counter() - t1
     return result
 
 
+def _check_tokenizer(tokenizer, check) -> list[dict]:
+    """The artifact's runtimes tokenize as the source tokenizer does (exporters.token_check); a
+    model without a tokenizer (token ids only) has nothing to check."""
+    if tokenizer is None:
+        return []
+    return [c.to_dict() | {"summary": c.describe()} for c in check(tokenizer)]
+
+
 def _export_onnx(job: ExportJob, model, loaded, directory: Path | None, tmp: Path) -> dict:
     from exporters.onnx import export_onnx
     from exporters.onnx_fused import export_onnx_fused
+    from exporters.token_check import check_onnx_tokenizer
     from exporters.validate import probe_tokens, validate_onnx
     from saap_edge.models.int4_linear import Int4Linear
     from saap_edge.quant.int4 import quantize_model
@@ -271,6 +283,7 @@ def _export_onnx(job: ExportJob, model, loaded, directory: Path | None, tmp: Pat
               "group_size": group if job.quant == "int4" else None}
     if job.validate:
         t1 = time.perf_counter()
+        result["tokenizer_check"] = _check_tokenizer(loaded.tokenizer, lambda tok: check_onnx_tokenizer(tmp, tok))
         ids = probe_tokens(model.config.vocab_size, model.config.bos_token_id)
         result["validation"] = validate_onnx(model, info, ids, in_place=True).to_dict()
         result["validate_s"] = time.perf_counter() - t1

@@ -34,9 +34,10 @@ import torch
 from gguf import GGMLQuantizationType as QT
 from accelerate.utils import align_module_device
 from tqdm.auto import tqdm
-from gguf import GGUFReader, GGUFValueType, GGUFWriter
+from gguf import GGUFWriter
 
 from saap_edge.errors import UserError
+from saap_edge.models.gguf_index import GGUFIndex
 from saap_edge.models.int4_linear import Int4Linear
 from saap_edge.models.slim import SlimLlamaConfig
 from saap_edge.models.stream import float_weight, streamed_weights, weight_rows
@@ -172,53 +173,30 @@ def _projection(module, name: str, quant: str, permute_heads: int | None):
     return (dense.astype(np.float16) if quant == "f16" else dense.astype(np.float32)), None, False
 
 
-def _add_tokenizer(writer: GGUFWriter, tokenizer_dir: Path | None, source_gguf: Path | None, vocab_size: int) -> str:
+def _add_tokenizer(writer: GGUFWriter, tokenizer_dir: Path | None, source_gguf: Path | None, vocab_size: int,
+                   pre_override: str | None = None, tokenizer=None) -> str:
     """Tokenizer metadata: copied verbatim from the source GGUF when there is one (exact,
-    pre-tokenizer name included), else built from the HF tokenizer files by gguf's vocab
-    readers. Returns where it came from."""
-    if source_gguf is not None and source_gguf.exists():
-        reader = GGUFReader(source_gguf)
-        for key, f in reader.fields.items():
+    pre-tokenizer name included), else written from the HF tokenizer files as llama.cpp's converter
+    writes them (exporters.gguf_vocab). Returns where it came from."""
+    if source_gguf is not None and source_gguf.exists() and not (pre_override and tokenizer_dir is not None):
+        index = GGUFIndex(source_gguf)
+        n_tokens = len(index.get("tokenizer.ggml.tokens") or [])
+        if n_tokens > vocab_size:
+            raise UserError(f"{source_gguf}: its tokenizer has {n_tokens} tokens but the embedding only {vocab_size} rows; "
+                            "export from the model's own GGUF or HF directory")
+        for key, f in index.fields.items():
             if key.startswith("tokenizer."):
-                main = f.types[0]
-                sub = f.types[1] if main == GGUFValueType.ARRAY else None
-                writer.add_key_value(key, f.contents(), main, sub)
+                value = f.value.tolist() if isinstance(f.value, np.ndarray) else f.value
+                writer.add_key_value(key, value, f.type, f.item_type)
         return f"copied from {source_gguf.name}"
     if tokenizer_dir is None:
-        raise UserError("no tokenizer to write into the GGUF: the model directory has no tokenizer files")
-    from gguf.vocab import BpeVocab, LlamaHfVocab, SentencePieceVocab, SpecialVocab
+        raise UserError("no tokenizer to write into the GGUF: the model directory has no tokenizer files; copy the "
+                        "model's tokenizer files (tokenizer.json, tokenizer_config.json, tokenizer.model) into it")
+    from exporters.gguf_vocab import add_vocab, vocab_fields
 
-    tok_json = tokenizer_dir / "tokenizer.json"
-    tok_data = json.loads(tok_json.read_text()) if tok_json.exists() else {}
-    model_type = tok_data.get("model", {})
-    if (tokenizer_dir / "tokenizer.model").exists():
-        vocab, kind = SentencePieceVocab(tokenizer_dir), "llama"
-    elif model_type.get("type") == "BPE" and model_type.get("byte_fallback"):
-        vocab, kind = LlamaHfVocab(tokenizer_dir), "llama"
-    else:
-        vocab, kind = BpeVocab(tokenizer_dir), "gpt2"
-    tokens, scores, types = [], [], []
-    for text, score, toktype in vocab.all_tokens():
-        tokens.append(text)
-        scores.append(score)
-        types.append(int(toktype))
-    # special added tokens that are also in the base vocabulary (<s>, ChatML's <|im_start|>...):
-    # gguf's vocab readers type them NORMAL, and llama.cpp then reads "<|im_start|>" in a chat
-    # prompt as plain text; they are CONTROL tokens, as llama.cpp's own converter writes them
-    for added in tok_data.get("added_tokens", []):
-        if added.get("special") and 0 <= added.get("id", -1) < len(types):
-            types[added["id"]] = int(gguf.TokenType.CONTROL)
-    while len(tokens) < vocab_size:  # embedding rows past the tokenizer's vocabulary
-        tokens.append(f"[PAD{len(tokens)}]".encode())
-        scores.append(-1000.0)
-        types.append(int(gguf.TokenType.UNUSED))
-    writer.add_tokenizer_model(kind)
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    SpecialVocab(tokenizer_dir, load_merges=kind == "gpt2", n_vocab=len(tokens)).add_to_gguf(writer)
-    return f"built from {tokenizer_dir} ({kind})"
+    fields = vocab_fields(tokenizer_dir, vocab_size, pre_override, tokenizer)
+    add_vocab(writer, fields, tokenizer_dir)
+    return fields.describe(tokenizer_dir)
 
 
 def _add_sampling(writer: GGUFWriter, gen) -> None:
@@ -245,6 +223,8 @@ def write_gguf(
     name: str = "saap-edge model",
     provenance: dict | None = None,
     progress: bool = False,
+    tokenizer_pre: str | None = None,
+    tokenizer=None,
 ) -> GGUFInfo:
     """Write `model` (slim or plain LLaMA, fp or int4) to `path` as GGUF; see the module doc."""
     if quant not in QUANTS or embed_type not in EMBED_TYPES:
@@ -258,7 +238,7 @@ def write_gguf(
     # lies beside the output, not in /tmp, which may be small or in RAM
     writer.temp_file = tempfile.TemporaryFile(dir=Path(path).parent, prefix=f".{Path(path).name}.tensors-")
     _add_metadata(writer, config, name, quant)
-    token_source = _add_tokenizer(writer, tokenizer_dir, source_gguf, config.vocab_size)
+    token_source = _add_tokenizer(writer, tokenizer_dir, source_gguf, config.vocab_size, tokenizer_pre, tokenizer)
     for key, value in (provenance or {}).items():
         writer.add_string(f"saap.{key}", str(value))
     writer.add_string("saap.tokenizer", token_source)

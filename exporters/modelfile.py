@@ -119,16 +119,14 @@ def modelfile_text(gguf_name: str, template: ChatTemplate | None, stops: list[st
 
 def write_modelfile(gguf: Path, generation: dict | None = None) -> Path:
     """Modelfile beside `gguf`, from the file's own chat template and special tokens."""
-    from gguf import GGUFReader
-
     from saap_edge.outputs import write_file
-    from saap_edge.models.gguf_file import gguf_field
+    from saap_edge.models.gguf_index import GGUFIndex
 
-    reader = GGUFReader(str(gguf))
-    tokens = gguf_field(reader, "tokenizer.ggml.tokens") or []
-    eos = gguf_field(reader, "tokenizer.ggml.eos_token_id")
-    bos = gguf_field(reader, "tokenizer.ggml.bos_token_id")
-    text = gguf_field(reader, "tokenizer.chat_template")
+    index = GGUFIndex(gguf)  # metadata only (gguf-py's reader takes seconds over a 128k-token vocabulary)
+    tokens = index.get("tokenizer.ggml.tokens") or []
+    eos = index.get("tokenizer.ggml.eos_token_id")
+    bos = index.get("tokenizer.ggml.bos_token_id")
+    text = index.get("tokenizer.chat_template")
     eos_text = tokens[eos] if eos is not None and eos < len(tokens) else ""
     template = ChatTemplate(text, f"{gguf.name}: tokenizer.chat_template", tokens[bos] if bos is not None and
                             bos < len(tokens) else "", eos_text) if text else None

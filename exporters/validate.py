@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from accelerate.utils import align_module_device
 from gguf import GGMLQuantizationType as QT
-from gguf import GGUFReader
 from gguf.quants import dequantize
 
 from exporters.gguf import ROWS_AT_ONCE, GGUFInfo
+from saap_edge.models.gguf_index import GGUFIndex
 from saap_edge.errors import UserError
 from saap_edge.models.stream import execution_device, weight_rows
 
@@ -56,7 +56,7 @@ def probe_tokens(vocab_size: int, bos: int | None, n: int = 24, seed: int = 0) -
 
 def check_gguf_weights(info: GGUFInfo) -> int:
     """Q4_1 tensors of the file == the int4 groups written (gguf's decoder); UserError if not."""
-    tensors = {t.name: t for t in GGUFReader(info.path).tensors}
+    tensors = GGUFIndex(info.path).tensors
     for name, parts in info.int4_tensors.items():
         codes, a, b = parts()
         t = tensors[name]

@@ -70,3 +70,58 @@ class LlamaCppRuntime(Runtime):
 
     def close(self) -> None:
         self.llm.close()
+
+
+class LlamaCppVocab:
+    """A GGUF's vocabulary alone in llama.cpp (no weights, no context): how llama.cpp tokenizes
+    with the file, its BOS / EOS and which ids end generation. Through llama-cpp-python's C
+    bindings: its `Llama(vocab_only=True)` still makes a context (and warns about it)."""
+
+    def __init__(self, path: str | os.PathLike):
+        import ctypes
+
+        import llama_cpp
+
+        _quiet(llama_cpp)
+        self._c, self._ctypes = llama_cpp, ctypes
+        params = llama_cpp.llama_model_default_params()
+        params.vocab_only = True
+        self._model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+        if not self._model:
+            raise RuntimeLoadError(f"llama.cpp cannot read the vocabulary of {path}")
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        """`add_special`: BOS / EOS as the file's add_bos / add_eos say; `parse_special`: special
+        tokens written in the text are read as those tokens (as a chat prompt needs)."""
+        data = text.encode("utf-8")
+        n_max = len(data) + 8
+        buf = (self._c.llama_token * n_max)()
+        n = self._c.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special, parse_special)
+        if n < 0:
+            raise RuntimeLoadError(f"llama.cpp needs {-n} tokens for a {len(data)}-byte text")
+        return list(buf[:n])
+
+    @property
+    def bos(self) -> int | None:
+        i = self._c.llama_vocab_bos(self._vocab)
+        return i if i >= 0 else None
+
+    @property
+    def eos(self) -> int | None:
+        i = self._c.llama_vocab_eos(self._vocab)
+        return i if i >= 0 else None
+
+    def is_end(self, token_id: int) -> bool:
+        return bool(self._c.llama_vocab_is_eog(self._vocab, token_id))
+
+    def close(self) -> None:
+        if self._model:
+            self._c.llama_model_free(self._model)
+            self._model = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -416,7 +416,13 @@ def add_export(p: argparse.ArgumentParser) -> None:
                         "fp32 activations strictly (default: int8-head with an int8 embedding, fp32 otherwise)")
     p.add_argument("--out", type=Path, default=None, help="output file or folder (default: <model>/model-<quant>.gguf, "
                                                           "<model>/onnx-<quant>/)")
-    p.add_argument("--no-validate", action="store_true", help="skip reading the artifact back and comparing it with torch")
+    p.add_argument("--tokenizer-pre", default=None, metavar="NAME",
+                   help="GGUF: llama.cpp's pre-tokenizer for a byte-level BPE tokenizer (llama-bpe, smollm, gpt-2, default, "
+                        "...); by default it is recognised from llama.cpp's check-text hash or tokenizer.json's "
+                        "pre-tokenizer. Either way the export tokenizes a check text in llama.cpp and in the source "
+                        "tokenizer and keeps the file only if the ids are equal")
+    p.add_argument("--no-validate", action="store_true", help="skip reading the artifact back and comparing it with torch "
+                   "(weights, logits and tokenization)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar over the layers being written")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     _add_dry_run(p)
@@ -427,7 +433,8 @@ def run_export(a: argparse.Namespace) -> int:
     from saap_edge.render import format_table
 
     job = ExportJob(a.model, a.format, a.quant, a.embed_type, a.out, not a.no_validate, a.overwrite,
-                    onnx_graph=a.onnx_graph, matmul_accuracy=a.matmul_accuracy, progress=not a.no_progress)
+                    onnx_graph=a.onnx_graph, matmul_accuracy=a.matmul_accuracy, progress=not a.no_progress,
+                    tokenizer_pre=a.tokenizer_pre)
     if a.dry_run:
         return _dry_run_done(plan_export(job))
     result = export(job)
@@ -438,6 +445,8 @@ def run_export(a: argparse.Namespace) -> int:
         rows.insert(1, ["Ollama Modelfile", info["modelfile"]])
     if info.get("matmul_accuracy"):
         rows.insert(5, ["matmul activations", info["matmul_accuracy"]])
+    for check in info.get("tokenizer_check") or []:
+        rows.append([f"tokenizer ids equal ({check['runtime']})", check["summary"].split(" (")[0] + _specials_text(check)])
     v = info.get("validation")
     if v:
         rows += [["int4 weights decode to a*q + b", f"{v['weights_checked']} tensors, max |diff| {v['weights_max_abs_diff']:.2g}"],
@@ -449,6 +458,11 @@ def run_export(a: argparse.Namespace) -> int:
             rows.append(["same graph, float32 activations, vs torch", f"{v['fp32_graph_max_abs_diff']:.3g}"])
     print(format_table(["export", ""], rows))
     return 0
+
+
+def _specials_text(check: dict) -> str:
+    named = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in (check.get("specials") or {}).items() if v is not None)
+    return f"; {named} equal" if named else ""
 
 
 def add_run(p: argparse.ArgumentParser) -> None:

@@ -123,6 +123,14 @@ def save_model(directory: Path, model, tokenizer) -> None:
 
 
 def save_tokenizer(tokenizer, directory: Path) -> None:
-    """tokenizer.json and its configs. A fast tokenizer is saved without the slow format: a
-    tokenizer read from a GGUF would otherwise copy the whole GGUF as `tokenizer.model`."""
-    tokenizer.save_pretrained(str(directory), legacy_format=False if getattr(tokenizer, "is_fast", False) else None)
+    """tokenizer.json and its configs, and a SentencePiece tokenizer's `tokenizer.model` (llama.cpp's
+    converter and saap-edge's GGUF writer read the pieces' scores from it). Only a real `.model`
+    file is carried: transformers would otherwise copy whatever `vocab_file` names (a whole GGUF
+    for a tokenizer it read from one)."""
+    fast = getattr(tokenizer, "is_fast", False)
+    tokenizer.save_pretrained(str(directory), legacy_format=False if fast else None)
+    vocab_file = getattr(tokenizer, "vocab_file", None)
+    if fast and vocab_file and Path(vocab_file).suffix == ".model" and Path(vocab_file).is_file():
+        target = Path(directory) / "tokenizer.model"
+        if Path(vocab_file).resolve() != target.resolve():
+            write_file(target, Path(vocab_file).read_bytes())

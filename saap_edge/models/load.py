@@ -119,16 +119,26 @@ def check_positions(model, lengths: dict[str, int]) -> None:
 
 
 def _read_gguf(location: Path, torch_dtype):
-    from transformers import AutoTokenizer
-
     from saap_edge.models.gguf_file import read_gguf
 
     model, _ = read_gguf(location)
+    return model.to(torch_dtype), gguf_tokenizer(location)
+
+
+def gguf_tokenizer(location: Path, required: bool = False):
+    """The tokenizer llama.cpp runs with this GGUF, as a transformers tokenizer (saap_edge.tokenizer:
+    its BOS / EOS, pre-tokenizer, merges and token types; transformers' own GGUF conversion gets
+    byte-level files wrong). None, with a warning, where it cannot be rebuilt and not `required`
+    (token ids still work: llama2.c exports without a usable vocabulary)."""
+    from saap_edge.tokenizer import tokenizer_from_gguf
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(location.parent), gguf_file=location.name)
-    except Exception:  # noqa: BLE001  (a tokenizer transformers cannot rebuild: token ids still work)
-        tokenizer = None
-    return model.to(torch_dtype), tokenizer
+        return tokenizer_from_gguf(location)
+    except UserError as exc:
+        if required:
+            raise
+        logging.getLogger(__name__).warning("%s; token ids only", exc)
+        return None
 
 
 def model_config(name: str):
@@ -166,8 +176,11 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", device_map:
     placement = {"device_map": device_map, "max_memory": max_memory} if device_map else {}
     logging.getLogger("transformers.modeling_gguf_pytorch_utils").setLevel(logging.ERROR)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(*args, **kwargs)
+        tokenizer = gguf_tokenizer(location, required=True) if kind in ("gguf", "alias") else \
+            AutoTokenizer.from_pretrained(*args, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(*args, dtype=torch_dtype, **kwargs, **placement)
+    except UserError:
+        raise
     except Exception as exc:  # noqa: BLE001 - the tokenizers library raises plain Exception
         if kind == "hf" and isinstance(location, Path):  # every file was checked: the content is wrong
             with reading(location, "model directory (its tokenizer or weights)"):
