@@ -43,6 +43,7 @@ from saap_edge.models.slim import SlimLlamaConfig
 from saap_edge.models.stream import float_weight, streamed_weights, weight_rows
 from saap_edge.models.gguf_file import (  # noqa: F401  (the layout and the reader, re-exported)
     ATTENTION_TENSORS,
+    llama3_factors,
     BLOCK,
     LAYER_NAMES,
     NORMS,
@@ -81,31 +82,47 @@ def q8_0_blocks(w, n_rows: int | None = None) -> np.ndarray:
 # ---------------------------------------------------------------------- layout helpers
 
 
+ROPE_SCALING = ("default", "llama3", "linear", "yarn")  # rope_scaling types llama.cpp's llama / deci run
+
+
+def rope_kind(config) -> str:
+    """The config's rope scaling type ("default" for none); UserError for one llama.cpp does not run."""
+    scaling = getattr(config, "rope_scaling", None) or {}
+    kind = scaling.get("rope_type", scaling.get("type")) or "default"
+    if kind not in ROPE_SCALING:
+        raise UserError(f"rope scaling {kind!r} has no equivalent in llama.cpp's llama architecture (the GGUF exporter "
+                        f"writes {', '.join(ROPE_SCALING)}); export with --format onnx")
+    return kind
+
+
+def _add_rope_scaling(writer: GGUFWriter, config) -> None:
+    """linear and YaRN scaling as llama.cpp reads them (rope.scaling.*); llama3's is rope_freqs."""
+    kind = rope_kind(config)
+    if kind in ("default", "llama3"):
+        return
+    scaling = config.rope_scaling
+    writer.add_rope_scaling_factor(float(scaling["factor"]))
+    if kind == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        return
+    if scaling.get("attention_factor") is not None or scaling.get("mscale") or scaling.get("mscale_all_dim"):
+        raise UserError("YaRN with its own attention_factor / mscale is not written to GGUF (llama.cpp derives the "
+                        "attention factor from the scaling factor); export with --format onnx")
+    writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    writer.add_rope_scaling_orig_ctx_len(int(scaling.get("original_max_position_embeddings")
+                                             or config.max_position_embeddings))
+    writer.add_rope_scaling_yarn_beta_fast(float(scaling.get("beta_fast") or 32.0))
+    writer.add_rope_scaling_yarn_beta_slow(float(scaling.get("beta_slow") or 1.0))
+
+
 def llama3_rope_factors(config) -> np.ndarray | None:
     """`rope_freqs.weight` for LLaMA-3.1-style rope scaling, as llama.cpp expects it."""
-    scaling = getattr(config, "rope_scaling", None) or {}
-    kind = scaling.get("rope_type", scaling.get("type"))
-    if not kind or kind == "default":
+    if rope_kind(config) != "llama3":
         return None
-    if kind != "llama3":
-        raise UserError(f"rope scaling {kind!r} is not supported by the GGUF exporter (llama3 and none are)")
-    head_dim = config.head_dim
-    base = config.rope_theta
-    freqs = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
-    factor, low, high = scaling["factor"], scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
-    old = scaling.get("original_max_position_embeddings", 8192)
-    low_wavelen, high_wavelen = old / low, old / high
-    out = []
-    for f in freqs:
-        wavelen = 2 * math.pi / f
-        if wavelen < high_wavelen:
-            out.append(1.0)
-        elif wavelen > low_wavelen:
-            out.append(factor)
-        else:
-            smooth = (old / wavelen - low) / (high - low)
-            out.append(1.0 / ((1 - smooth) / factor + smooth))
-    return np.asarray(out, dtype=np.float32)
+    s = config.rope_scaling
+    factors = llama3_factors(config.head_dim, config.rope_theta, s["factor"], s.get("low_freq_factor", 1.0),
+                             s.get("high_freq_factor", 4.0), s.get("original_max_position_embeddings", 8192))
+    return factors.astype(np.float32)
 
 
 # ---------------------------------------------------------------------- writer
@@ -136,6 +153,9 @@ def _slim_config(model) -> SlimLlamaConfig:
 
 
 def _check_layers(config: SlimLlamaConfig) -> None:
+    if config.layer_sizes(0)[0] == 0:
+        raise UserError("layer 0 keeps no attention heads: llama.cpp cannot load such a GGUF (it reads the attention "
+                        "sizes from layer 0); prune with --keep-first 1 (layer 0 kept whole) or export with --format onnx")
     for i in range(config.num_hidden_layers):
         heads, kv, ffn = config.layer_sizes(i)
         if heads > 0 and ffn == 0:
@@ -161,6 +181,15 @@ def _q4_1_parts(module, name: str, permute_heads: int | None) -> tuple[np.ndarra
     if permute_heads:
         codes, a, b = (permute_rows(x, permute_heads) for x in (codes, a, b))
     return codes, a, b
+
+
+def _bias(module) -> np.ndarray | None:
+    """A projection's bias in float32 (None for a bias-free one), read inside align_module_device
+    (a streamed module holds it only there)."""
+    if getattr(module, "bias", None) is None:
+        return None
+    with align_module_device(module):
+        return module.bias.detach().float().cpu().numpy()
 
 
 def _projection(module, name: str, quant: str, permute_heads: int | None):
@@ -275,6 +304,7 @@ def _add_metadata(writer: GGUFWriter, config, name: str, quant: str) -> None:
     writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(head_dim)
     writer.add_rope_freq_base(float(config.rope_theta))
+    _add_rope_scaling(writer, config)
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(config.vocab_size)
 
@@ -341,6 +371,9 @@ class _Tensors:
             del array
             if int4:
                 self.info.int4_tensors[tname] = partial(_q4_1_parts, module, name, permute)
+            bias = _bias(module)
+            if bias is not None:  # attention_bias / mlp_bias models: F32, Q / K entries in llama.cpp's RoPE order
+                self.add(f"blk.{i}.{gg}.bias", permute_rows(bias, permute) if permute else bias)
 
 
 # ---------------------------------------------------------------------- reader

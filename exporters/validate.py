@@ -97,8 +97,11 @@ def llama_cpp_logits(path: Path, ids: list[int], n_threads: int | None = None) -
     except ImportError as exc:
         raise UserError("validation needs llama-cpp-python (pip install 'saap-edge[export]' with "
                         "CMAKE_ARGS=-DGGML_NATIVE=OFF), or pass --no-validate") from exc
-    llm = llama_cpp.Llama(str(path), logits_all=True, verbose=False, n_ctx=max(64, len(ids) + 8), type_k=0, type_v=0,
-                          n_threads=n_threads)
+    try:
+        llm = llama_cpp.Llama(str(path), logits_all=True, verbose=False, n_ctx=max(64, len(ids) + 8), type_k=0, type_v=0,
+                              n_threads=n_threads)
+    except (ValueError, RuntimeError) as exc:
+        raise UserError(f"validation: llama.cpp cannot load {path.name} ({exc}); the file was not kept") from exc
     try:
         llm.eval(ids)
         return np.array(llm.scores[: len(ids)], dtype=np.float32)

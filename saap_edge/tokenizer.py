@@ -239,8 +239,9 @@ class GGUFVocab:
         if get("tokens") is None or get("model") is None:
             raise UserError(f"{path} has no tokenizer metadata (tokenizer.ggml.tokens / .model); convert it with "
                             "llama.cpp's convert_hf_to_gguf.py from the model's HF directory, or load that directory")
+        n = len(get("tokens"))
         special = {k: int(get(f"{k}_token_id")) for k in ("bos", "eos", "unknown", "padding", "eot")
-                   if get(f"{k}_token_id") is not None}
+                   if get(f"{k}_token_id") is not None and 0 <= int(get(f"{k}_token_id")) < n}  # 2^32-1: none
         return cls(model=get("model"), pre=get("pre"), tokens=list(get("tokens")), types=[int(t) for t in get("token_type")],
                    scores=None if get("scores") is None else [float(s) for s in get("scores")],
                    merges=None if get("merges") is None else list(get("merges")), special=special,

@@ -7,6 +7,7 @@ loading a GGUF never imports an exporter.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -103,13 +104,12 @@ def read_gguf(path: str | os.PathLike) -> tuple[SlimLlamaForCausalLM, dict]:
         raise UserError(f"{path}: GGUF architecture {arch!r} is not a LLaMA decoder (llama or deci)")
     tensors = {t.name: t for t in reader.tensors}
     config = _config_of(reader, arch, tensors)
-    if "rope_freqs.weight" in tensors:
-        raise UserError(f"{path}: rope_freqs (LLaMA-3.1 rope scaling) is not read back yet")
     from transformers.modeling_utils import no_init_weights
 
     with no_init_weights():
         model = SlimLlamaForCausalLM(config)
     _load_tensors(model, config, tensors, path)
+    apply_rope_scaling(model, path)
     if any(isinstance(m, Int4Linear) for m in model.modules()):
         config.quantization = quantization_section(BLOCK)
     model.eval()
@@ -185,3 +185,102 @@ def _load_tensors(model: SlimLlamaForCausalLM, config: SlimLlamaConfig, tensors:
         raise UserError(f"{path}: tensors do not match the architecture (missing {missing[:3]}, unexpected {unexpected[:3]})")
     if tie:
         model.tie_weights()
+
+
+# ---------------------------------------------------------------------- rope scaling
+
+
+def llama3_factors(head_dim: int, base: float, factor: float, low: float, high: float, old: float) -> np.ndarray:
+    """LLaMA-3.1-style rope scaling as per-frequency divisors (llama.cpp's `rope_freqs.weight`):
+    1 for short wavelengths, `factor` for long ones, a smooth blend between (transformers' rule)."""
+    freqs = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    wavelen = 2 * np.pi / freqs
+    smooth = (old / wavelen - low) / (high - low)
+    blend = 1.0 / ((1 - smooth) / factor + smooth)
+    return np.where(wavelen < old / high, 1.0, np.where(wavelen > old / low, factor, blend))
+
+
+def fit_llama3(factors: np.ndarray, head_dim: int, base: float) -> dict | None:
+    """The llama3 rope_scaling that gives `factors` (a GGUF's rope_freqs), or None when none does.
+
+    The divisors fix the factor (their largest) and, through the blended entries, the line
+    s = (old / wavelen - low) / (high - low); (old, low, high) scaled together give the same
+    divisors, so low is taken as 1. Candidates: LLaMA-3.1's boundaries (high 4, old 8192), the
+    least-squares line through two or more blended entries, boundaries just below the first
+    scaled wavelength; the first that reproduces the divisors (relative 1e-4) is returned."""
+    f = np.asarray(factors, dtype=np.float64)
+    factor = float(f.max())
+    freqs = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    if factor <= 1.0 or len(f) != len(freqs):
+        return None
+    wavelen = 2 * np.pi / freqs
+    blended = (f > 1 + 1e-5) & (f < factor * (1 - 1e-5))
+    candidates = [(4.0, 8192.0)]
+    if blended.sum() >= 2:
+        s = (1 / f[blended] - 1 / factor) / (1 - 1 / factor)
+        slope, icept = np.polyfit(1 / wavelen[blended], s, 1)
+        if icept < 0:
+            high = 1 - 1 / icept
+            candidates.append((high, slope * (high - 1)))
+    if (f == factor).any():
+        old = float(wavelen[f == factor].min()) * 0.999
+        if blended.sum() == 1:  # old between the blended wavelength and the first scaled one; high from the blend
+            w0 = float(wavelen[blended][0])
+            s_one = (1 / float(f[blended][0]) - 1 / factor) / (1 - 1 / factor)
+            for o in (w0 * 1.001, (w0 * old) ** 0.5, old):
+                candidates.append((1 + (o / w0 - 1) / s_one, o))
+        elif not blended.any() and (f == 1.0).any():
+            candidates.append((old / (float(wavelen[f == 1.0].max()) * 1.001), old))
+    for high, old in candidates:
+        old = round(old) if abs(old - round(old)) < 1e-6 * old else old
+        if high > 1 and np.allclose(llama3_factors(head_dim, base, factor, 1.0, high, old), f, rtol=1e-4, atol=0):
+            return {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": float(high),
+                    "original_max_position_embeddings": old}
+    return None
+
+
+def rope_scaling_of(index, arch: str, head_dim: int, base: float, path: Path) -> dict | None:
+    """The rope_scaling a GGUF's metadata and rope_freqs describe, as transformers spells it (None:
+    plain RoPE); UserError for a kind it cannot express. `index`: a saap_edge.models.gguf_index.GGUFIndex."""
+    kind = index.get(f"{arch}.rope.scaling.type", "none")
+    factor = index.get(f"{arch}.rope.scaling.factor")
+    if "rope_freqs.weight" in index.tensors:
+        freqs = np.asarray(index.tensors["rope_freqs.weight"].data, dtype=np.float64).reshape(-1)
+        scaling = fit_llama3(freqs, head_dim, base)
+        if scaling is None and not np.allclose(freqs, 1.0):
+            raise UserError(f"{path}: its rope_freqs are not LLaMA-3.1-style rope scaling for head size {head_dim}; "
+                            "load the model's HF directory instead")
+        return scaling
+    if kind in ("none", None) or not factor or factor == 1.0:
+        return None
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": float(factor)}
+    if kind == "yarn":
+        orig = index.get(f"{arch}.rope.scaling.original_context_length")
+        return {"rope_type": "yarn", "factor": float(factor), "original_max_position_embeddings": int(orig or 0) or None,
+                "beta_fast": float(index.get(f"{arch}.rope.scaling.yarn_beta_fast", 32.0)),
+                "beta_slow": float(index.get(f"{arch}.rope.scaling.yarn_beta_slow", 1.0))}
+    raise UserError(f"{path}: rope scaling {kind!r} is not one saap-edge reads (linear, yarn, llama3 rope_freqs); "
+                    "load the model's HF directory instead")
+
+
+def apply_rope_scaling(model, path: Path) -> dict | None:
+    """Give a model loaded from the GGUF at `path` the file's rope scaling (transformers' GGUF
+    reader ignores rope_freqs and rope.scaling.*, so its model runs plain RoPE): the config's
+    rope_scaling set and the rotary embedding rebuilt from it. Returns the scaling applied."""
+    from saap_edge.models.gguf_index import GGUFIndex
+
+    config = model.config
+    index = GGUFIndex(path)
+    arch = index.get("general.architecture", "llama")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    scaling = rope_scaling_of(index, arch, head_dim, float(config.rope_theta), path)
+    if scaling is None or (getattr(config, "rope_scaling", None) or {}).get("rope_type") == scaling["rope_type"]:
+        return None
+    config.rope_scaling = scaling
+    rotary = model.model.rotary_emb
+    device = rotary.inv_freq.device
+    model.model.rotary_emb = type(rotary)(config=config, device=device)
+    logging.getLogger(__name__).warning("%s: rope scaling %s read from the file (transformers' GGUF reader drops it)",
+                                        path.name, scaling["rope_type"])
+    return scaling

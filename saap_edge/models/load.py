@@ -174,11 +174,19 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", device_map:
     else:
         args, kwargs = (str(location),), {}
     placement = {"device_map": device_map, "max_memory": max_memory} if device_map else {}
+    if kind == "hf" and isinstance(location, Path):
+        from saap_edge.models.stream import check_checkpoint_shapes
+
+        check_checkpoint_shapes(location)
     logging.getLogger("transformers.modeling_gguf_pytorch_utils").setLevel(logging.ERROR)
     try:
         tokenizer = gguf_tokenizer(location, required=True) if kind in ("gguf", "alias") else \
             AutoTokenizer.from_pretrained(*args, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(*args, dtype=torch_dtype, **kwargs, **placement)
+        if kind in ("gguf", "alias"):
+            from saap_edge.models.gguf_file import apply_rope_scaling
+
+            apply_rope_scaling(model, location)
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - the tokenizers library raises plain Exception

@@ -193,6 +193,7 @@ def stream_model(directory: Path, int4: bool = False, group_size: int | None = N
     if missing:
         raise UserError(f"{directory}: the weights lack {len(missing)} tensors of the model (first: {missing[0]}); "
                         "the checkpoint is incomplete or of another model")
+    _check_shapes(directory, weights.index, weights.aliases, stored, projections)
     attach_align_device_hook(model, execution_device=torch.device("cpu"), offload=True, weights_map=weights,
                              offload_buffers=True)
     for name, module in model.named_modules():
@@ -204,6 +205,39 @@ def stream_model(directory: Path, int4: bool = False, group_size: int | None = N
         model.generation_config = GenerationConfig.from_pretrained(str(directory))
     return LoadedModel(model.eval(), tokenizer, {"model": str(directory), "kind": "hf", "path": str(directory),
                                                  "streamed": True})
+
+
+def check_checkpoint_shapes(directory: Path) -> None:
+    """The loaded (not streamed) path's check: every tensor of `directory`'s safetensors files has
+    the shape its config.json gives it (a model built on the meta device to know them)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import saap_edge.models.slim  # noqa: F401  registers the slim architecture
+
+    index = safetensors_index(directory)
+    if not index:
+        return
+    config = AutoConfig.from_pretrained(str(directory))
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config)
+    _check_shapes(directory, index, {}, dict(model.named_parameters(remove_duplicate=False)), set())
+
+
+def _check_shapes(directory: Path, index: dict, aliases: dict, stored: dict, projections: set[str]) -> None:
+    """Every tensor of the checkpoint has the shape the config gives it (UserError naming the
+    first that does not): accelerate or transformers would otherwise fail deep inside with a
+    traceback or a message that names no tensor."""
+    for name, t in stored.items():
+        key = name if name in index else aliases.get(name)
+        module = name.rpartition(".")[0]
+        if key not in index or module in projections or t.dim() == 0:
+            continue  # quantized while read, or an int4 part whose shape its own reader checks
+        shape = index[key][4]
+        if list(t.shape) != shape:
+            raise UserError(f"{directory}: tensor {key} is {' x '.join(map(str, shape))} in the checkpoint but the config "
+                            f"makes it {' x '.join(map(str, t.shape))}; the weights and config.json are of different "
+                            "models: export the directory compress wrote, or restore its config.json")
 
 
 def _persistent(model: torch.nn.Module, name: str) -> bool:
