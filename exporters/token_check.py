@@ -41,12 +41,15 @@ def _chat_turn(tokenizer) -> str | None:
     template = getattr(tokenizer, "chat_template", None)
     if not isinstance(template, str):
         return None
-    turn = [{"role": "user", "content": "What is 12 + 30? Answer in one word."},
-            {"role": "assistant", "content": "Forty-two."}]
-    try:
-        return tokenizer.apply_chat_template(turn, tokenize=False)
-    except Exception:  # noqa: BLE001 - a template that cannot render a plain turn has no turn to check
-        return None
+    for user, answer in (("What is 12 + 30? Answer in one word.", "Forty-two."), ("Hello there", "Hi")):
+        turn = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+        try:
+            text = tokenizer.apply_chat_template(turn, tokenize=False)
+        except Exception:  # noqa: BLE001 - a template that cannot render a plain turn has no turn to check
+            return None
+        if all(representable(tokenizer, t) == t for t in (user, answer)):
+            return text
+    return None
 
 
 def representable(tokenizer, text: str) -> str:
