@@ -34,6 +34,7 @@ bench: venv
 	cd $(ROOT) && $(VENV)/bin/python benchmarks/prune_quality.py --data-dir $(DATA_DIR)
 	cd $(ROOT) && $(VENV)/bin/python benchmarks/recovery.py --data-dir $(DATA_DIR)
 	cd $(ROOT) && $(VENV)/bin/python benchmarks/export_quality.py --data-dir $(DATA_DIR)
+	cd $(ROOT) && $(VENV)/bin/python benchmarks/tokenizer_parity.py --data-dir $(DATA_DIR)
 	cd $(ROOT) && $(VENV)/bin/python benchmarks/matmulnbits_zero_points.py
 	cd $(ROOT) && $(VENV)/bin/python benchmarks/report.py --data-dir $(DATA_DIR) --limit 50
 	cd $(ROOT) && $(VENV)/bin/python benchmarks/adapruner.py --data-dir $(DATA_DIR)

@@ -18,6 +18,7 @@ every score -1000.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -187,4 +188,6 @@ def add_vocab(writer: gguf.GGUFWriter, fields: VocabFields, directory: Path) -> 
         writer.add_token_merges(fields.merges)
     if fields.add_space_prefix is not None:
         writer.add_add_space_prefix(fields.add_space_prefix)
+    # gguf-py warns on the pair template <bos> $A <bos> $B that LLaMA-3's own tokenizer.json has
+    logging.getLogger("gguf.vocab").setLevel(logging.ERROR)
     gguf.SpecialVocab(directory, load_merges=False, n_vocab=len(fields.tokens)).add_to_gguf(writer)

@@ -446,7 +446,8 @@ def run_export(a: argparse.Namespace) -> int:
     if info.get("matmul_accuracy"):
         rows.insert(5, ["matmul activations", info["matmul_accuracy"]])
     for check in info.get("tokenizer_check") or []:
-        rows.append([f"tokenizer ids equal ({check['runtime']})", check["summary"].split(" (")[0] + _specials_text(check)])
+        rows.append([f"tokenizer ids equal ({check['runtime']})",
+                     f"{check['texts']} texts, {check['tokens']} tokens{_specials_text(check)}"])
     v = info.get("validation")
     if v:
         rows += [["int4 weights decode to a*q + b", f"{v['weights_checked']} tensors, max |diff| {v['weights_max_abs_diff']:.2g}"],

@@ -95,6 +95,12 @@ def check_reconstruct_precision(data: dict) -> None:
     assert data["verdicts"]
 
 
+def check_tokenizer_parity(data: dict) -> None:
+    now = [r for r in data["rows"] if r["written"] == "saap-edge now"]
+    assert len(now) >= 3 and all(r["texts_equal"] == r["texts"] and r["wiki_ids_equal"] for r in now)
+    assert any(r["written"] == "before" and not r["wiki_ids_equal"] for r in data["rows"])
+
+
 # script, results name, takes --data-dir, takes --work, the check of its JSON
 SCRIPTS = [
     ("prune_quality", "prune_quality_smoke", True, True, check_prune_quality),
@@ -106,6 +112,7 @@ SCRIPTS = [
     ("hywia", "hywia_smoke", True, True, check_method("hywia")),
     ("chat", "chat_smoke", True, True, check_chat),
     ("reconstruct_precision", "reconstruct_precision_smoke", True, False, check_reconstruct_precision),
+    ("tokenizer_parity", "tokenizer_parity_smoke", True, False, check_tokenizer_parity),
 ]
 
 

@@ -181,3 +181,17 @@ def test_an_unknown_rope_scaling_is_refused(tmp_path, tiny_tokenizer, capsys):
     rc, captured = _export(src, tmp_path / "m.gguf", capsys)
     assert rc == 2 and "rope scaling 'dynamic'" in captured.err
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_auto_dtype_keeps_a_16_bit_checkpoints_own_type_on_cuda(tmp_path, tiny_tokenizer):
+    """`--dtype auto` on CUDA: an fp16 checkpoint is computed in fp16 (bfloat16 would round away
+    three mantissa bits of every weight), a float32 one in bfloat16; float32 on the CPU."""
+    from saap_edge.models.load import checkpoint_dtype, resolve_dtype
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    src = tmp_path / "fp16"
+    tiny_llama(layers=1).to(torch.float16).save_pretrained(src, safe_serialization=True)
+    assert checkpoint_dtype(src) == torch.float16
+    assert resolve_dtype("auto", cuda, checkpoint_dtype(src)) == torch.float16
+    assert resolve_dtype("auto", cuda, torch.float32) == torch.bfloat16
+    assert resolve_dtype("auto", cpu, torch.float16) == torch.float32

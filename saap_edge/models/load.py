@@ -42,14 +42,31 @@ def resolve_device(device: str = "auto") -> torch.device:
         raise UserError(f"--device {device!r} is not a device torch knows (auto, cpu, cuda, cuda:N)") from exc
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """auto: float32 on CPU, bfloat16 on CUDA (fp16 LLaMA gradients overflow)."""
+def resolve_dtype(dtype: str, device: torch.device, checkpoint: torch.dtype | None = None) -> torch.dtype:
+    """auto: float32 on CPU; on CUDA the checkpoint's own 16-bit type (`checkpoint`: an fp16 model
+    stays fp16, whose 10 mantissa bits bfloat16 would round to 7), bfloat16 for a float32 one."""
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type != "cuda":
+            return torch.float32
+        return checkpoint if checkpoint in (torch.float16, torch.bfloat16) else torch.bfloat16
     table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in table:
         raise UserError(f"--dtype {dtype!r} is not one of auto, {', '.join(table)}")
     return table[dtype]
+
+
+def checkpoint_dtype(location) -> torch.dtype | None:
+    """The dtype an HF checkpoint's config.json says its weights are stored in (None if unsaid)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(location))
+    except (OSError, ValueError):
+        return None
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, str):
+        value = getattr(torch, value, None)
+    return value if isinstance(value, torch.dtype) else None
 
 
 def resolve_model(name: str) -> tuple[str, Path | str]:
@@ -168,7 +185,7 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", device_map:
     kind, location = resolve_model(name)
     check_architecture(kind, location)
     target = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, target)
+    torch_dtype = resolve_dtype(dtype, target, checkpoint_dtype(location) if kind == "hf" else None)
     if kind in ("gguf", "alias"):
         args, kwargs = (str(location.parent),), {"gguf_file": location.name}
     else:
