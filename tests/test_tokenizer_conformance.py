@@ -96,12 +96,24 @@ def test_family_exports_tokenize_as_hugging_face_in_llama_cpp(name, family_dirs,
     assert eos == source.eos_token_id == (tok.convert_tokens_to_ids(family.eos) if family.eos else tok.eos_token_id)
 
 
-@pytest.mark.parametrize("name", ["llama2", "tinyllama", "llama3.2", "smollm2"])
+@pytest.mark.parametrize("name", list(FAMILIES))
 def test_family_onnx_folders_tokenize_as_hugging_face(name, family_dirs, tmp_path, capsys):
     out = tmp_path / "onnx"
     captured = _export(family_dirs(name), out, "onnx", capsys)
     assert "tokenizer ids equal (onnxruntime-genai)" in captured.out
     assert "tokenizer ids equal (tokenizers)" in captured.out
+    family = FAMILIES[name]
+    if family.test_texts is None:
+        return
+    import onnxruntime_genai as og
+
+    from runtime.ort import OrtRuntime
+
+    genai = og.Tokenizer(og.Model(str(out)))
+    ort = OrtRuntime(out)
+    for text, ids in vocab_tests(family.test_texts):  # llama.cpp's test texts against HF's ids, in both runtimes
+        assert ort.tokenize(text, add_bos=False) == ids, text
+        assert [int(i) for i in genai.encode(text)] == ids, text
 
 
 @pytest.mark.parametrize("name", ["llama2", "llama3", "smollm2"])
