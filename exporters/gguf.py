@@ -207,7 +207,10 @@ def _add_tokenizer(writer: GGUFWriter, tokenizer_dir: Path | None, source_gguf: 
     """Tokenizer metadata: copied verbatim from the source GGUF when there is one (exact,
     pre-tokenizer name included), else written from the HF tokenizer files as llama.cpp's converter
     writes them (exporters.gguf_vocab). Returns where it came from."""
-    if source_gguf is not None and source_gguf.exists() and not (pre_override and tokenizer_dir is not None):
+    if pre_override and tokenizer_dir is None:
+        raise UserError("--tokenizer-pre rewrites a tokenizer read from HF tokenizer files; this model's tokenizer is "
+                        "its GGUF's, copied as it is: drop the flag")
+    if source_gguf is not None and source_gguf.exists() and not pre_override:
         index = GGUFIndex(source_gguf)
         n_tokens = len(index.get("tokenizer.ggml.tokens") or [])
         if n_tokens > vocab_size:
