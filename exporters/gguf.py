@@ -18,8 +18,6 @@ Reader: a `llama` or `deci` GGUF (F32 / F16 / Q4_1 tensors) back into SlimLlamaF
 from __future__ import annotations
 
 import hashlib
-import json
-import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -43,11 +41,11 @@ from saap_edge.models.slim import SlimLlamaConfig
 from saap_edge.models.stream import float_weight, streamed_weights, weight_rows
 from saap_edge.models.gguf_file import (  # noqa: F401  (the layout and the reader, re-exported)
     ATTENTION_TENSORS,
-    llama3_factors,
     BLOCK,
     LAYER_NAMES,
     NORMS,
     Q4_1_BYTES,
+    llama3_factors,
     permute_rows,
     q4_1_blocks,
     q4_1_parts,

@@ -77,11 +77,16 @@ def vocab_fields(directory: Path, vocab_size: int, pre_override: str | None = No
     if n > vocab_size:
         raise UserError(f"{directory}: the tokenizer has {n} tokens but the embedding only {vocab_size} rows; ids past "
                         f"{vocab_size - 1} would read outside it: give the model's own tokenizer files")
-    while len(fields.tokens) < vocab_size:  # embedding rows past the tokenizer's vocabulary
+    _pad_to(fields, vocab_size)  # embedding rows past the tokenizer's vocabulary
+    return fields
+
+
+def _pad_to(fields: VocabFields, n: int) -> None:
+    """Ids up to n - 1 exist: the missing ones as [PADi], UNUSED (as llama.cpp's converter writes them)."""
+    while len(fields.tokens) < n:
         fields.tokens.append(f"[PAD{len(fields.tokens)}]")
         fields.scores.append(-1000.0)
         fields.types.append(int(T.UNUSED))
-    return fields
 
 
 def _sentencepiece_file(path: Path) -> VocabFields:
@@ -113,19 +118,20 @@ def _merges(model: dict) -> list[tuple[str, str]]:
     return [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges") or []]
 
 
-def _ordered(vocab: dict[str, int]) -> list[str]:
+def _ordered(vocab: dict[str, int]) -> tuple[list[str], set[int]]:
+    """The tokens by id, holes in the ids as [PADi], and the holes' ids."""
     n = max(vocab.values()) + 1 if vocab else 0
     tokens = [f"[PAD{i}]" for i in range(n)]
     for text, i in vocab.items():
         tokens[i] = text
-    return tokens
+    return tokens, set(range(n)) - set(vocab.values())
 
 
 def _sentencepiece_json(data: dict) -> VocabFields:
     model = data["model"]
     vocab = model.get("vocab") or {}
     fields = VocabFields("llama", "default", "SentencePiece (tokenizer.json)")
-    fields.tokens = _ordered(vocab)
+    fields.tokens, _ = _ordered(vocab)
     rank = {}
     for r, (a, b) in enumerate(_merges(model)):
         rank.setdefault(a + b, r)
@@ -139,18 +145,19 @@ def _sentencepiece_json(data: dict) -> VocabFields:
         is_byte = len(text) == 6 and text.startswith("<0x") and text.endswith(">")
         fields.types.append(int(T.UNKNOWN if text == unk else T.BYTE if is_byte else T.NORMAL))
     pre = data.get("pre_tokenizer") or {}
-    normal = [n for n in ([data.get("normalizer")] if data.get("normalizer") else [])]
-    fields.add_space_prefix = bool(pre.get("prepend_scheme", "first") != "never") if pre.get("type") == "Metaspace" else \
-        ("Prepend" in json.dumps(normal))
+    if pre.get("type") == "Metaspace":
+        fields.add_space_prefix = pre.get("prepend_scheme", "first") != "never"
+    else:  # the newer layout: a Prepend("▁") normaliser
+        fields.add_space_prefix = "Prepend" in json.dumps(data.get("normalizer") or {})
     return fields
 
 
 def _byte_level(data: dict, pre: str, how: str) -> VocabFields:
     model = data["model"]
     fields = VocabFields("gpt2", pre, how)
-    fields.tokens = _ordered(model.get("vocab") or {})
+    fields.tokens, holes = _ordered(model.get("vocab") or {})
     fields.scores = [0.0] * len(fields.tokens)
-    fields.types = [int(T.NORMAL if not t.startswith("[PAD") else T.UNUSED) for t in fields.tokens]
+    fields.types = [int(T.UNUSED if i in holes else T.NORMAL) for i in range(len(fields.tokens))]
     fields.merges = [f"{a} {b}" for a, b in _merges(model)]
     return fields
 
@@ -164,10 +171,7 @@ def _added_tokens(fields: VocabFields, data: dict) -> None:
     """tokenizer.json's added tokens: CONTROL when special, USER_DEFINED otherwise, at their ids."""
     for added in data.get("added_tokens") or []:
         i, text = int(added["id"]), added["content"]
-        while len(fields.tokens) <= i:
-            fields.tokens.append(f"[PAD{len(fields.tokens)}]")
-            fields.scores.append(-1000.0)
-            fields.types.append(int(T.UNUSED))
+        _pad_to(fields, i + 1)
         special = added.get("special") or _looks_special(text)
         if fields.types[i] == int(T.UNKNOWN) and fields.model == "llama":
             continue  # SentencePiece's <unk> stays UNKNOWN, as llama.cpp expects

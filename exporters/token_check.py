@@ -33,8 +33,17 @@ class TokenCheck:
         return dict(self.__dict__)
 
     def describe(self) -> str:
-        named = ", ".join(f"{k} {v}" for k, v in self.specials.items() if v is not None)
-        return f"{self.texts} texts, {self.tokens} tokens equal ({self.runtime}){'; ' + named if named else ''}"
+        """The export table's cell, e.g. `3 texts, 508 tokens; bos 1, eos 2, end of turn 2 equal`."""
+        named = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in self.specials.items() if v is not None)
+        return f"{self.texts} texts, {self.tokens} tokens" + (f"; {named} equal" if named else "")
+
+    def compare(self, tokenizer, texts: list[tuple[str, str, bool]], tokenize) -> None:
+        """Each (label, text, with BOS / EOS) in the source tokenizer and in `tokenize(text, with)`."""
+        for label, text, with_specials in texts:
+            want = source_ids(tokenizer, text, with_specials)
+            _first_difference(label, want, tokenize(text, with_specials), tokenizer, self.runtime)
+            self.texts += 1
+            self.tokens += len(want)
 
 
 def _chat_turn(tokenizer) -> str | None:
@@ -120,12 +129,7 @@ def check_gguf_tokenizer(path: Path, tokenizer, extra: tuple[str, ...] = ()) -> 
 
     with LlamaCppVocab(path) as vocab:
         check = TokenCheck("llama.cpp")
-        for label, text, with_specials in check_texts(tokenizer, extra):
-            want = source_ids(tokenizer, text, with_specials)
-            got = vocab.tokenize(text, add_special=with_specials)
-            _first_difference(label, want, got, tokenizer, "llama.cpp")
-            check.texts += 1
-            check.tokens += len(want)
+        check.compare(tokenizer, check_texts(tokenizer, extra), lambda text, specials: vocab.tokenize(text, specials))
         check.specials = _specials(tokenizer, "llama.cpp", vocab.bos, vocab.eos, vocab.is_end)
         return check
 
@@ -145,38 +149,36 @@ def check_onnx_tokenizer(folder: Path, tokenizer, extra: tuple[str, ...] = ()) -
         runtimes.append(("onnxruntime-genai", genai))
     config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
     eos_ids = _eos_ids(folder, config)
+    texts = check_texts(tokenizer, extra)
     checks = []
     for name, tok in runtimes:
         check = TokenCheck(name)
-        for label, text, with_specials in check_texts(tokenizer, extra):
-            if name == "onnxruntime-genai" and with_specials:
-                continue  # onnxruntime-genai 0.18's encode adds no BOS / EOS (runtime/genai.py tokenizes with `tokenizers`)
-            want = source_ids(tokenizer, text, with_specials)
-            got = (list(tok.encode(text, add_special_tokens=with_specials).ids) if name == "tokenizers"
-                   else [int(i) for i in tok.encode(text)])
-            _first_difference(label, want, got, tokenizer, name)
-            check.texts += 1
-            check.tokens += len(want)
-        check.specials = _specials(tokenizer, name, config.get("bos_token_id"), _first(config.get("eos_token_id")),
-                                   lambda i: i in eos_ids)
+        if name == "tokenizers":
+            check.compare(tokenizer, texts, lambda text, specials: list(tok.encode(text, add_special_tokens=specials).ids))
+        else:  # onnxruntime-genai 0.18's encode adds no BOS / EOS (runtime/genai.py tokenizes with `tokenizers`)
+            check.compare(tokenizer, [t for t in texts if not t[2]], lambda text, _: [int(i) for i in tok.encode(text)])
+        eos = (_as_ids(config.get("eos_token_id")) or [None])[0]
+        check.specials = _specials(tokenizer, name, config.get("bos_token_id"), eos, lambda i: i in eos_ids)
         checks.append(check)
     return checks
 
 
-def _first(x):
-    return x[0] if isinstance(x, list) and x else x
+def _as_ids(value) -> list[int]:
+    """An eos_token_id field (one id, a list of them, or None) as a list."""
+    return list(value) if isinstance(value, list) else [] if value is None else [value]
 
 
 def _eos_ids(folder: Path, config: dict) -> set[int]:
-    """What ends generation in the folder's runtimes: config / generation_config / genai_config eos ids."""
+    """What ends generation in the folder's runtimes: `config`'s (config.json) and the
+    generation_config / genai_config eos ids."""
     import json
 
-    ids: set[int] = set()
-    for name in ("config.json", "generation_config.json", "genai_config.json"):
+    ids = set(_as_ids(config.get("eos_token_id")))
+    for name in ("generation_config.json", "genai_config.json"):
         if (folder / name).is_file():
             data = json.loads((folder / name).read_text())
-            eos = (data.get("model") or {}).get("eos_token_id") if name == "genai_config.json" else data.get("eos_token_id")
-            ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+            ids.update(_as_ids((data.get("model") or {}).get("eos_token_id") if name == "genai_config.json"
+                               else data.get("eos_token_id")))
     return ids
 
 

@@ -78,12 +78,10 @@ class LlamaCppVocab:
     bindings: its `Llama(vocab_only=True)` still makes a context (and warns about it)."""
 
     def __init__(self, path: str | os.PathLike):
-        import ctypes
-
         import llama_cpp
 
         _quiet(llama_cpp)
-        self._c, self._ctypes = llama_cpp, ctypes
+        self._c = llama_cpp
         params = llama_cpp.llama_model_default_params()
         params.vocab_only = True
         self._model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)

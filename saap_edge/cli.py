@@ -446,8 +446,7 @@ def run_export(a: argparse.Namespace) -> int:
     if info.get("matmul_accuracy"):
         rows.insert(5, ["matmul activations", info["matmul_accuracy"]])
     for check in info.get("tokenizer_check") or []:
-        rows.append([f"tokenizer ids equal ({check['runtime']})",
-                     f"{check['texts']} texts, {check['tokens']} tokens{_specials_text(check)}"])
+        rows.append([f"tokenizer ids equal ({check['runtime']})", check["summary"]])
     v = info.get("validation")
     if v:
         rows += [["int4 weights decode to a*q + b", f"{v['weights_checked']} tensors, max |diff| {v['weights_max_abs_diff']:.2g}"],
@@ -459,11 +458,6 @@ def run_export(a: argparse.Namespace) -> int:
             rows.append(["same graph, float32 activations, vs torch", f"{v['fp32_graph_max_abs_diff']:.3g}"])
     print(format_table(["export", ""], rows))
     return 0
-
-
-def _specials_text(check: dict) -> str:
-    named = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in (check.get("specials") or {}).items() if v is not None)
-    return f"; {named} equal" if named else ""
 
 
 def add_run(p: argparse.ArgumentParser) -> None:

@@ -236,16 +236,16 @@ class GGUFVocab:
             value = index.get(f"tokenizer.ggml.{key}", index.get(f"tokenizer.{key}"))
             return value.tolist() if hasattr(value, "tolist") else value
 
-        if get("tokens") is None or get("model") is None:
+        tokens, model = get("tokens"), get("model")
+        if tokens is None or model is None:
             raise UserError(f"{path} has no tokenizer metadata (tokenizer.ggml.tokens / .model); convert it with "
                             "llama.cpp's convert_hf_to_gguf.py from the model's HF directory, or load that directory")
-        n = len(get("tokens"))
-        special = {k: int(get(f"{k}_token_id")) for k in ("bos", "eos", "unknown", "padding", "eot")
-                   if get(f"{k}_token_id") is not None and 0 <= int(get(f"{k}_token_id")) < n}  # 2^32-1: none
-        return cls(model=get("model"), pre=get("pre"), tokens=list(get("tokens")), types=[int(t) for t in get("token_type")],
-                   scores=None if get("scores") is None else [float(s) for s in get("scores")],
-                   merges=None if get("merges") is None else list(get("merges")), special=special,
-                   add_bos=get("add_bos_token"), add_eos=get("add_eos_token"),
+        ids = {k: get(f"{k}_token_id") for k in ("bos", "eos", "unknown", "padding", "eot")}
+        special = {k: int(i) for k, i in ids.items() if i is not None and 0 <= int(i) < len(tokens)}  # 2^32-1: none
+        scores = get("scores")
+        return cls(model=model, pre=get("pre"), tokens=list(tokens), types=[int(t) for t in get("token_type")],
+                   scores=None if scores is None else [float(s) for s in scores], merges=get("merges"),
+                   special=special, add_bos=get("add_bos_token"), add_eos=get("add_eos_token"),
                    add_space_prefix=get("add_space_prefix"), chat_template=get("chat_template"))
 
 
@@ -273,7 +273,7 @@ def _special_text(vocab: GGUFVocab, key: str) -> str | None:
 
 
 def _byte_level_tokenizer(vocab: GGUFVocab, path: Path):
-    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
+    from tokenizers import AddedToken, Tokenizer, decoders, models
     from transformers import PreTrainedTokenizerFast
 
     pre_name = PRE_ALIASES.get(vocab.pre or "default", vocab.pre or "default")
@@ -284,38 +284,40 @@ def _byte_level_tokenizer(vocab: GGUFVocab, path: Path):
     merges = [tuple(m.split(" ", 1)) for m in vocab.merges or []]
     # every token in the model's vocabulary (ids without holes); CONTROL / USER_DEFINED ones are
     # also added tokens, matched in the text before the model sees it
-    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(vocab.tokens)}, merges=merges, ignore_merges=pre.ignore_merges, byte_fallback=False))
+    ids = {t: i for i, t in enumerate(vocab.tokens)}
+    tok = Tokenizer(models.BPE(vocab=ids, merges=merges, ignore_merges=pre.ignore_merges, byte_fallback=False))
     tok.pre_tokenizer = pre.hf()
     tok.decoder = decoders.ByteLevel()
-    if vocab.add_bos is None:
-        vocab.add_bos = pre.add_bos
+    add_bos = pre.add_bos if vocab.add_bos is None else vocab.add_bos  # llama.cpp's default where the file is silent
     added = [AddedToken(t, special=vocab.types[i] == TOKEN_CONTROL, normalized=False)
              for i, t in enumerate(vocab.tokens) if vocab.types[i] in (TOKEN_CONTROL, TOKEN_USER_DEFINED)]
-    _add_in_order(tok, added, vocab, path)
+    _add_keeping_ids(tok, added, ids, path)
     bos, eos = _special_text(vocab, "bos"), _special_text(vocab, "eos")
-    _post_processor(tok, vocab, bos, eos, processors)
+    _post_processor(tok, vocab, add_bos, bos, eos)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos,
                                    unk_token=_special_text(vocab, "unknown"), pad_token=_special_text(vocab, "padding"),
-                                   add_bos_token=bool(vocab.add_bos), add_eos_token=bool(vocab.add_eos),
+                                   add_bos_token=bool(add_bos), add_eos_token=bool(vocab.add_eos),
                                    clean_up_tokenization_spaces=False)
 
 
-def _add_in_order(tok, added, vocab: GGUFVocab, path: Path) -> None:
-    """Added tokens at their GGUF ids: CONTROL / USER_DEFINED tokens are not in the BPE model's
-    vocabulary, and `tokenizers` numbers each added token after the highest id it has, so they
-    are added one at a time in id order; UserError where an id would move (a hole in the ids)."""
-    ids = {t: i for i, t in enumerate(vocab.tokens)}
-    for a in sorted(added, key=lambda a: ids[a.content]):
-        (tok.add_special_tokens if a.special else tok.add_tokens)([a])
+def _add_keeping_ids(tok, added, ids: dict[str, int], path: Path) -> None:
+    """CONTROL / USER_DEFINED tokens as added tokens (matched in the text before the model sees it).
+    Every token is already in the BPE model's vocabulary, so each keeps its GGUF id; UserError if
+    one would not."""
+    tok.add_special_tokens([a for a in added if a.special])
+    tok.add_tokens([a for a in added if not a.special])
+    for a in added:
         if tok.token_to_id(a.content) != ids[a.content]:
             raise UserError(f"{path}: added token {a.content!r} (id {ids[a.content]}) does not keep its id when rebuilt "
                             "as a Hugging Face tokenizer; load the model's HF directory instead")
 
 
-def _post_processor(tok, vocab: GGUFVocab, bos: str | None, eos: str | None, processors) -> None:
+def _post_processor(tok, vocab: GGUFVocab, add_bos: bool, bos: str | None, eos: str | None) -> None:
     """BOS / EOS added as the file says (llama.cpp's add_bos_token / add_eos_token)."""
+    from tokenizers import processors
+
     single, pair, specials = "$A", "$A $B", []
-    if vocab.add_bos and bos is not None:
+    if add_bos and bos is not None:
         single, pair = f"{bos} {single}", f"{bos} $A {bos} $B"
         specials.append((bos, vocab.special["bos"]))
     if vocab.add_eos and eos is not None:

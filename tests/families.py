@@ -119,15 +119,14 @@ def save_family(family: Family, path: Path, seed: int = 0) -> Path:
     cfg_path = path / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg.pop("chat_template", None)
-    if family.chat_template:
-        cfg["chat_template"] = family.chat_template
+    # the family's template; SmolLM2 keeps the one its GGUF carries
+    template = family.chat_template or (tok.chat_template if family.vocab == "smollm2" else None)
+    if template:
+        cfg["chat_template"] = template
     if family.eos:
         cfg["eos_token"] = family.eos
     cfg_path.write_text(json.dumps(cfg, indent=1))
     (path / "chat_template.jinja").unlink(missing_ok=True)
-    if family.chat_template is None and tok.chat_template and family.vocab == "smollm2":
-        cfg["chat_template"] = tok.chat_template
-        cfg_path.write_text(json.dumps(cfg, indent=1))
     return path
 
 

@@ -5,8 +5,6 @@ unknown rope scaling type."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -186,12 +184,13 @@ def test_an_unknown_rope_scaling_is_refused(tmp_path, tiny_tokenizer, capsys):
 def test_auto_dtype_keeps_a_16_bit_checkpoints_own_type_on_cuda(tmp_path, tiny_tokenizer):
     """`--dtype auto` on CUDA: an fp16 checkpoint is computed in fp16 (bfloat16 would round away
     three mantissa bits of every weight), a float32 one in bfloat16; float32 on the CPU."""
-    from saap_edge.models.load import checkpoint_dtype, resolve_dtype
+    from saap_edge.models.load import check_architecture, checkpoint_dtype, resolve_dtype
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     src = tmp_path / "fp16"
     tiny_llama(layers=1).to(torch.float16).save_pretrained(src, safe_serialization=True)
-    assert checkpoint_dtype(src) == torch.float16
-    assert resolve_dtype("auto", cuda, checkpoint_dtype(src)) == torch.float16
+    config = check_architecture("hf", src)  # the config load_model reads once
+    assert checkpoint_dtype(config) == torch.float16
+    assert resolve_dtype("auto", cuda, checkpoint_dtype(config)) == torch.float16
     assert resolve_dtype("auto", cuda, torch.float32) == torch.bfloat16
     assert resolve_dtype("auto", cpu, torch.float16) == torch.float32

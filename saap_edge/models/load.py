@@ -55,14 +55,8 @@ def resolve_dtype(dtype: str, device: torch.device, checkpoint: torch.dtype | No
     return table[dtype]
 
 
-def checkpoint_dtype(location) -> torch.dtype | None:
-    """The dtype an HF checkpoint's config.json says its weights are stored in (None if unsaid)."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(str(location))
-    except (OSError, ValueError):
-        return None
+def checkpoint_dtype(config) -> torch.dtype | None:
+    """The dtype an HF checkpoint's config says its weights are stored in (None if unsaid or no config)."""
     value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(value, str):
         value = getattr(torch, value, None)
@@ -97,24 +91,24 @@ def resolve_model(name: str) -> tuple[str, Path | str]:
 
 
 def gguf_architecture(path: Path) -> str:
-    """general.architecture of a GGUF file, read with gguf-py (header only)."""
-    from gguf import GGUFReader
+    """general.architecture of a GGUF file (saap_edge.models.gguf_index: gguf-py's reader takes
+    seconds to parse a 128k-token vocabulary first)."""
+    from saap_edge.models.gguf_index import GGUFIndex
 
     try:
-        reader = GGUFReader(str(path))
-        field = reader.fields["general.architecture"]
-        return bytes(field.parts[field.data[0]]).decode()
+        return GGUFIndex(path).fields["general.architecture"].value
     except Exception as exc:  # noqa: BLE001 - any parse failure means an unreadable file
         raise UserError(f"cannot read {path} as GGUF ({type(exc).__name__}: {exc}); is the file complete?") from exc
 
 
-def check_architecture(kind: str, location) -> None:
-    """Refuse anything that is not a LLaMA-block causal LM, before weights are read."""
+def check_architecture(kind: str, location):
+    """Refuse anything that is not a LLaMA-block causal LM, before weights are read. Returns the
+    transformers config of an HF model (None for a GGUF), for the caller to use rather than read again."""
     if kind in ("gguf", "alias"):
         arch = gguf_architecture(location)
         if arch not in ("llama", "deci"):
             raise UserError(f"unsupported architecture {arch!r} in {location}: saap-edge supports {SUPPORTED_TEXT}")
-        return
+        return None
     from transformers import AutoConfig
 
     try:
@@ -123,6 +117,7 @@ def check_architecture(kind: str, location) -> None:
         raise UserError(f"cannot load model {location}: {str(exc).splitlines()[0]}") from exc
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise UserError(f"unsupported architecture {config.model_type!r} in {location}: saap-edge supports {SUPPORTED_TEXT}")
+    return config
 
 
 def check_positions(model, lengths: dict[str, int]) -> None:
@@ -183,9 +178,9 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", device_map:
     import saap_edge.models.slim  # noqa: F401  registers the slim architecture
 
     kind, location = resolve_model(name)
-    check_architecture(kind, location)
+    config = check_architecture(kind, location)
     target = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, target, checkpoint_dtype(location) if kind == "hf" else None)
+    torch_dtype = resolve_dtype(dtype, target, checkpoint_dtype(config))
     if kind in ("gguf", "alias"):
         args, kwargs = (str(location.parent),), {"gguf_file": location.name}
     else:
@@ -194,7 +189,7 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", device_map:
     if kind == "hf" and isinstance(location, Path):
         from saap_edge.models.stream import check_checkpoint_shapes
 
-        check_checkpoint_shapes(location)
+        check_checkpoint_shapes(location, config)
     logging.getLogger("transformers.modeling_gguf_pytorch_utils").setLevel(logging.ERROR)
     try:
         tokenizer = gguf_tokenizer(location, required=True) if kind in ("gguf", "alias") else \

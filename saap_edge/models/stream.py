@@ -159,7 +159,7 @@ def stream_model(directory: Path, int4: bool = False, group_size: int | None = N
     checkpoint is read as it is."""
     from accelerate import init_empty_weights
     from accelerate.hooks import attach_align_device_hook
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import saap_edge.models.slim  # noqa: F401  registers the slim architecture
     from saap_edge.models.int4_linear import Int4Linear, replace_linears
@@ -168,8 +168,7 @@ def stream_model(directory: Path, int4: bool = False, group_size: int | None = N
     from saap_edge.quant.int4 import QUANT_MODULES, prepare_quantization
 
     directory = Path(directory)
-    check_architecture("hf", directory)
-    config = AutoConfig.from_pretrained(str(directory))
+    config = check_architecture("hf", directory)
     if not isinstance(config, SlimLlamaConfig):
         config = SlimLlamaConfig(**config.to_dict())  # a plain LLaMA: every layer the same size
     with reading(directory, "model directory (its tokenizer)"):
@@ -207,18 +206,17 @@ def stream_model(directory: Path, int4: bool = False, group_size: int | None = N
                                                  "streamed": True})
 
 
-def check_checkpoint_shapes(directory: Path) -> None:
+def check_checkpoint_shapes(directory: Path, config) -> None:
     """The loaded (not streamed) path's check: every tensor of `directory`'s safetensors files has
-    the shape its config.json gives it (a model built on the meta device to know them)."""
+    the shape its `config` gives it (a model built on the meta device to know them)."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     import saap_edge.models.slim  # noqa: F401  registers the slim architecture
 
     index = safetensors_index(directory)
     if not index:
         return
-    config = AutoConfig.from_pretrained(str(directory))
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config)
     _check_shapes(directory, index, {}, dict(model.named_parameters(remove_duplicate=False)), set())
